@@ -1,0 +1,97 @@
+"""Build py-libp2p hosts that speak only Noise + yamux, with sane connection settings.
+
+py-libp2p's ``new_host()`` default offers Noise, TLS, SECIO **and plaintext**; we pass
+``sec_opt``/``muxer_opt`` explicitly so a plaintext (or mplex) dial fails. Default
+``max_connections_per_peer=3`` costs a fixed ~250 ms happy-eyeballs wait per dial and
+``min_connections=50`` makes the auto-connector redial departed peers forever; both are
+set here (design.md §8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from protocol.errors import ConfigError
+
+# py-libp2p logs through stdlib `libp2p.*` loggers with no handler; keep them quiet
+# unless the operator asks (KNEXA's own logs go through structlog).
+logging.getLogger("libp2p").addHandler(logging.NullHandler())
+logging.getLogger("libp2p").propagate = False
+
+
+def key_pair_from_seed(seed: bytes) -> KeyPair:
+    private = Ed25519PrivateKey.from_bytes(seed)
+    return KeyPair(private, private.get_public_key())
+
+
+def connection_config(dial_timeout_s: float = 10.0) -> ConnectionConfig:
+    return ConnectionConfig(
+        max_connections_per_peer=1,
+        min_connections=0,
+        low_watermark=0,
+        dial_timeout=dial_timeout_s,
+        outbound_stream_protocol_negotiation_timeout=dial_timeout_s,
+        inbound_stream_protocol_negotiation_timeout=dial_timeout_s,
+    )
+
+
+def build_host(seed: bytes, *, dial_timeout_s: float = 10.0, negotiate_timeout_s: int = 10) -> IHost:
+    """A host whose identity key is ``seed`` (the same key signs our envelopes)."""
+    kp = key_pair_from_seed(seed)
+    noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=kp,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        connection_config=connection_config(dial_timeout_s),
+        negotiate_timeout=negotiate_timeout_s,
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+
+
+def parse_listen_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
+    out = []
+    for addr in addrs:
+        try:
+            out.append(multiaddr.Multiaddr(addr))
+        except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
+            raise ConfigError("listen", f"invalid multiaddr {addr!r}: {exc}") from None
+    return out
+
+
+def parse_peer_addr(addr: str, key: str = "cpm") -> PeerInfo:
+    """``/ip4/…/tcp/…/p2p/<id>`` → PeerInfo; a ConfigError naming ``key`` otherwise."""
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as exc:
+        raise ConfigError(key, f"not a /p2p/ multiaddr {addr!r}: {exc}") from None
+
+
+def full_addrs(host: IHost) -> list[str]:
+    """Listen addresses with the /p2p/<peer-id> suffix, as operators paste them."""
+    pid = host.get_id().to_base58()
+    out = []
+    for addr in host.get_addrs():
+        text = str(addr)
+        out.append(text if "/p2p/" in text else f"{text}/p2p/{pid}")
+    return out
+
+
+def peer_id_of(peer: str) -> ID:
+    return ID.from_base58(peer)

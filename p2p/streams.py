@@ -1,0 +1,84 @@
+"""Frames over a libp2p stream: the only place KNEXA touches stream bytes.
+
+libp2p streams have no message boundaries (``read()`` returns whatever is buffered), and
+a killed peer looks like a clean EOF — so every message is varint-framed
+(``protocol.framing``) and a partial frame at EOF is a ``MalformedFrame`` (truncated),
+not a clean close.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
+
+from protocol.errors import PeerUnavailable
+from protocol.framing import FrameDecoder, encode_frame
+
+READ_SIZE = 256 * 1024
+
+
+class FramedStream:
+    """Read/write whole frames on a libp2p ``INetStream`` with a size cap."""
+
+    def __init__(self, stream: Any, max_frame: int) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame)
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    @property
+    def remote_peer(self) -> str:
+        """The Noise-authenticated peer ID of the other end."""
+        return self.stream.muxed_conn.peer_id.to_base58()
+
+    async def read_frame(self) -> bytes | None:
+        """Next frame, or None on a clean EOF at a frame boundary.
+
+        Raises ``FrameTooLarge``/``MalformedFrame`` for hostile input and
+        ``PeerUnavailable`` when the stream is reset. Callers wrap this in
+        ``trio.fail_after`` — slow-loris peers get a deadline, not a task forever.
+        """
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                return frame
+            try:
+                data = await self.stream.read(READ_SIZE)
+            except StreamEOF:
+                self._decoder.close()  # raises MalformedFrame if truncated
+                return None
+            except StreamError as exc:  # reset / closed / other stream failure
+                raise PeerUnavailable(f"stream from {self._peer_safe()} ended: {type(exc).__name__}") from None
+            if not data:
+                self._decoder.close()
+                return None
+            self.bytes_in += len(data)
+            self._decoder.feed(data)
+
+    async def write_frame(self, payload: bytes) -> None:
+        data = encode_frame(payload, self.max_frame)
+        try:
+            await self.stream.write(data)
+        except (StreamError, StreamClosed, StreamReset) as exc:
+            raise PeerUnavailable(f"write to {self._peer_safe()} failed: {type(exc).__name__}") from None
+        self.bytes_out += len(data)
+
+    async def close(self) -> None:
+        try:
+            await self.stream.close()
+        except (StreamError, StreamClosed, StreamReset):
+            pass
+
+    async def reset(self) -> None:
+        try:
+            await self.stream.reset()
+        except (StreamError, StreamClosed, StreamReset):
+            pass
+
+    def _peer_safe(self) -> str:
+        try:
+            return self.remote_peer
+        except AttributeError:
+            return "?"

@@ -1,0 +1,102 @@
+"""Codec: every message round-trips; strict decoding refuses everything else."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+
+from protocol import MESSAGE_TYPES, MalformedFrame, UnknownMessage, decode_body, encode_body
+from protocol.codec import pack
+
+from .protocol_strategies import message_strategy
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGE_TYPES))
+def test_every_message_round_trips(name: str) -> None:
+    cls = MESSAGE_TYPES[name]
+
+    @settings(max_examples=60, deadline=None)
+    @given(message_strategy(cls))
+    def check(msg) -> None:
+        assert decode_body(name, encode_body(msg)) == msg
+
+    check()
+
+
+def _profile_body(**override) -> bytes:
+    body = {"round": 1, "vector": [0.5] * 32, "transfer_hash": "aa"}
+    body.update(override)
+    return pack(body)
+
+
+def test_unknown_type_is_typed_error() -> None:
+    with pytest.raises(UnknownMessage):
+        decode_body("Pickle", _profile_body())
+
+
+def test_missing_and_extra_fields_rejected() -> None:
+    body = msgpack.packb({"round": 1, "vector": []})
+    with pytest.raises(MalformedFrame, match="missing"):
+        decode_body("Profile", body)
+    with pytest.raises(MalformedFrame, match="extra"):
+        decode_body("Profile", _profile_body(evil=1))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"round": "1"},
+        {"round": True},
+        {"round": 1.0},
+        {"vector": "abc"},
+        {"vector": [1, "x"]},
+        {"transfer_hash": b"aa"},
+    ],
+)
+def test_wrong_field_types_rejected(override) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_body("Profile", _profile_body(**override))
+
+
+def test_non_finite_float_rejected() -> None:
+    with pytest.raises(MalformedFrame, match="non-finite"):
+        decode_body("Profile", _profile_body(vector=[float("nan")]))
+
+
+def test_ext_type_rejected() -> None:
+    body = msgpack.packb({"round": msgpack.ExtType(42, b"\x80\x04"), "vector": [], "transfer_hash": ""})
+    with pytest.raises(MalformedFrame, match="ext type"):
+        decode_body("Profile", body)
+
+
+def test_msgpack_timestamp_ext_rejected() -> None:
+    import datetime
+
+    stamp = msgpack.Timestamp.from_datetime(datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))
+    body = msgpack.packb({"round": stamp, "vector": [], "transfer_hash": ""}, datetime=False)
+    with pytest.raises(MalformedFrame):
+        decode_body("Profile", body)
+
+
+def test_non_string_map_keys_rejected() -> None:
+    with pytest.raises(MalformedFrame):
+        decode_body("Profile", msgpack.packb({1: 2}))
+
+
+def test_pickle_bytes_rejected() -> None:
+    import pickle  # noqa: S403 — only to produce hostile bytes, never to load them
+
+    hostile = pickle.dumps({"round": 1})
+    with pytest.raises(MalformedFrame):
+        decode_body("Profile", hostile)
+
+
+def test_trailing_bytes_rejected() -> None:
+    with pytest.raises(MalformedFrame):
+        decode_body("Profile", _profile_body() + b"\x00")
+
+
+def test_encode_refuses_foreign_objects() -> None:
+    with pytest.raises(UnknownMessage):
+        encode_body(object())
