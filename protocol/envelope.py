@@ -5,15 +5,19 @@ Wire form (a msgpack map, exactly these keys)::
     {"v": 1, "type": str, "sender": peer_id, "ts": int ms, "nonce": 16 bytes,
      "body": bytes (msgpack of the message), "sig": 64 bytes}
 
-``sig`` is Ed25519 over ``pack(["knexa/envelope", v, type, sender, ts, nonce, body])``:
-the exact body bytes received are what is verified, so no re-canonicalisation can make
-two parties disagree. The verifying key is recovered from ``sender`` (an inlined
+``sig`` is Ed25519 over ``pack(["knexa/envelope", v, type, sender, ts, nonce,
+sha256(body)])``: the exact body bytes received are what is verified (through their
+digest), so no re-canonicalisation can make two parties disagree. Signing the SHA-256
+digest rather than the body keeps 1 MiB knowledge chunks cheap: Ed25519 would hash the
+whole message twice with SHA-512, which cost more than the stream itself (see
+docs/performance.md). The verifying key is recovered from ``sender`` (an inlined
 Ed25519 peer ID), and callers pass ``expected_sender`` = the Noise-authenticated remote
 peer, so a valid envelope is bound to the connection it arrived on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -81,7 +85,8 @@ class Envelope:
     sig: bytes
 
     def signed_bytes(self) -> bytes:
-        return pack([_DOMAIN, self.v, self.type, self.sender, self.ts_ms, self.nonce, self.body])
+        digest = hashlib.sha256(self.body).digest()
+        return pack([_DOMAIN, self.v, self.type, self.sender, self.ts_ms, self.nonce, digest])
 
     def to_bytes(self) -> bytes:
         return pack(
