@@ -39,7 +39,11 @@ def key_pair_from_seed(seed: bytes) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
-def connection_config(dial_timeout_s: float = 10.0) -> ConnectionConfig:
+def connection_config(dial_timeout_s: float = 10.0, max_connections: int | None = None) -> ConnectionConfig:
+    """``max_connections``: None keeps py-libp2p's 300 (it also *prunes* connections
+    above its high watermark of 300); a server expecting more peers raises both."""
+    extra = {} if max_connections is None else {"max_connections": max_connections,
+                                                "high_watermark": max_connections}
     return ConnectionConfig(
         max_connections_per_peer=1,
         min_connections=0,
@@ -47,21 +51,44 @@ def connection_config(dial_timeout_s: float = 10.0) -> ConnectionConfig:
         dial_timeout=dial_timeout_s,
         outbound_stream_protocol_negotiation_timeout=dial_timeout_s,
         inbound_stream_protocol_negotiation_timeout=dial_timeout_s,
+        **extra,
     )
 
 
-def build_host(seed: bytes, *, dial_timeout_s: float = 10.0, negotiate_timeout_s: int = 10) -> IHost:
-    """A host whose identity key is ``seed`` (the same key signs our envelopes)."""
+def resource_manager(max_inbound: int) -> object:
+    """py-libp2p's default resource manager caps established inbound connections at
+    256 (``new_connection_limits_with_defaults``) and its swarm at 300 connections
+    (``ConnectionConfig``): the 257th agent of a CPM is refused silently and retries
+    forever (found by benchmarks/load.py). A server that expects many peers raises the
+    per-direction caps here; per-peer limits stay the default."""
+    from libp2p.rcmgr import new_resource_manager
+    from libp2p.rcmgr.connection_limits import ConnectionLimits
+
+    return new_resource_manager(connection_limits=ConnectionLimits(
+        max_pending_inbound=max(64, max_inbound // 4), max_pending_outbound=64,
+        max_established_inbound=max_inbound, max_established_outbound=256,
+        max_established_per_peer=8, max_established_total=max_inbound + 256,
+    ))
+
+
+def build_host(seed: bytes, *, dial_timeout_s: float = 10.0, negotiate_timeout_s: int = 10,
+               max_inbound: int | None = None) -> IHost:
+    """A host whose identity key is ``seed`` (the same key signs our envelopes).
+
+    ``max_inbound``: established inbound connections allowed (None = py-libp2p's
+    default of 256; the CPM passes its expected population)."""
     kp = key_pair_from_seed(seed)
     noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
+    extra = {} if max_inbound is None else {"resource_manager": resource_manager(max_inbound)}
     return new_host(
         key_pair=kp,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-        connection_config=connection_config(dial_timeout_s),
+        connection_config=connection_config(dial_timeout_s, None if max_inbound is None else max_inbound + 256),
         negotiate_timeout=negotiate_timeout_s,
         enable_mDNS=False,
         enable_upnp=False,
+        **extra,
     )
 
 

@@ -36,7 +36,9 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> No
     )
     lib = logging.getLogger("libp2p")
     lib.handlers[:] = []
-    lib.addHandler(_ToStructlog())
+    forward = _ToStructlog()
+    forward.setLevel(logging.WARNING)  # child loggers bypass the parent's level
+    lib.addHandler(forward)
     lib.setLevel(logging.WARNING)
     lib.propagate = False
 

@@ -1,0 +1,84 @@
+"""`make bench`: every benchmark with small defaults, one table, benchmarks/results.json.
+
+Each row is a metric, its target, and the ratio measured side by side in the same run
+(absolute times are context only — the machine is shared and noisy). Runs in well under
+10 minutes on the 2-core machine. Usage: ``python -m benchmarks.run_all [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import cpm_scale, load, stream
+
+OUT = Path(__file__).with_name("results.json")
+
+
+def _scale(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+    sizes = [100, 1000] if quick else [100, 1000, 10000]
+    res = cpm_scale.run(sizes, naive_teachers=3, repeat=1 if quick else 3)
+    rows = []
+    for r in res["results"]:
+        n = r["agents"]
+        rows.append((f"match {n} agents", f"{r['fast_s']:.2f} s wall / {r['fast_cpu_s']:.2f} s CPU",
+                     "≤ 2 s at 10k" if n == 10000 else "—", f"naive/fast ×{r['ratio_naive_over_fast']:.0f}"))
+    return res, rows
+
+
+def _stream(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+    res = stream.run(mib=16 if quick else 64, repeats=1 if quick else 2)
+    rows = [
+        ("knowledge stream", f"{res['MB_per_s']['knexa']} MB/s", "≥ 0.8× bare libp2p",
+         f"knexa/bare {res['ratio_knexa_vs_bare']}"),
+        ("bare libp2p stream", f"{res['MB_per_s']['bare']} MB/s", "context", f"bare/raw TCP {res['ratio_bare_vs_raw_tcp']}"),
+        ("connection setup", f"{res['connect_ms_median']} ms", "≤ 20 ms", "—"),
+    ]
+    return res, rows
+
+
+def _load(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+    agents, rounds = (40, 3) if quick else (100, 10)
+    with tempfile.TemporaryDirectory(prefix="knexa-bench-load-") as tmp:
+        res = load.run(agents, rounds, 2, "linucb", Path(tmp), timeout_s=600)
+    rows = [
+        (f"CPM load {agents} agents × {rounds} rounds", f"{res['profiles_per_s']} profiles/s",
+         "no loss", f"feedback lost {res['feedback_lost']}, dup {res['feedback_duplicates']}"),
+        ("CPM directives", f"{res['directives_per_s']} directives/s", "—", "—"),
+    ]
+    return res, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a couple of minutes)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    doc: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": os.getloadavg()}
+    table: list[tuple[str, str, str, str]] = []
+    for name, fn in (("cpm_scale", _scale), ("stream", _stream), ("load", _load)):
+        t0 = time.perf_counter()
+        try:
+            doc[name], rows = fn(args.quick)
+        except Exception as exc:  # noqa: BLE001 — one failing benchmark must not hide the others
+            doc[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            rows = [(name, "FAILED", "—", str(exc)[:60])]
+        doc[name + "_seconds"] = round(time.perf_counter() - t0, 1)
+        table += rows
+    OUT.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    width = max(len(r[0]) for r in table)
+    print(f"{'metric':{width}}  {'value':34}  {'target':22}  ratio")
+    for metric, value, target, ratio in table:
+        print(f"{metric:{width}}  {value:34}  {target:22}  {ratio}")
+    print(f"\nwritten: {OUT}")
+    return 1 if any(r[1] == "FAILED" for r in table) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

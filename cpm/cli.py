@@ -1,0 +1,389 @@
+"""``knexa-cpm`` — run and administer the CPM node.
+
+Exit codes (every command; docs/cpm.md):
+
+==== =====================================================
+0    ok
+1    runtime error (e.g. the listen port is taken)
+2    usage error (bad flag, malformed peer ID)
+3    configuration error (bad/missing config.toml, key, DB)
+4    cannot reach the CPM (``--remote``)
+5    not admitted / unauthorized (``--remote`` with a non-admin key)
+==== =====================================================
+
+Admin commands act on the home's SQLite file (WAL), which the running node re-reads per
+request, so ``admit``/``revoke`` take effect without a restart. ``--remote MADDR --key
+FILE`` sends the same operation over ``/knexa/admin/1.0.0`` instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from cpm import config as C
+from cpm.store import Store, StoreError
+from protocol.errors import ConfigError, KnexaError, PeerUnavailable, Unauthorized
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = 0, 1, 2, 3, 4, 5
+
+log = structlog.get_logger(__name__)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """trio wraps failures in (nested) exception groups; report the first real one."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, (ConfigError, StoreError)):
+        return EXIT_CONFIG
+    if isinstance(exc, PeerUnavailable):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, Unauthorized):
+        return EXIT_UNAUTHORIZED
+    return EXIT_RUNTIME
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map typed errors to the exit-code table with one line on stderr."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except (KnexaError, StoreError, OSError, BaseExceptionGroup) as exc:
+            leaf = _leaf(exc)
+            if isinstance(leaf, (click.exceptions.Exit, click.ClickException)):
+                raise leaf from None
+            code = _exit_code(leaf)
+            click.echo(f"knexa-cpm: error: {leaf}", err=True)
+            sys.exit(code)
+
+    return wrapper
+
+
+def _peer_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return C.validate_peer_id(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _quiet_logs(fmt: str = "auto") -> None:
+    from p2p.logs import configure_logging
+
+    configure_logging(fmt, level="warning", stream=sys.stderr)
+
+
+def _home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--home", type=click.Path(file_okay=False, path_type=Path), required=True,
+                        help="CPM home directory (config.toml, identity.key, cpm.db).")(fn)
+
+
+def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
+                      help="32-byte Ed25519 seed of an admin identity (with --remote).")(fn)
+    return click.option("--remote", metavar="MADDR", help="Use /knexa/admin/1.0.0 on this CPM (…/p2p/<id>).")(fn)
+
+
+def _open_store(home: Path) -> Store:
+    C.load_config(home)  # a home without a valid config is a config error (exit 3)
+    return Store(C.db_path(home))
+
+
+def _remote(remote: str, key_file: Path | None, message: Any) -> Any:
+    import trio
+
+    from cpm.admin import remote_admin
+
+    if key_file is None:
+        raise click.UsageError("--remote needs --key KEYFILE")
+    ident = C.load_identity_file(key_file, key="key")
+    return trio.run(functools.partial(remote_admin, remote, ident, message))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """KNEXA Central Profiler/Matchmaker (non-aggregating, restart-safe)."""
+
+
+@cli.command()
+@_home_option
+@click.option("--open", "open_admission", is_flag=True, help="Admit every peer that registers (local harness).")
+@click.option("--transfer-hash", help="SHA-256 hex of the shared transfer set the daemons use.")
+@click.option("--strategy", type=click.Choice(C.STRATEGIES))
+@click.option("--max-rounds", type=click.IntRange(min=0))
+@click.option("--k-pairs", type=click.IntRange(min=0))
+@click.option("--quorum", type=float)
+@click.option("--min-agents", type=click.IntRange(min=2))
+@click.option("--round-timer", "round_timer_s", type=float)
+@click.option("--directive-ttl", "directive_ttl_s", type=float)
+@click.option("--transfer-size", type=click.IntRange(min=1))
+@click.option("--seed", type=int)
+@click.option("--listen", multiple=True, help="Listen multiaddr (repeatable).")
+@click.option("--admin", "admins", multiple=True, callback=lambda c, p, v: [_peer_arg(c, p, x) for x in v],
+              help="Peer ID allowed on /knexa/admin/1.0.0 (repeatable).")
+@click.option("--force", is_flag=True, help="Rewrite config.toml of an existing home (the key is kept).")
+@handle_errors
+def init(home: Path, open_admission: bool, transfer_hash: str | None, force: bool, listen: tuple[str, ...],
+         admins: list[str], **overrides: Any) -> None:
+    """Create the home: config.toml, identity key (0600) and the SQLite database."""
+    _quiet_logs()
+    home.mkdir(parents=True, exist_ok=True)
+    if C.config_path(home).exists() and not force:
+        raise ConfigError("home", f"{home} is already initialized (use --force to rewrite config.toml)")
+    cfg = C.CpmConfig()
+    cfg.open_admission = open_admission
+    if transfer_hash is not None:
+        cfg.transfer_hash = transfer_hash.lower()
+    if listen:
+        cfg.listen = list(listen)
+    cfg.admins = list(admins)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if cfg.transfer_hash == C.default_transfer_hash() and cfg.transfer_size != 128:
+        cfg.transfer_hash = C.default_transfer_hash(cfg.transfer_size)
+    C.save_config(home, cfg)
+    ident = C.load_identity(home) if C.identity_path(home).exists() else C.create_identity(home)
+    Store(C.db_path(home)).close()
+    click.echo(ident.peer_id)
+
+
+@cli.command()
+@_home_option
+@click.option("--listen", multiple=True, help="Override listen multiaddrs (repeatable).")
+@click.option("--strategy", type=click.Choice(C.STRATEGIES))
+@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Written atomically (JSON: peer_id, addrs, pid, metrics_port) once listening.")
+@click.option("--log-format", type=click.Choice(C.LOG_FORMATS))
+@click.option("--metrics-port", type=click.IntRange(0, 65535))
+@handle_errors
+def serve(home: Path, listen: tuple[str, ...], strategy: str | None, ready_file: Path | None,
+          log_format: str | None, metrics_port: int | None) -> None:
+    """Run the CPM node until SIGINT/SIGTERM (then exit 0)."""
+    import trio
+
+    from p2p.host import parse_listen_addrs
+    from p2p.logs import configure_logging
+
+    cfg = C.load_config(home)
+    if listen:
+        cfg.listen = list(listen)
+    if strategy:
+        cfg.strategy = strategy
+    if log_format:
+        cfg.log_format = log_format
+    if metrics_port is not None:
+        cfg.metrics_port = metrics_port
+    C.validate(cfg)
+    parse_listen_addrs(cfg.listen)
+    configure_logging(cfg.log_format)
+    ident = C.load_identity(home)
+    store = Store(C.db_path(home))
+    try:
+        trio.run(_serve, cfg, ident, store, ready_file)
+    finally:
+        store.close()
+
+
+async def _serve(cfg: C.CpmConfig, ident: Any, store: Store, ready_file: Path | None) -> None:
+    import trio
+
+    from cpm.service import CpmService
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        service = CpmService(cfg, ident, store)
+        async with trio.open_nursery() as nursery:
+            addrs = await nursery.start(service.run)
+            for addr in addrs:
+                click.echo(addr)
+            sys.stdout.flush()
+            if ready_file is not None:
+                _write_ready(ready_file, {"peer_id": ident.peer_id, "addrs": addrs, "pid": os.getpid(),
+                                          "metrics_port": service.metrics_port})
+            async for signum in signals:
+                log.info("cpm.shutdown", signal=signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()
+
+
+def _write_ready(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+@cli.command()
+@click.argument("peer_id", callback=_peer_arg)
+@click.option("--org", default="", help="Organisation label.")
+@_home_option
+@_remote_options
+@handle_errors
+def admit(peer_id: str, org: str, home: Path, remote: str | None, key_file: Path | None) -> None:
+    """Admit PEER_ID (takes effect on the running node immediately)."""
+    from protocol.envelope import now_ms
+    from protocol.messages import AdminAdmit
+
+    _quiet_logs()
+    if remote:
+        _remote(remote, key_file, AdminAdmit(peer_id=peer_id, org=org))
+    else:
+        store = _open_store(home)
+        store.admit(peer_id, org, now_ms())
+        store.close()
+    click.echo(f"admitted {peer_id}")
+
+
+@cli.command()
+@click.argument("peer_id", callback=_peer_arg)
+@_home_option
+@_remote_options
+@handle_errors
+def revoke(peer_id: str, home: Path, remote: str | None, key_file: Path | None) -> None:
+    """Revoke PEER_ID: its next request gets `unauthorized`."""
+    from protocol.envelope import now_ms
+    from protocol.messages import AdminRevoke
+
+    _quiet_logs()
+    if remote:
+        _remote(remote, key_file, AdminRevoke(peer_id=peer_id))
+    else:
+        store = _open_store(home)
+        store.revoke(peer_id, now_ms())
+        store.close()
+    click.echo(f"revoked {peer_id}")
+
+
+def _listing(what: str, home: Path, as_json: bool, remote: str | None, key_file: Path | None,
+             round_: int = -1) -> None:
+    from cpm.admin import from_wire_rows, query_rows
+    from protocol.messages import AdminQuery
+
+    _quiet_logs()
+    if remote:
+        rows = from_wire_rows(_remote(remote, key_file, AdminQuery(what=what, round=round_)).rows)
+    else:
+        store = _open_store(home)
+        try:
+            rows = query_rows(store, what, round_, max_rounds=C.load_config(home).max_rounds)
+        finally:
+            store.close()
+    if as_json:
+        click.echo(json.dumps(rows[0] if what == "stats" and rows else rows, indent=2, default=str))
+        return
+    if what == "stats":
+        for key, value in (rows[0] if rows else {}).items():
+            click.echo(f"{key:20} {value}")
+        return
+    if not rows:
+        click.echo(f"(no {what})")
+        return
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    click.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        click.echo("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+for _what, _doc in (("agents", "List agents and their admission state."),
+                    ("rounds", "List rounds with profile/pair/feedback counts."),
+                    ("stats", "Totals: current round and state, directives by state, mean reward.")):
+
+    def _make(what: str, doc: str) -> None:
+        @cli.command(name=what, help=doc)
+        @_home_option
+        @click.option("--json", "as_json", is_flag=True)
+        @_remote_options
+        @handle_errors
+        def _cmd(home: Path, as_json: bool, remote: str | None, key_file: Path | None) -> None:
+            _listing(what, home, as_json, remote, key_file)
+
+    _make(_what, _doc)
+
+
+@cli.command()
+@click.option("--round", "round_", type=int, default=-1, help="Only this round (default: all).")
+@_home_option
+@click.option("--json", "as_json", is_flag=True)
+@_remote_options
+@handle_errors
+def pairs(round_: int, home: Path, as_json: bool, remote: str | None, key_file: Path | None) -> None:
+    """Directives (teacher → student, arm) with their feedback and reward."""
+    _listing("pairs", home, as_json, remote, key_file, round_)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@_home_option
+@handle_errors
+def export(fmt: str, out: Path, home: Path) -> None:
+    """Export for analysis. json: agents, rounds, pairs, profiles, stats;
+    csv: one row per directive with its feedback and reward."""
+    from cpm.admin import query_rows
+
+    _quiet_logs()
+    store = _open_store(home)
+    try:
+        if fmt == "json":
+            data = {what: query_rows(store, what) for what in ("agents", "rounds", "pairs")}
+            data["profiles"] = store.list_profiles()
+            data["stats"] = query_rows(store, "stats", max_rounds=C.load_config(home).max_rounds)[0]
+            out.write_text(json.dumps(data, indent=2, default=str))
+        else:
+            rows = query_rows(store, "pairs")
+            with out.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["round", "directive_id"])
+                writer.writeheader()
+                writer.writerows(rows)
+    finally:
+        store.close()
+    click.echo(str(out))
+
+
+@cli.command(name="peer-id")
+@_home_option
+@handle_errors
+def peer_id(home: Path) -> None:
+    """Print the CPM's peer ID (daemons need it to verify directives)."""
+    click.echo(C.load_identity(home).peer_id)
+
+
+from cpm.doctor import config_group, doctor_command  # noqa: E402 — registered after the core commands
+
+cli.add_command(doctor_command)
+cli.add_command(config_group)
+
+
+def main() -> None:
+    cli(prog_name="knexa-cpm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The CPM node on the network: a py-libp2p host serving ``/knexa/cpm/1.0.0`` and
+``/knexa/admin/1.0.0`` around the sans-IO ``RoundEngine``.
+
+Per stream, in this order (docs/protocol.md §6, docs/cpm.md):
+
+1. the Noise-authenticated remote peer must be admitted (or open admission, and never
+   revoked) — otherwise ``Error{unauthorized}`` before a byte of the request is read;
+2. one frame is read under a deadline (a slow-loris peer gets a reset, not a task);
+3. ``open_envelope(expected_sender=remote)`` — signature bound to the Noise peer;
+4. ``ReplayGuard`` — stale ``ts`` → ``expired``, repeated nonce → ``replay``;
+5. dispatch to the engine; the engine commits before the response is written, so an
+   ``Ack`` means "durably stored".
+
+Every refusal is a typed error, a ``cpm.rejected`` log line with ``code``, an ``Error``
+frame signed by the CPM, and no state change. The engine is synchronous and called
+from one trio task at a time, so no locking is needed; SQLite commits (fsync) block the
+loop for a few milliseconds, an accepted cost for a control plane.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from cpm.admin import AdminHandler
+from cpm.config import CpmConfig
+from cpm.rounds import MAX_WAIT_MS, Pending, RoundEngine
+from cpm.store import Store
+from p2p.host import build_host, full_addrs, parse_listen_addrs
+from p2p.streams import FramedStream
+from protocol.envelope import Identity, now_ms, open_envelope, seal
+from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, Unauthorized
+from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, MAX_FRAME_CPM
+from protocol.messages import (
+    Ack,
+    DirectiveRequest,
+    Error,
+    Feedback,
+    NoDirective,
+    PeerLookup,
+    Profile,
+    Register,
+)
+from protocol.replay import ReplayGuard
+
+log = structlog.get_logger(__name__)
+
+CPM_REQUESTS = (Register, Profile, DirectiveRequest, PeerLookup, Feedback)
+RECHECK_S = 1.0  # the ticker re-reads the DB at least this often (admin CLI changes)
+# one connection per agent; py-libp2p's default cap is 256 inbound (docs/reliability.md)
+MAX_INBOUND_CONNECTIONS = 10_000
+
+
+class Metrics:
+    """Optional Prometheus endpoint on 127.0.0.1. Values are read at scrape time from
+    plain counters, so the HTTP thread never touches SQLite (single-threaded)."""
+
+    def __init__(self, engine: RoundEngine, rejected: dict[str, int]) -> None:
+        self.engine = engine
+        self.rejected = rejected
+        self.round = 0
+        self._server: Any = None
+
+    def start(self, port: int) -> int:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        metrics = self
+
+        class _Collector:
+            def collect(self) -> Any:
+                c = dict(metrics.engine.counters)
+                for name in ("profiles", "feedback"):
+                    yield CounterMetricFamily(f"knexa_cpm_{name}", f"accepted {name}", value=c[name])
+                d = CounterMetricFamily("knexa_cpm_directives", "directives by outcome", labels=["state"])
+                for state in ("issued", "used", "failed", "expired"):
+                    d.add_metric([state], c[f"directives_{state}"])
+                yield d
+                r = CounterMetricFamily("knexa_cpm_rejected", "refused requests by code", labels=["code"])
+                for code, n in sorted(dict(metrics.rejected).items()):
+                    r.add_metric([code], n)
+                yield r
+                yield GaugeMetricFamily("knexa_cpm_round", "current round", value=metrics.round)
+
+        registry = CollectorRegistry()
+        registry.register(_Collector())  # type: ignore[arg-type]
+        from p2p.metrics import install_event_metrics  # rounds, pairs, reward, … from log events
+
+        self._events = install_event_metrics(registry, "knexa_cpm")
+        self._server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        if getattr(self, "_events", None) is not None:
+            self._events.uninstall()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class CpmService:
+    """Wire the engine to a libp2p host. ``run`` reports its full multiaddrs via
+    ``task_status.started`` once the host listens."""
+
+    def __init__(
+        self,
+        config: CpmConfig,
+        identity: Identity,
+        store: Store,
+        engine: RoundEngine | None = None,
+        *,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.engine = engine or RoundEngine(store, config, identity)
+        self.clock = clock
+        self.replay = ReplayGuard()
+        self.rejected: dict[str, int] = {}
+        self.metrics = Metrics(self.engine, self.rejected)
+        self.metrics_port = 0
+        self.addrs: list[str] = []
+        self._changed = trio.Event()
+        self._wake = trio.Event()
+        self._seen_epoch = -1
+        self.admin = AdminHandler(
+            store, config, identity, self.replay, clock=clock, on_change=self._poke, on_reject=self._count_reject
+        )
+
+    # ---- lifecycle --------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listen = parse_listen_addrs(self.config.listen)
+        host = build_host(self.identity.seed, dial_timeout_s=self.config.request_timeout_s,
+                          max_inbound=MAX_INBOUND_CONNECTIONS)
+        self.engine.start(self.clock())
+        self._after_engine()
+        if self.config.metrics_port:
+            self.metrics_port = self.metrics.start(self.config.metrics_port)
+        try:
+            async with host.run(listen):
+                host.set_stream_handler(CPM_PROTOCOL, self._handle_cpm)
+                host.set_stream_handler(ADMIN_PROTOCOL, self.admin.handle)
+                self.addrs = full_addrs(host)
+                if not self.addrs:  # py-libp2p logs a failed bind and carries on; we refuse to
+                    raise OSError(f"could not listen on {', '.join(self.config.listen)} (address in use?)")
+                log.info("cpm.listening", addrs=self.addrs, peer=self.identity.peer_id,
+                         strategy=self.config.strategy, metrics_port=self.metrics_port)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._ticker)
+                    task_status.started(self.addrs)
+                    await trio.sleep_forever()
+        finally:
+            self.metrics.stop()
+
+    async def _ticker(self) -> None:
+        """Round timers and directive expiry: sleep until the engine's next deadline,
+        a poke from a request, or RECHECK_S (admin changes come from other processes)."""
+        while True:
+            now = self.clock()
+            try:
+                deadline = self.engine.tick(now)
+            except sqlite3.OperationalError as exc:  # e.g. the admin CLI holds the lock > busy_timeout
+                log.warning("cpm.tick.retry", error=str(exc))
+                deadline = None
+            self._after_engine()
+            wait = RECHECK_S if deadline is None else min(RECHECK_S, max(0.0, (deadline - now) / 1000))
+            self._wake = trio.Event()
+            with trio.move_on_after(wait):
+                await self._wake.wait()
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    def _after_engine(self) -> None:
+        """Wake long-polls when the round state moved; let the ticker recompute deadlines."""
+        if self.engine.epoch != self._seen_epoch:
+            self._seen_epoch = self.engine.epoch
+            self._changed.set()
+            self._changed = trio.Event()
+            row = self.store.latest_round()
+            self.metrics.round = row.round if row else 0
+        self._poke()
+
+    def _count_reject(self, code: str) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+
+    # ---- /knexa/cpm/1.0.0 -------------------------------------------------------------
+    async def _handle_cpm(self, stream: Any) -> None:
+        framed = FramedStream(stream, MAX_FRAME_CPM)
+        peer = framed.remote_peer
+        started = time.monotonic()
+        kind = "?"
+        try:
+            if self.store.is_revoked(peer) or not (self.config.open_admission or self.store.is_admitted(peer)):
+                raise Unauthorized("peer is not admitted")
+            with trio.fail_after(self.config.request_timeout_s):
+                frame = await framed.read_frame()
+            if frame is None:
+                return
+            env, msg = open_envelope(frame, expected_sender=peer, allowed=CPM_REQUESTS)
+            kind = type(msg).__name__
+            self.replay.check(env, self.clock())
+            payload = await self._dispatch(peer, env.nonce, msg)
+            with trio.fail_after(self.config.request_timeout_s):
+                await framed.write_frame(payload)
+            log.info("cpm.request", peer=peer, type=kind,
+                     duration_ms=round((time.monotonic() - started) * 1000, 2))
+        except KnexaError as exc:
+            if isinstance(exc, PeerUnavailable):
+                log.info("cpm.peer.gone", peer=peer, type=kind, error=str(exc))
+            else:
+                await self._refuse(framed, peer, kind, exc)
+        except trio.TooSlowError:
+            self._count_reject("timeout")
+            log.warning("cpm.rejected", peer=peer, code="timeout", type=kind)
+            await framed.reset()
+        except Exception as exc:  # server boundary: one bad request (or a locked DB) must not kill the node
+            log.exception("cpm.internal_error", peer=peer, type=kind, error=repr(exc))
+            await self._refuse(framed, peer, kind, KnexaError("internal error"))
+        finally:
+            await framed.close()
+
+    async def _dispatch(self, peer: str, nonce: bytes, msg: Any) -> bytes:
+        """Run one request against the engine; returns the response envelope bytes."""
+        now = self.clock()
+        try:
+            if isinstance(msg, Register):
+                return self._seal(self.engine.register(peer, msg, now))
+            if isinstance(msg, Profile):
+                answer = self.engine.profile(peer, msg, now)
+                return self._seal(answer if answer is not None else Ack(ref=nonce))
+            if isinstance(msg, Feedback):
+                self.engine.feedback(peer, msg, now)
+                return self._seal(Ack(ref=nonce))
+            if isinstance(msg, PeerLookup):
+                return self._seal(self.engine.peer_lookup(peer, msg.peer_id))
+            assert isinstance(msg, DirectiveRequest)
+        finally:
+            self._after_engine()
+        return await self._directive_long_poll(peer, msg)
+
+    async def _directive_long_poll(self, peer: str, msg: DirectiveRequest) -> bytes:
+        wait_s = min(max(msg.wait_ms, 0), MAX_WAIT_MS) / 1000
+        deadline = trio.current_time() + wait_s
+        while True:
+            answer = self.engine.directive(peer, msg.round, self.clock())
+            self._after_engine()
+            if isinstance(answer, bytes):
+                return answer  # the stored CPM-signed Directive envelope, verbatim
+            if not isinstance(answer, Pending):
+                return self._seal(answer)
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                return self._seal(NoDirective(round=answer.round, reason="round_pending", retry_after_ms=1000))
+            changed = self._changed
+            with trio.move_on_after(remaining):
+                await changed.wait()
+
+    def _seal(self, message: Any) -> bytes:
+        return seal(message, self.identity, ts_ms=self.clock())
+
+    async def _refuse(self, framed: FramedStream, peer: str, kind: str, exc: KnexaError) -> None:
+        self._count_reject(exc.code)
+        log.warning("cpm.rejected", peer=peer, code=exc.code, type=kind, error=str(exc))
+        try:
+            with trio.move_on_after(self.config.request_timeout_s):
+                await framed.write_frame(self._seal(Error(code=exc.code, message=str(exc)[:200])))
+        except (PeerUnavailable, FrameTooLarge):
+            pass
+        if isinstance(exc, FrameTooLarge):
+            await framed.reset()

@@ -1,0 +1,261 @@
+"""Pairing strategies behind one interface: the CPM service and the simulator call
+``select`` once per round and ``update`` once per feedback, whatever the strategy.
+
+* ``linucb``     — LinUCB over the pair context φ + greedy disjoint matching (the system).
+* ``random``     — random disjoint pairs, random roles and arm (Random-P2P baseline).
+* ``heuristic``  — paper's Heuristic-P2P: greedy on the JS divergence of the data
+                   histograms, the better performer (pass@1 slot) teaches, default arm.
+* ``local-only`` — no pairs.
+* ``central-kd`` — **the centralized baseline, not P2P**: one hub (best pass@1) teaches up
+                   to k students per round (neediest first). It breaks the "each agent in
+                   at most one pair per round" rule on purpose; that rule is P2P's.
+* ``oracle``     — greedy on a true expected-reward function (simulation only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+import structlog
+
+from cpm import features as F
+from cpm.bandit import LinUCB
+from cpm.matching import MatchResult, exact_match, fast_match, greedy_disjoint
+from knexad.agent_api import ProtocolArm
+
+log = structlog.get_logger(__name__)
+
+# Protocol arms k (Eq. 2 knobs): gentle, default, strong-with-two-samples.
+DEFAULT_ARMS: tuple[ProtocolArm, ...] = (
+    ProtocolArm(alpha=0.2, temperature=1.5, n_samples=1),
+    ProtocolArm(alpha=0.4, temperature=2.0, n_samples=1),
+    ProtocolArm(alpha=0.6, temperature=2.5, n_samples=2),
+)
+DEFAULT_ARM_INDEX = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    teacher: str
+    student: str
+    arm: int
+    score: float
+    context: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """What a student reports (Eq. 3 inputs)."""
+
+    loss_pre: float
+    loss_post: float
+    kb: float
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    name: str
+    centralized: bool
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]: ...
+
+    def update(self, pair: Pair, feedback: Feedback | float) -> None: ...
+
+    def to_state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+def _check(profiles: np.ndarray, agent_ids: list[str]) -> np.ndarray:
+    P = np.asarray(profiles, dtype=float)
+    if P.ndim != 2 or P.shape[1] != F.PROFILE_DIM or P.shape[0] != len(agent_ids):
+        raise ValueError(f"profiles must be (len(agent_ids), {F.PROFILE_DIM})")
+    return P
+
+
+def _cap(k_pairs: int, n: int) -> int:
+    return max(0, min(int(k_pairs), n // 2))
+
+
+class _Stateless:
+    centralized = False
+
+    def update(self, pair: Pair, feedback: Feedback | float) -> None:
+        """Baselines do not learn."""
+
+    def to_state(self) -> dict[str, Any]:
+        return {"name": self.name}  # type: ignore[attr-defined]
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
+
+class LinUCBStrategy:
+    name = "linucb"
+    centralized = False
+
+    def __init__(self, n_arms: int = len(DEFAULT_ARMS), *, topk: int = 8, exact_below: int = 48,
+                 **bandit_kw: Any) -> None:
+        self.n_arms = n_arms
+        self.topk = topk
+        self.exact_below = exact_below
+        self.bandit = LinUCB(F.context_dim(n_arms), **bandit_kw)
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]:
+        P = _check(profiles, agent_ids)
+        k = _cap(k_pairs, P.shape[0])
+        if P.shape[0] <= self.exact_below:
+            m = exact_match(P, self.bandit, self.n_arms, k)
+        else:
+            m = fast_match(P, self.bandit, self.n_arms, k, topk=self.topk, exact_below=self.exact_below)
+        X = F.batch_context(P, m.teacher, m.student, m.arm, self.n_arms)
+        return [Pair(agent_ids[t], agent_ids[s], int(a), float(sc), X[i])
+                for i, (t, s, a, sc) in enumerate(zip(m.teacher, m.student, m.arm, m.score))]
+
+    def update(self, pair: Pair, feedback: Feedback | float) -> None:
+        if pair.context is None:
+            raise ValueError("linucb needs the pair context it selected")
+        if isinstance(feedback, Feedback):
+            self.bandit.update_feedback(pair.context, feedback.loss_pre, feedback.loss_post, feedback.kb)
+        else:
+            self.bandit.update(pair.context, float(feedback))
+
+    def to_state(self) -> dict[str, Any]:
+        return {"name": self.name, "n_arms": self.n_arms, "topk": self.topk, "bandit": self.bandit.to_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.n_arms = int(state["n_arms"])
+        self.topk = int(state["topk"])
+        self.bandit = LinUCB.from_state(state["bandit"])
+
+
+class RandomStrategy(_Stateless):
+    name = "random"
+
+    def __init__(self, n_arms: int = len(DEFAULT_ARMS)) -> None:
+        self.n_arms = n_arms
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]:
+        P = _check(profiles, agent_ids)
+        k = _cap(k_pairs, P.shape[0])
+        perm = rng.permutation(P.shape[0])
+        arms = rng.integers(self.n_arms, size=k)
+        return [Pair(agent_ids[perm[2 * i]], agent_ids[perm[2 * i + 1]], int(arms[i]), 0.0) for i in range(k)]
+
+
+class HeuristicStrategy(_Stateless):
+    """Heuristic-P2P: most different data first; the better performer teaches."""
+
+    name = "heuristic"
+
+    def __init__(self, n_arms: int = len(DEFAULT_ARMS), arm: int = DEFAULT_ARM_INDEX) -> None:
+        self.n_arms = n_arms
+        self.arm = min(arm, n_arms - 1)
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]:
+        P = _check(profiles, agent_ids)
+        n = P.shape[0]
+        i, j = np.triu_indices(n, 1)
+        js = F.js_divergence(P[i, F.HIST], P[j, F.HIST])
+        better = P[i, F.PASS1] >= P[j, F.PASS1]
+        t = np.where(better, i, j)
+        s = np.where(better, j, i)
+        m = greedy_disjoint(t, s, np.full(t.size, self.arm), js, n, _cap(k_pairs, n))
+        return [Pair(agent_ids[a], agent_ids[b], int(k), float(sc))
+                for a, b, k, sc in zip(m.teacher, m.student, m.arm, m.score)]
+
+
+class LocalOnlyStrategy(_Stateless):
+    name = "local-only"
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]:
+        _check(profiles, agent_ids)
+        return []
+
+
+class CentralKDStrategy(_Stateless):
+    """CENTRALIZED BASELINE: the hub (best pass@1) teaches up to k students per round."""
+
+    name = "central-kd"
+    centralized = True
+
+    def __init__(self, n_arms: int = len(DEFAULT_ARMS), arm: int = DEFAULT_ARM_INDEX) -> None:
+        self.arm = min(arm, n_arms - 1)
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]:
+        P = _check(profiles, agent_ids)
+        n = P.shape[0]
+        if n < 2 or k_pairs <= 0:
+            return []
+        hub = int(np.argmax(P[:, F.PASS1]))
+        others = [int(x) for x in np.argsort(P[:, F.PASS1], kind="stable") if x != hub]
+        return [Pair(agent_ids[hub], agent_ids[s], self.arm, 0.0) for s in others[: min(k_pairs, n - 1)]]
+
+
+class OracleStrategy(_Stateless):
+    """Greedy on the true expected reward (simulation only: needs the world's truth).
+
+    ``gain_fn(t, s, k) -> float`` over indices of the current profile matrix; the
+    optional ``matrix_fn(k) -> (N, N)`` is the vectorized equivalent (fast path).
+    """
+
+    name = "oracle"
+
+    def __init__(self, gain_fn: Callable[[int, int, int], float] | None = None, n_arms: int = len(DEFAULT_ARMS),
+                 matrix_fn: Callable[[int], np.ndarray] | None = None) -> None:
+        if gain_fn is None and matrix_fn is None:
+            raise ValueError("oracle needs gain_fn or matrix_fn")
+        self.gain_fn = gain_fn
+        self.matrix_fn = matrix_fn
+        self.n_arms = n_arms
+
+    def match(self, n: int, k_pairs: int) -> MatchResult:
+        if self.matrix_fn is not None:
+            G = np.stack([np.asarray(self.matrix_fn(k), dtype=float) for k in range(self.n_arms)], axis=2)
+        else:
+            assert self.gain_fn is not None
+            G = np.full((n, n, self.n_arms), -np.inf)
+            for t in range(n):
+                for s in range(n):
+                    if t != s:
+                        for k in range(self.n_arms):
+                            G[t, s, k] = self.gain_fn(t, s, k)
+        tt, ss = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        mask = tt != ss
+        sc = G[mask]  # (M, K), canonical (t, s) order
+        k = np.argmax(sc, axis=1)
+        return greedy_disjoint(tt[mask], ss[mask], k, sc[np.arange(k.size), k], n, _cap(k_pairs, n))
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]:
+        P = _check(profiles, agent_ids)
+        m = self.match(P.shape[0], k_pairs)
+        return [Pair(agent_ids[a], agent_ids[b], int(k), float(sc))
+                for a, b, k, sc in zip(m.teacher, m.student, m.arm, m.score)]
+
+
+STRATEGIES: dict[str, Callable[..., Any]] = {
+    "linucb": LinUCBStrategy,
+    "random": RandomStrategy,
+    "heuristic": HeuristicStrategy,
+    "local-only": LocalOnlyStrategy,
+    "central-kd": CentralKDStrategy,
+    "oracle": OracleStrategy,
+}
+
+
+def make_strategy(name: str, **kw: Any) -> Strategy:
+    """Registry: ``make_strategy("linucb", beta0=0.5)``; unknown names raise ValueError."""
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}") from None
+    return cls(**kw)

@@ -1,0 +1,586 @@
+"""Bring a federation up as real processes, let the CPM drive R rounds, collect results.
+
+Sequence (each step a real subprocess through the public CLIs, in its own process
+group under ``harness.procs.Supervisor``; logs in ``<out>/logs/<name>.log``):
+
+1. ``knexa-cpm init --home H/cpm --strategy S --max-rounds R --transfer-hash T --seed S
+   --round-timer T --min-agents N`` (a round is matched when all N profiles are in, or
+   when the round timer fires with at least two);
+2. ``knexa-cpm serve --ready-file`` → the CPM multiaddr (with ``/p2p/<id>``);
+3. per node ``knexad init --home H/node-XX --cpm MADDR --model M --agent-index i
+   --n-agents N --seed S --org org-XX``, then ``knexa-cpm admit <peer-id>``: the allowlist
+   is filled through the admin CLI exactly as an operator would;
+4. ``knexad run --ready-file`` per node (or ``knexa-harness run-pack`` for K nodes per
+   process, see docs/harness.md §Scale);
+5. watch the CPM database read-only (``cpm.store``, SQLite WAL) until R rounds are
+   ``closed``; crashed children are reported and the run continues or aborts
+   (``--on-crash``);
+6. stop everything (SIGTERM, grace, SIGKILL), then build results from the now-quiescent
+   database (``harness.results``).
+
+The transfer-set hash is computed by building node 0's agent exactly as the daemon does
+(``knexad.agents.build_agent``) — the ML agent builds its model lazily, so this is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from harness import results as R
+from harness.procs import Child, ChildFailed, HarnessInterrupted, Supervisor, executable, parse_ready, tail
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_ML_MODELS = ("tiny-qwen2", "tiny-gpt2")  # the two families whose KD effect is measured (docs/agent.md)
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = 0, 1, 3, 4, 5
+EXIT_SIGINT = 130
+POLL_S = 0.5
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (CPM died, a node crashed with --on-crash abort, timeout)."""
+
+    def __init__(self, status: str, message: str, exit_code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.status = status
+        self.exit_code = exit_code
+
+
+@dataclass(slots=True)
+class UpConfig:
+    """Everything ``knexa-harness up`` was asked for (recorded in results.json)."""
+
+    nodes: int
+    rounds: int
+    out: Path
+    strategy: str = "linucb"
+    agent: str = "synthetic"  # synthetic | ml
+    models: tuple[str, ...] = DEFAULT_ML_MODELS
+    seed: int = 0
+    keep_homes: bool = False
+    on_crash: str = "continue"  # continue | abort
+    per_process: int = 1
+    round_timer_s: float | None = None  # None: 30 s synthetic, 900 s ml
+    ready_timeout_s: float | None = None  # None: scaled with N (and model builds for ml)
+    timeout_s: float | None = None  # whole rounds phase; None: scaled with R
+    grace_s: float = 10.0
+    progress: bool = True
+
+    def model_for(self, index: int) -> str:
+        if self.agent == "synthetic":
+            return "synthetic"
+        return self.models[index % len(self.models)]
+
+    def effective_round_timer(self) -> float:
+        if self.round_timer_s is not None:
+            return self.round_timer_s
+        return 30.0 if self.agent == "synthetic" else 900.0
+
+    def effective_ready_timeout(self) -> float:
+        if self.ready_timeout_s is not None:
+            return self.ready_timeout_s
+        base = 60.0 + 2.0 * self.nodes  # ~1 s of imports per process, 2 cores shared
+        # ML daemons build (pre-train) uncached tiny bases before they listen: minutes
+        # once per family, many more on a loaded machine
+        return base + (1800.0 if self.agent == "ml" else 0.0)
+
+    def effective_timeout(self) -> float:
+        if self.timeout_s is not None:
+            return self.timeout_s
+        per_round = 60.0 + 0.5 * self.nodes if self.agent == "synthetic" else 900.0
+        return 60.0 + self.rounds * (per_round + self.effective_round_timer())
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["models"] = list(self.models) if self.agent == "ml" else ["synthetic"]
+        data["round_timer_s"] = self.effective_round_timer()
+        return data
+
+
+@dataclass(slots=True)
+class Node:
+    index: int
+    name: str
+    home: Path
+    model: str
+    org: str
+    peer: str = ""
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    status: str  # ok | crashed | timeout | interrupted | failed
+    exit_code: int
+    message: str
+    doc: dict[str, Any] | None
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+CPM = executable("knexa-cpm", "cpm.cli")
+KNEXAD = executable("knexad", "knexad.cli")
+HARNESS = [sys.executable, "-m", "harness.cli"]
+
+
+def transfer_hash_for(cfg: UpConfig) -> str:
+    """The hash node 0's agent will present (all nodes share the transfer set)."""
+    from knexad.agents import build_agent
+    from knexad.config import AgentSection, DaemonConfig
+
+    dcfg = DaemonConfig(cpm="", agent=AgentSection(model=cfg.model_for(0), index=0, n_agents=cfg.nodes, seed=cfg.seed))
+    return build_agent(dcfg).transfer_set_hash()
+
+
+class Federation:
+    """One ``up`` run. ``run()`` never leaves a child behind, whatever happens."""
+
+    def __init__(self, cfg: UpConfig, console: Any, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.cfg = cfg
+        self.console = console
+        self.on_round = on_round
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._tmp_homes: Path | None = None
+        if cfg.keep_homes:
+            self.homes = self.out / "homes"
+            if self.homes.exists():
+                shutil.rmtree(self.homes)  # a previous run's homes: start fresh, never reuse keys
+            self.homes.mkdir(parents=True)
+        else:
+            self._tmp_homes = Path(tempfile.mkdtemp(prefix="knexa-harness-"))
+            self.homes = self._tmp_homes
+        self.cpm_home = self.homes / "cpm"
+        self.nodes = [
+            Node(i, f"node-{i:02d}", self.homes / f"node-{i:02d}", cfg.model_for(i), f"org-{i:02d}")
+            for i in range(cfg.nodes)
+        ]
+        self.cpm_addr = ""
+        self.crashed: list[dict[str, Any]] = []
+        self.started_at = time.time()
+
+    # -- public -----------------------------------------------------------------------
+    def run(self) -> RunOutcome:
+        try:
+            return self._run()
+        finally:
+            if self._tmp_homes is not None:
+                shutil.rmtree(self._tmp_homes, ignore_errors=True)
+
+    def _run(self) -> RunOutcome:
+        from protocol.errors import ConfigError, KnexaError
+
+        status, code, message = "ok", EXIT_OK, ""
+        sup = Supervisor(self.out, grace_s=self.cfg.grace_s)
+        with sup:
+            try:
+                self._bring_up(sup)
+                self._drive(sup)
+                self._export(sup)
+            except RunAborted as exc:
+                status, code, message = exc.status, exc.exit_code, str(exc)
+            except ChildFailed as exc:
+                status, code = "failed", _exit_for_child(exc)
+                message = f"{exc}\n{exc.log_tail}".strip()
+            except (KnexaError, ImportError) as exc:  # e.g. the agent cannot be built here
+                status, message = "failed", f"{type(exc).__name__}: {exc}"
+                code = EXIT_CONFIG if isinstance(exc, (ConfigError, ImportError)) else EXIT_RUNTIME
+            except KeyboardInterrupt:
+                status, code, message = "interrupted", EXIT_SIGINT, "interrupted (SIGINT)"
+            except HarnessInterrupted as exc:
+                status, code, message = "interrupted", 128 + exc.signum, f"interrupted ({exc})"
+            finally:
+                sup.stop_all()
+        try:
+            doc, paths = self._collect(status)
+        except (OSError, ValueError, RuntimeError) as exc:  # a run that died before the DB existed
+            log.error("harness.results.failed", error=str(exc))
+            doc, paths = None, {}
+            message = f"{message}; results not written: {exc}".strip("; ")
+        log.info("harness.run.done", status=status, exit_code=code)
+        return RunOutcome(status, code, message, doc, paths)
+
+    # -- bring-up ---------------------------------------------------------------------
+    def _bring_up(self, sup: Supervisor) -> None:
+        cfg = self.cfg
+        self._say(f"homes in {self.homes}; logs in {self.out / 'logs'}")
+        thash = transfer_hash_for(cfg)
+        sup.run("cpm-init", [*CPM, "init", "--home", str(self.cpm_home), "--strategy", cfg.strategy,
+                             "--max-rounds", str(cfg.rounds), "--transfer-hash", thash, "--seed", str(cfg.seed),
+                             "--round-timer", str(cfg.effective_round_timer()),
+                             # a round closes when every directive has feedback or expired:
+                             # ML students distill and re-evaluate for minutes on a CPU
+                             "--directive-ttl", str(900.0 if cfg.agent == "ml" else 120.0),
+                             # every round waits for all N profiles (or the round timer):
+                             # otherwise round 1 starts with whichever daemons registered first
+                             "--min-agents", str(cfg.nodes)], timeout_s=60)
+        cpm = sup.spawn("cpm", [*CPM, "serve", "--home", str(self.cpm_home), "--ready-file",
+                                str(self.homes / "cpm.ready"), "--log-format", "json"],
+                        role="cpm", ready_file=self.homes / "cpm.ready")
+        try:
+            ready = sup.wait_ready(cpm, timeout_s=60)
+        except ChildFailed as exc:
+            raise RunAborted("failed", f"CPM did not start: {exc}\n{exc.log_tail}", _exit_for_child(exc, EXIT_UNREACHABLE)) from None
+        self.cpm_addr = parse_ready(ready)
+        self._say(f"CPM {cfg.strategy} at {self.cpm_addr}")
+        self._init_nodes(sup)
+        self._start_nodes(sup)
+
+    def _init_nodes(self, sup: Supervisor) -> None:
+        from knexad.config import KEY_FILE
+        from knexad.identity import load_identity
+
+        cfg = self.cfg
+
+        def one(node: Node) -> None:
+            sup.run(f"{node.name}-init", [*KNEXAD, "init", "--home", str(node.home), "--cpm", self.cpm_addr,
+                                          "--model", node.model, "--agent-index", str(node.index),
+                                          "--n-agents", str(cfg.nodes), "--seed", str(cfg.seed),
+                                          "--org", node.org], timeout_s=120)
+            node.peer = load_identity(node.home / KEY_FILE).peer_id
+            sup.run(f"{node.name}-admit", [*CPM, "admit", node.peer, "--home", str(self.cpm_home),
+                                           "--org", node.org], timeout_s=120)
+
+        self._say(f"initialising and admitting {cfg.nodes} daemons …")
+        pool = ThreadPoolExecutor(max_workers=4)
+        try:
+            for fut in [pool.submit(one, n) for n in self.nodes]:
+                fut.result()
+        finally:  # on Ctrl-C or a failure: drop queued nodes, wait for the running ones
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _start_nodes(self, sup: Supervisor) -> None:
+        cfg = self.cfg
+        children: list[Child] = []
+        k = max(1, cfg.per_process)
+        for start in range(0, len(self.nodes), k):
+            group = self.nodes[start:start + k]
+            if k == 1:
+                node = group[0]
+                ready = node.home / "ready"
+                children.append(sup.spawn(node.name, [*KNEXAD, "run", "--home", str(node.home), "--ready-file",
+                                                      str(ready)], role="daemon", ready_file=ready))
+            else:
+                name = f"pack-{start // k:02d}"
+                ready = self.homes / f"{name}.ready"
+                argv = [*HARNESS, "run-pack", "--ready-file", str(ready)]
+                for node in group:
+                    argv += ["--home", str(node.home)]
+                children.append(sup.spawn(name, argv, role="pack", ready_file=ready))
+        what = f"{len(children)} processes" if k > 1 else f"{len(children)} daemons"
+        self._say(f"starting {what} (agent={cfg.agent}) …")
+        try:
+            sup.wait_all_ready(children, timeout_s=cfg.effective_ready_timeout())
+        except ChildFailed as exc:
+            raise RunAborted("failed", f"a daemon did not start: {exc}\n{exc.log_tail}",
+                             _exit_for_child(exc, EXIT_UNREACHABLE)) from None
+        self._say(f"all {cfg.nodes} daemons ready")
+
+    # -- rounds -----------------------------------------------------------------------
+    def _drive(self, sup: Supervisor) -> None:
+        from cpm.config import db_path
+        from cpm.store import Store
+
+        cfg = self.cfg
+        store = Store(db_path(self.cpm_home))
+        progress, task = self._progress()
+        deadline = time.monotonic() + cfg.effective_timeout()
+        reported: set[int] = set()
+        try:
+            with progress:
+                while True:
+                    self._check_crashes(sup)
+                    snap = snapshot(store)
+                    for row in snap["closed_rows"]:
+                        if row["round"] not in reported:
+                            reported.add(row["round"])
+                            self._report_round(row)
+                    progress.update(task, completed=min(len(snap["closed_rows"]), cfg.rounds), info=snap["info"])
+                    if len(snap["closed_rows"]) >= cfg.rounds:
+                        return
+                    if time.monotonic() > deadline:
+                        raise RunAborted("timeout", f"{len(snap['closed_rows'])}/{cfg.rounds} rounds closed after "
+                                                    f"{cfg.effective_timeout():.0f}s (--timeout)")
+                    time.sleep(POLL_S)
+        finally:
+            store.close()
+
+    def _progress(self) -> tuple[Any, Any]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=self.console, disable=not self.cfg.progress, transient=True,
+        )
+        task = progress.add_task("rounds", total=self.cfg.rounds, info="waiting for profiles")
+        return progress, task
+
+    def _report_round(self, row: dict[str, Any]) -> None:
+        self._say(
+            f"round {row['round']}/{self.cfg.rounds}: {row['pairs']} pairs, "
+            f"{row['feedback']} feedback ({row['failures']} failed), "
+            f"mean raw reward {_fmt(row['mean_raw_reward'])}, mean pass@1 {_fmt(row['mean_pass1'])}"
+        )
+        if self.on_round is not None:
+            self.on_round(row)
+
+    def _check_crashes(self, sup: Supervisor) -> None:
+        for child in sup.new_crashes():
+            code = child.returncode
+            if child.role == "cpm":
+                raise RunAborted("crashed", f"the CPM exited ({code}):\n{tail(child.log_path)}")
+            if code == 0:
+                self._say(f"[yellow]{child.name} exited 0 (stopped on its own)[/yellow]")
+                continue
+            entry = {"name": child.name, "pid": child.pid, "returncode": code, "log": str(child.log_path),
+                     "at": time.time() - self.started_at}
+            self.crashed.append(entry)
+            self._say(f"[red]{child.name} crashed (exit {code}); log: {child.log_path}[/red]")
+            if code == EXIT_UNAUTHORIZED:
+                raise RunAborted("failed", f"{child.name} was refused by the CPM (exit 5)", EXIT_UNAUTHORIZED)
+            if self.cfg.on_crash == "abort":
+                raise RunAborted("crashed", f"{child.name} crashed (exit {code}); --on-crash abort")
+            alive = [c for c in sup.children if c.role in ("daemon", "pack") and c.alive()]
+            alive_nodes = sum(max(1, self.cfg.per_process) for _ in alive)
+            if alive_nodes < 2:
+                raise RunAborted("crashed", "fewer than 2 daemons left alive")
+
+    def _export(self, sup: Supervisor) -> None:
+        """The CPM's own export, through its CLI, kept next to our results."""
+        for fmt in ("json", "csv"):
+            try:
+                sup.run(f"cpm-export-{fmt}", [*CPM, "export", "--format", fmt, "--out",
+                                              str(self.out / f"cpm-export.{fmt}"), "--home", str(self.cpm_home)],
+                        timeout_s=120)
+            except ChildFailed as exc:
+                log.warning("harness.export.failed", format=fmt, error=str(exc))
+
+    # -- results ----------------------------------------------------------------------
+    def _collect(self, status: str) -> tuple[dict[str, Any], dict[str, Path]]:
+        from cpm.config import db_path
+        from cpm.store import Store
+
+        path = db_path(self.cpm_home)
+        if not path.exists():
+            raise RuntimeError(f"no CPM database at {path}")
+        store = Store(path)
+        try:
+            data = collect_from_store(store)
+        finally:
+            store.close()
+        names = {n.peer: n for n in self.nodes if n.peer}
+        peers = {
+            peer: {"name": n.name, "org": n.org, "family": data["families"].get(peer, n.model), "model": n.model}
+            for peer, n in names.items()
+        }
+        rows = R.build_round_rows(data["pairs"], data["pass1_by_round"], data["rounds"])
+        finals: dict[str, float] = {}
+        if status != "interrupted":  # Ctrl-C means "get out": no model loading after it
+            finals = {n.peer: v for n in self.nodes if n.peer and (v := final_eval(n.home)) is not None}
+        agents = R.build_agent_finals(peers, data["pairs"], data["pass1_by_round"], finals)
+        doc = R.results_document(
+            config={**self.cfg.to_json(), "cpm": self.cpm_addr, "cpm_home": str(self.cpm_home)},
+            status=status,
+            rows=rows,
+            agents=agents,
+            pairs=data["pairs"],
+            rounds_completed=data["closed"],
+            crashed=self.crashed,
+            extra={"started_at": self.started_at, "finished_at": time.time(),
+                   "duration_s": time.time() - self.started_at},
+        )
+        labels = {peer: n.name for peer, n in sorted(names.items(), key=lambda kv: kv[1].index)}
+        paths = R.write_run_outputs(self.out, doc, data["pairs"], labels)
+        return doc, paths
+
+    def _say(self, text: str) -> None:
+        log.info("harness.say", message=text)
+        if self.console is not None:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+
+def collect_from_store(store: Any) -> dict[str, Any]:
+    """Directives + feedback → PairRecords; profiles → pass@1 per round (vector[8])."""
+    from knexad.agent.profile import INDEX_MAP
+
+    p1 = INDEX_MAP["perf.pass@1"]
+    feedback = {f.directive_id: f for f in store.list_feedback()}
+    pairs = []
+    for d in store.list_directives():
+        f = feedback.get(d.directive_id)
+        pairs.append(R.PairRecord(
+            round=d.round, teacher=d.teacher, student=d.student, arm=d.arm, directive_id=d.directive_id,
+            ok=None if f is None else f.ok, raw_reward=None if f is None else f.raw_reward,
+            reward=None if f is None else f.reward, kb=None if f is None else f.kb,
+        ))
+    pass1: dict[int, dict[str, float]] = {}
+    for prof in store.list_profiles():
+        vec = prof["vector"]
+        if len(vec) > p1:
+            pass1.setdefault(int(prof["round"]), {})[prof["peer_id"]] = float(vec[p1])
+    rounds = store.list_rounds()
+    return {
+        "pairs": pairs,
+        "pass1_by_round": pass1,
+        "rounds": [r.round for r in rounds],
+        "closed": sum(1 for r in rounds if r.state == "closed"),
+        "families": {a.peer_id: a.family for a in store.list_agents() if a.family},
+    }
+
+
+def snapshot(store: Any) -> dict[str, Any]:
+    """What the progress bar shows: closed rounds (as rows) and the open round's state."""
+    data = collect_from_store(store)
+    rows = [asdict(r) for r in R.build_round_rows(data["pairs"], data["pass1_by_round"], data["rounds"])]
+    latest = store.latest_round()
+    closed_ids = {r.round for r in store.list_rounds() if r.state == "closed"}
+    closed_rows = [r for r in rows if r["round"] in closed_ids]
+    if latest is None:
+        info = "waiting for the first round"
+    else:
+        cur = next((r for r in rows if r["round"] == latest.round), None)
+        last = closed_rows[-1] if closed_rows else None
+        info = (f"round {latest.round} {latest.state} · pairs {cur['pairs'] if cur else 0} · "
+                f"mean reward {_fmt(last['mean_raw_reward'] if last else None)} · "
+                f"mean pass@1 {_fmt(cur['mean_pass1'] if cur else None)}")
+    return {"closed_rows": closed_rows, "info": info}
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _exit_for_child(exc: ChildFailed, default: int = EXIT_RUNTIME) -> int:
+    if exc.returncode in (EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED):
+        return int(exc.returncode)
+    return default
+
+
+def run_up(cfg: UpConfig, console: Any) -> RunOutcome:
+    return Federation(cfg, console).run()
+
+
+# -- final evaluation -------------------------------------------------------------------
+
+
+def final_eval(home: Path) -> float | None:
+    """pass@1 of a stopped daemon's agent, restored from its checkpoint (after the last
+    round's exchange, which no CPM profile covers: the CPM takes no profile once the
+    last round closed). None when there is no checkpoint or the agent cannot load."""
+    from knexad.agents import build_agent
+    from knexad.config import CHECKPOINT_DIR, load_config
+    from protocol.errors import KnexaError
+
+    ckpt = Path(home) / CHECKPOINT_DIR
+    if not ckpt.is_dir() or not any(ckpt.iterdir()):
+        return None  # never trained/saved: do not build a model (an ML load builds its base)
+    try:
+        agent = build_agent(load_config(home))
+        if not agent.load(ckpt):
+            return None
+        value = agent.evaluate().get("pass@1")
+    except (KnexaError, OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        log.warning("harness.final_eval.failed", home=str(home), error=f"{type(exc).__name__}: {exc}")
+        return None
+    return None if value is None else float(value)
+
+
+def ml_available() -> tuple[bool, str]:
+    """Can this interpreter build the ML agent? (torch, transformers, peft, the module)."""
+    try:
+        importlib.import_module("knexad.agent.ml_agent")
+        for name in ("transformers", "peft"):
+            importlib.import_module(name)
+    except ImportError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+# -- K daemons in one process -----------------------------------------------------------
+
+
+def run_pack(homes: Sequence[Path], ready_file: Path) -> int:
+    """Run one ``knexad.daemon.Daemon`` per home inside this process (trio nursery).
+
+    Each daemon keeps everything a separate process would have — its own home, key,
+    libp2p host (own TCP port, Noise session, CPM connection), agent and outbox — and
+    speaks the real protocol; only the interpreter (and libp2p's ~1 s import, ~60 MB)
+    is shared. SIGINT/SIGTERM stop all of them; the exit code is the worst daemon's.
+    The ready file lists one ``name multiaddr`` line per daemon once all are listening.
+    """
+    import signal
+
+    import trio
+
+    from knexad.agents import build_agent
+    from knexad.config import KEY_FILE, load_config
+    from knexad.daemon import Daemon
+    from knexad.identity import load_identity
+    from p2p.logs import configure_logging
+    from protocol.errors import ConfigError
+
+    configure_logging("json")
+    daemons: list[Daemon] = []
+    try:
+        for home in homes:
+            cfg = load_config(home)
+            daemons.append(Daemon(Path(home), cfg, load_identity(Path(home) / KEY_FILE), build_agent(cfg),
+                                  out=open(os.devnull, "w"), handle_signals=False))  # noqa: SIM115
+    except ConfigError as exc:
+        log.error("harness.pack.config_error", key=exc.key, error=str(exc))
+        return EXIT_CONFIG
+
+    finished = 0
+
+    async def one(daemon: Daemon, name: str) -> None:
+        nonlocal finished
+        structlog.contextvars.bind_contextvars(node=name)
+        try:
+            await daemon.run()
+        finally:
+            finished += 1
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for home, daemon in zip(homes, daemons):
+                nursery.start_soon(one, daemon, Path(home).name)
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("harness.pack.signal", signal=signal.Signals(signum).name)
+                        for d in daemons:
+                            d.stop(0)
+                        return
+
+            async def announce() -> None:
+                for d in daemons:
+                    await d.ready.wait()
+                lines = [f"{Path(h).name} {d.state.state.addrs[0]}" for h, d in zip(homes, daemons)]
+                tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
+                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+                os.replace(tmp, ready_file)
+                log.info("harness.pack.ready", daemons=len(daemons))
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(announce)
+            # when every daemon has returned (stopped, or a fatal error), end the helpers too
+            while finished < len(daemons):
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    codes = [d.exit_code for d in daemons]
+    return max(codes) if codes else EXIT_OK

@@ -1,0 +1,403 @@
+"""``MLAgent``: the real learner behind the ``Agent`` protocol (knexad/agent_api.py).
+
+One agent = one organisation's model: a frozen base (tiny offline family, SmolLM2, or
+any HF directory) with LoRA adapters, its private split of the task set, and the
+shared transfer and test sets. On first use it fine-tunes LoRA on its private train
+split (``StepsConfig.local`` steps). ``teach`` answers transfer prompts, ``learn`` runs
+adaptive KD (Eq. 2) on a peer's package, ``evaluate`` measures pass@1 in the sandbox
+(``knexad.agent.evaluate.check_programs``), split into the agent's own categories and
+the ones it lacks — the latter is where knowledge from a peer shows.
+
+All methods block (the daemon calls them via ``trio.to_thread.run_sync``) and are
+serialised by a lock, so a teach request never runs while the model trains.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+
+from knexad.agent import checkpoint, distill, profile, tasks, zoo
+from knexad.agent_api import (KnowledgeItem, KnowledgePackage, LearnResult, ProtocolArm,
+                              TeachRequest)
+
+log = structlog.get_logger(__name__)
+
+MAX_COMPLETION_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class StepsConfig:
+    """Training budget. Defaults follow design §9's fast setting (200 local / 150 KD)."""
+
+    local: int = 200  # LoRA fine-tune steps on the private split, on first use
+    kd: int = 150  # Eq. 2 steps per learn()
+    batch_size: int = 16
+    lr: float = 2e-3
+    total_rounds: int = 10  # horizon of the α / T schedules
+    max_new_tokens: int = 40
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """Sizes of the splits; ``owned`` replaces the Dirichlet draw (controlled runs)."""
+
+    n_train: int = 240
+    n_val_per_cat: int = 4
+    n_test_per_cat: int = 10
+    n_transfer: int = 128
+    owned: tuple[tuple[int, ...], ...] | None = None
+
+
+def _family_name(spec: str) -> str:
+    """Family label known before loading: the tiny name, or the directory's model_type."""
+    if spec in zoo.TINY_RECIPES:
+        return spec
+    if spec in ("smollm2", "smollm2-135m-instruct"):
+        return "llama"
+    cfg = Path(spec).expanduser() / "config.json"
+    if cfg.exists():
+        return zoo.family_of(json.loads(cfg.read_text()).get("model_type", ""))
+    return "other"
+
+
+@dataclass
+class _State:
+    trained: bool = False
+    round: int = 0
+    step: int = 0
+    metrics: list[float] | None = None
+    prev_metrics: list[float] | None = None
+    per_category: list[float] = field(default_factory=list)
+    kd_gain: float = 0.0
+
+
+class MLAgent:
+    """Frozen base + LoRA agent over the built-in task set (see module docstring)."""
+
+    def __init__(self, model: str = "tiny-qwen2", agent_index: int = 0, n_agents: int = 1,
+                 alpha: float = 0.1, seed: int = 0, steps: StepsConfig | None = None,
+                 data: DataConfig | None = None, device: torch.device | None = None) -> None:
+        if not 0 <= agent_index < n_agents:
+            raise ValueError(f"agent_index {agent_index} outside 0..{n_agents - 1}")
+        self.spec = model
+        self.family = _family_name(model)
+        self.agent_index = agent_index
+        self.seed = seed
+        self.steps = steps or StepsConfig()
+        self.data = data or DataConfig()
+        self._device = device
+        part = tasks.partition(n_agents, alpha, seed, n_train=self.data.n_train,
+                               n_val_per_cat=self.data.n_val_per_cat,
+                               n_test_per_cat=self.data.n_test_per_cat,
+                               n_transfer=self.data.n_transfer, owned=self.data.owned)
+        self.split = part.agents[agent_index]
+        self.transfer = part.transfer
+        self._transfer_hash = part.transfer_set_hash()
+        self._transfer_hashes = {tasks.prompt_hash(t.prompt) for t in self.transfer}
+        self.own_categories = self.split.own_categories()
+        self._lock = threading.RLock()
+        self._lm: zoo.LoadedModel | None = None
+        self._opt: torch.optim.Optimizer | None = None
+        self._state = _State()
+
+    # -- lazy model -----------------------------------------------------------------
+
+    @property
+    def _agent_seed(self) -> int:
+        return self.seed * 1009 + self.agent_index
+
+    def _ensure_model(self) -> zoo.LoadedModel:
+        if self._lm is None:
+            self._lm = zoo.load_model(self.spec, seed=self._agent_seed, device=self._device)
+            params = [p for p in self._lm.model.parameters() if p.requires_grad]
+            self._opt = torch.optim.AdamW(params, lr=self.steps.lr, weight_decay=0.0)
+            tok = self._lm.tokenizer
+            enc = lambda ts: [distill.encode_pair(tok, t.prompt, t.solution) for t in ts]  # noqa: E731
+            self._train_ex = enc(self.split.train)
+            self._val_ex = enc(self.split.val)
+            self._stop_ids = distill.newline_token_ids(tok)
+        return self._lm
+
+    def _ensure_trained(self) -> zoo.LoadedModel:
+        lm = self._ensure_model()
+        if not self._state.trained:
+            t0 = time.perf_counter()
+            losses = distill.train_steps(
+                lm.model, self._opt, self._train_ex, [], alpha=0.0, steps=self.steps.local,
+                batch_size=self.steps.batch_size, pad_id=lm.pad_id, device=lm.device,
+                seed=self._agent_seed)
+            self._state.trained = True
+            self._state.step += len(losses)
+            log.info("agent.local.done", agent=self.agent_index, family=self.family,
+                     steps=len(losses), loss_first=round(losses[0], 4) if losses else None,
+                     loss_last=round(losses[-1], 4) if losses else None,
+                     duration_ms=int((time.perf_counter() - t0) * 1000))
+        return lm
+
+    def _generate(self, prompts: Sequence[str], temperature: float = 0.0, seed: int = 0) -> list[str]:
+        lm = self._ensure_trained()
+        return distill.generate(lm.model, lm.tokenizer, prompts, device=lm.device,
+                                max_new_tokens=self.steps.max_new_tokens, one_line=True,
+                                temperature=temperature, seed=seed, stop_ids=self._stop_ids)
+
+    # -- Agent protocol ---------------------------------------------------------------
+
+    def transfer_set_hash(self) -> str:
+        return self._transfer_hash
+
+    def profile(self) -> list[float]:
+        """32-d profile; runs the first evaluation if none has been made yet."""
+        with self._lock:
+            if self._state.metrics is None:
+                self.evaluate()
+            now = profile.PerfMetrics(*self._state.metrics)
+            prev = (profile.PerfMetrics(*self._state.prev_metrics)
+                    if self._state.prev_metrics is not None else None)
+            return profile.build_profile(self.family, now, prev, self.split.histogram())
+
+    def teach(self, request: TeachRequest) -> KnowledgePackage:
+        """Completions on the requested transfer prompts: sample 0 greedy, further samples
+        (``arm.n_samples`` > 1) at the round's temperature T_t."""
+        with self._lock:
+            t0 = time.perf_counter()
+            ids = [i for i in request.transfer_ids if 0 <= i < len(self.transfer)]
+            prompts = [self.transfer[i].prompt for i in ids]
+            _, temp = distill.effective_knobs(request.round, request.arm, self.steps.total_rounds)
+            items: list[KnowledgeItem] = []
+            per_cat = self._state.per_category
+            for s in range(max(request.arm.n_samples, 1)):
+                outs = self._generate(prompts, temperature=0.0 if s == 0 else temp,
+                                      seed=self._agent_seed * 7919 + request.round * 31 + s)
+                for i, completion in zip(ids, outs, strict=True):
+                    cat = self.transfer[i].category
+                    items.append(KnowledgeItem(
+                        item_id=f"{i}" if s == 0 else f"{i}.{s}", prompt=self.transfer[i].prompt,
+                        completion=completion, category=cat,
+                        score=per_cat[cat] if per_cat else 0.0))
+            log.info("agent.teach.done", agent=self.agent_index, directive=request.directive_id,
+                     round=request.round, items=len(items),
+                     duration_ms=int((time.perf_counter() - t0) * 1000))
+            return KnowledgePackage(self.family, tuple(items),
+                                    {"round": request.round, "directive": request.directive_id,
+                                     "transfer_hash": self._transfer_hash,
+                                     "n_samples": request.arm.n_samples})
+
+    def accept_item(self, item: KnowledgeItem) -> bool:
+        """Student-side check: the prompt is one of *our* transfer prompts and prompt +
+        completion parses as Python (parsed only, never executed)."""
+        if tasks.prompt_hash(item.prompt) not in self._transfer_hashes:
+            return False
+        if not item.completion.strip() or len(item.completion) > MAX_COMPLETION_CHARS:
+            return False
+        try:
+            ast.parse(item.prompt + item.completion)
+        except SyntaxError:
+            return False
+        return True
+
+    def learn(self, package: KnowledgePackage, arm: ProtocolArm) -> LearnResult:
+        with self._lock:
+            lm = self._ensure_trained()
+            round_ = int(package.meta.get("round", self._state.round))
+            accepted = [it for it in package.items if self.accept_item(it)]
+            kd = [distill.encode_pair(lm.tokenizer, it.prompt, it.completion) for it in accepted]
+            result = distill.distill(
+                lm.model, self._opt, local=self._train_ex, kd=kd, val=self._val_ex, arm=arm,
+                round_=round_, total_rounds=self.steps.total_rounds,
+                steps=self.steps.kd if kd else 0, batch_size=self.steps.batch_size,
+                pad_id=lm.pad_id, device=lm.device, seed=self._agent_seed * 13 + round_)
+            self._state.step += len(result.step_losses)
+            self._state.round = round_ + 1
+            self._state.kd_gain = profile.kd_gain(result.loss_pre, result.loss_post)
+            log.info("agent.learn.done", agent=self.agent_index, round=round_,
+                     teacher=package.teacher_family, items=len(package.items),
+                     items_used=len(accepted), loss_pre=round(result.loss_pre, 4),
+                     loss_post=round(result.loss_post, 4),
+                     duration_ms=int(result.seconds * 1000))
+            return LearnResult(result.loss_pre, result.loss_post, len(accepted), result.seconds)
+
+    def local_round(self, steps: int | None = None) -> LearnResult:
+        """A LocalOnly round: the same number of steps as a KD round, private data only.
+        The fair twin of ``learn`` for baselines (same compute, no peer)."""
+        with self._lock:
+            lm = self._ensure_trained()
+            result = distill.distill(
+                lm.model, self._opt, local=self._train_ex, kd=[], val=self._val_ex,
+                arm=ProtocolArm(), round_=self._state.round, total_rounds=self.steps.total_rounds,
+                steps=self.steps.kd if steps is None else steps, batch_size=self.steps.batch_size,
+                pad_id=lm.pad_id, device=lm.device, seed=self._agent_seed * 13 + self._state.round)
+            self._state.step += len(result.step_losses)
+            self._state.round += 1
+            return LearnResult(result.loss_pre, result.loss_post, 0, result.seconds)
+
+    def evaluate(self) -> dict[str, float]:
+        """pass@1 (greedy, sandboxed) overall / own categories / other categories, plus
+        validation loss, token accuracy and normalised perplexity."""
+        from knexad.agent.evaluate import check_programs
+
+        with self._lock:
+            lm = self._ensure_trained()
+            t0 = time.perf_counter()
+            test = self.split.test
+            outs = self._generate([t.prompt for t in test])
+            ok = check_programs([t.prompt + c + "\n" + t.test for t, c in zip(test, outs, strict=True)])
+            own = set(self.own_categories)
+
+            def rate(sel: list[bool]) -> float:
+                chosen = [o for o, s in zip(ok, sel, strict=True) if s]
+                return sum(chosen) / len(chosen) if chosen else 0.0
+
+            per_cat = [rate([t.category == c for t in test]) for c in range(tasks.N_CATEGORIES)]
+            val_loss = distill.mean_loss(lm.model, self._val_ex, lm.pad_id, lm.device)
+            metrics = {
+                "pass@1": sum(ok) / len(ok) if ok else 0.0,
+                "pass@1_own": rate([t.category in own for t in test]),
+                "pass@1_other": rate([t.category not in own for t in test]),
+                "task_score": distill.token_accuracy(lm.model, self._val_ex, lm.pad_id, lm.device),
+                "val_loss": val_loss,
+                "ppl_norm": profile.normalized_perplexity(val_loss, len(lm.tokenizer)),
+                "n_test": float(len(test)),
+                **{f"pass@1_cat{c}": v for c, v in enumerate(per_cat)},
+            }
+            perf = [metrics["pass@1"], metrics["pass@1_own"], metrics["pass@1_other"],
+                    metrics["task_score"], metrics["ppl_norm"], self._state.kd_gain]
+            self._state.prev_metrics = self._state.metrics
+            self._state.metrics = perf
+            self._state.per_category = per_cat
+            log.info("agent.evaluate.done", agent=self.agent_index, family=self.family,
+                     **{k.replace("@", "_at_"): round(v, 4) for k, v in metrics.items()
+                        if "_cat" not in k},
+                     duration_ms=int((time.perf_counter() - t0) * 1000))
+            return metrics
+
+    def save(self, directory: Path) -> None:
+        with self._lock:
+            lm = self._ensure_model()
+            state = {"spec": self.spec, "family": self.family, "agent_index": self.agent_index,
+                     "seed": self.seed, "transfer_hash": self._transfer_hash,
+                     "steps_config": asdict(self.steps), **asdict(self._state)}
+            checkpoint.save_checkpoint(Path(directory), lm.model, self._opt, state)
+
+    def load(self, directory: Path) -> bool:
+        with self._lock:
+            lm = self._ensure_model()
+            saved = checkpoint.load_checkpoint(Path(directory), lm.model, self._opt)
+            if saved is None:
+                return False
+            if saved.get("spec") != self.spec or saved.get("transfer_hash") != self._transfer_hash:
+                raise ValueError("checkpoint belongs to another model spec or task set")
+            self._state = _State(trained=bool(saved["trained"]), round=int(saved["round"]),
+                                 step=int(saved["step"]), metrics=saved.get("metrics"),
+                                 prev_metrics=saved.get("prev_metrics"),
+                                 per_category=list(saved.get("per_category", [])),
+                                 kd_gain=float(saved.get("kd_gain", 0.0)))
+            return True
+
+
+# ---------------------------------------------------------------------------------
+# The effect that justifies the system (tests/unit/test_kd_effect.py, docs/agent.md)
+
+
+def kd_effect(student: str = "tiny-gpt2", teacher: str = "tiny-gpt2",
+              a_cats: Sequence[int] = (0, 1, 2, 3, 4, 5),
+              b_cats: Sequence[int] = (6, 7, 8, 9, 10, 11), *, local: int = 300, kd: int = 150,
+              seed: int = 0, same_teacher: bool = True, n_train: int = 240,
+              n_test_per_cat: int = 10, kd_alpha: float | None = None,
+              workdir: Path | None = None) -> dict[str, float]:
+    """Student holds categories A, teacher holds B. Compares pass@1 on B of
+    (1) the LocalOnly twin (same student + ``kd`` more private-data steps),
+    (2) the student after one KD round from the complementary teacher, and
+    (3) optionally the student after KD from a same-category (A) teacher.
+    The student's local fine-tune is done once and restored from a checkpoint for each
+    arm, so every arm starts from identical weights. ``kd_alpha``: the effective α of this
+    (round-0) KD round; None = the paper schedule's 0.2."""
+    t0 = time.perf_counter()
+    data = DataConfig(n_train=n_train, n_test_per_cat=n_test_per_cat,
+                      owned=(tuple(a_cats), tuple(b_cats), tuple(a_cats)))
+    cfg = StepsConfig(local=local, kd=kd)
+
+    def make(i: int, spec: str) -> MLAgent:
+        return MLAgent(spec, i, 3, seed=seed, steps=cfg, data=data)
+
+    def on(metrics: dict[str, float], cats: Sequence[int]) -> float:
+        return sum(metrics[f"pass@1_cat{c}"] for c in cats) / len(cats)
+
+    ids = tuple(range(data.n_transfer))
+    arm = ProtocolArm() if kd_alpha is None else ProtocolArm(
+        alpha=ProtocolArm().alpha + kd_alpha - distill.alpha_schedule(0, cfg.total_rounds))
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        base = make(0, student)
+        m0 = base.evaluate()  # triggers the local fine-tune
+        base.save(Path(tmp) / "student")
+        out.update(student_A_before=on(m0, a_cats), student_B_before=on(m0, b_cats))
+
+        def twin() -> MLAgent:
+            agent = make(0, student)
+            agent.load(Path(tmp) / "student")
+            return agent
+
+        t = make(1, teacher)
+        mt = t.evaluate()
+        out.update(teacher_B=on(mt, b_cats))
+        kd_student = twin()
+        res = kd_student.learn(t.teach(TeachRequest("kd-effect", 0, ids, arm)), arm)
+        mk = kd_student.evaluate()
+        out.update(kd_A=on(mk, a_cats), kd_B=on(mk, b_cats), kd_loss_pre=res.loss_pre,
+                   kd_loss_post=res.loss_post, kd_items_used=float(res.items_used))
+        local_twin = base  # already trained; one more round on private data only
+        lres = local_twin.local_round()
+        ml = local_twin.evaluate()
+        out.update(local_A=on(ml, a_cats), local_B=on(ml, b_cats),
+                   local_loss_pre=lres.loss_pre, local_loss_post=lres.loss_post)
+        if same_teacher:
+            st = make(2, teacher)
+            same_student = twin()
+            same_student.learn(st.teach(TeachRequest("kd-same", 0, ids, arm)), arm)
+            ms = same_student.evaluate()
+            out.update(same_A=on(ms, a_cats), same_B=on(ms, b_cats))
+    out["seconds"] = time.perf_counter() - t0
+    log.info("agent.kd_effect.done", student=student, teacher=teacher,
+             **{k: round(v, 4) for k, v in out.items()})
+    return out
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m knexad.agent.ml_agent``: run ``kd_effect`` and print JSON."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m knexad.agent.ml_agent",
+                                 description="KD effect: student on A, teacher on B.")
+    ap.add_argument("--student", default="tiny-gpt2")
+    ap.add_argument("--teacher", default="tiny-gpt2")
+    ap.add_argument("--a", default="0,1,2,3,4,5", help="student categories")
+    ap.add_argument("--b", default="6,7,8,9,10,11", help="teacher categories")
+    ap.add_argument("--local", type=int, default=300)
+    ap.add_argument("--kd", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kd-alpha", type=float, default=None,
+                    help="effective α of the KD round (default: schedule, 0.2 at round 0)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-same", action="store_true", help="skip the same-category teacher arm")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cats = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+    result = kd_effect(args.student, args.teacher, cats(args.a), cats(args.b), local=args.local,
+                       kd=args.kd, seed=args.seed, same_teacher=not args.no_same,
+                       kd_alpha=args.kd_alpha)
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,455 @@
+"""The daemon's side of ``/knexa/cpm/1.0.0`` (docs/protocol.md §6).
+
+``CpmRpc`` does one request per stream: dial (deadline), send a sealed envelope, read one
+reply (deadline), verify it was signed by the configured CPM. ``CpmClient`` drives the
+round loop — Register, Profile, DirectiveRequest long-poll — and hands directives to the
+daemon. ``FeedbackSender`` drains the durable outbox: each Feedback is sealed anew (fresh
+nonce) on every attempt and removed only after the CPM's ``Ack`` whose ``ref`` is that
+attempt's nonce.
+
+Failure policy: the CPM being down is normal (restarts, deploys): every network failure
+is a ``PeerUnavailable`` and the loop reconnects with exponential backoff + jitter.
+``Unauthorized`` means an operator has to act: a ``cpm.unauthorized`` line with the exact
+``knexa-cpm admit`` command, then exit 5 (or keep retrying if ``on_unauthorized=retry``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.peerinfo import PeerInfo
+
+from knexad.config import DaemonConfig
+from knexad.outbox import Outbox
+from knexad.state import StateFile
+from p2p.host import parse_peer_addr
+from p2p.streams import FramedStream
+from protocol.directives import verify_directive
+from protocol.envelope import Envelope, Identity, NONCE_BYTES, now_ms, open_envelope, seal
+from protocol.errors import (
+    ConfigError,
+    KnexaError,
+    MalformedFrame,
+    PeerUnavailable,
+    ProtocolError,
+    Unauthorized,
+    error_from_code,
+)
+from protocol.ids import CPM_PROTOCOL, MAX_FRAME_CPM
+from protocol.messages import (
+    Ack,
+    Directive,
+    DirectiveRequest,
+    Error,
+    Feedback,
+    NoDirective,
+    PeerAddrs,
+    PeerLookup,
+    Profile,
+    Register,
+    Registered,
+)
+from protocol.replay import ReplayGuard
+
+log = structlog.get_logger(__name__)
+
+# What a dead, slow or misbehaving transport raises underneath us.
+NET_ERRORS: tuple[type[BaseException], ...] = (
+    BaseLibp2pError,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+AGENT_VERSION = "knexad/0.1.0"
+
+
+class NotAdmitted(Unauthorized):
+    """The CPM refused us (not admitted / revoked) and policy says exit (code 5)."""
+
+
+class TransferSetMismatch(ConfigError):
+    """The CPM's transfer set is not this agent's: nothing can be exchanged (code 3)."""
+
+
+class CpmUnreachable(PeerUnavailable):
+    """The CPM stayed unreachable longer than ``timeouts.give_up_s`` (code 4)."""
+
+
+async def open_stream(host: IHost, info: PeerInfo, protocol: str, dial_s: float) -> INetStream:
+    """Connect (if needed) and open a stream, under one deadline; failures → PeerUnavailable."""
+    peer = info.peer_id.to_base58()
+    # py-libp2p refuses to dial a peer for 60 s after all its addresses failed (a
+    # "negative cache"); our own backoff paces retries, and a restarted CPM must be
+    # reachable on the next attempt, not a minute later
+    unblock = getattr(host.get_network(), "unblock_peer", None)
+    if unblock is not None:
+        unblock(info.peer_id)
+    try:
+        with trio.fail_after(dial_s):
+            await host.connect(info)
+            return await host.new_stream(info.peer_id, [protocol])
+    except trio.TooSlowError:
+        reason = f"dial {peer} timed out after {dial_s} s"
+    except NET_ERRORS as exc:
+        reason = f"dial {peer} failed: {type(exc).__name__}: {exc}"
+    # a half-dead connection would be reused by the next connect(); drop it
+    with trio.move_on_after(2):
+        try:
+            await host.disconnect(info.peer_id)
+        except NET_ERRORS:
+            pass
+    raise PeerUnavailable(reason)
+
+
+class Backoff:
+    """Exponential backoff with jitter: base·2^n capped at max, minus up to jitter·delay."""
+
+    def __init__(self, base_s: float, max_s: float, jitter: float, rng: random.Random | None = None) -> None:
+        self.base_s, self.max_s, self.jitter = base_s, max_s, jitter
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        delay = min(self.max_s, self.base_s * (2**self.attempt))
+        self.attempt += 1
+        return delay * (1.0 - self.jitter * self._rng.random())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    raw: bytes  # the reply envelope, verbatim (a Directive is forwarded as-is)
+    envelope: Envelope
+    message: Any
+    request_nonce: bytes
+
+
+class CpmRpc:
+    """One request envelope per stream, one verified reply (docs/protocol.md §6)."""
+
+    def __init__(self, host: IHost, identity: Identity, cfg: DaemonConfig, guard: ReplayGuard | None = None) -> None:
+        self.host = host
+        self.identity = identity
+        self.cfg = cfg
+        self.cpm_info = parse_peer_addr(cfg.cpm, "cpm")
+        self.cpm_peer_id = cfg.cpm_peer_id
+        self.guard = guard or ReplayGuard()
+
+    async def call(self, message: Any, allowed: tuple[type, ...], timeout_s: float | None = None) -> Reply:
+        timeout_s = self.cfg.timeouts.request_s if timeout_s is None else timeout_s
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = seal(message, self.identity, nonce=nonce)
+        stream = await open_stream(self.host, self.cpm_info, CPM_PROTOCOL, self.cfg.timeouts.dial_s)
+        framed = FramedStream(stream, MAX_FRAME_CPM)
+        kind = type(message).__name__
+        try:
+            with trio.fail_after(timeout_s):
+                try:
+                    await framed.write_frame(sealed)
+                except PeerUnavailable:
+                    # the CPM may refuse (Error{unauthorized}) before reading our request
+                    # and close; its answer can still be waiting in the receive buffer
+                    pass
+                raw = await framed.read_frame()
+        except trio.TooSlowError:
+            await framed.reset()
+            raise PeerUnavailable(f"CPM did not answer {kind} within {timeout_s} s") from None
+        except NET_ERRORS as exc:
+            await framed.reset()
+            raise PeerUnavailable(f"CPM stream failed during {kind}: {type(exc).__name__}") from None
+        except ProtocolError:
+            await framed.reset()
+            raise
+        await framed.close()
+        if raw is None:
+            raise PeerUnavailable(f"CPM closed the stream without answering {kind}")
+        env, reply = open_envelope(raw, expected_sender=self.cpm_peer_id, allowed=(*allowed, Error))
+        if isinstance(reply, Error):
+            raise error_from_code(reply.code, reply.message)
+        if not isinstance(reply, Directive):
+            # directives are forwarded verbatim and may be re-served later; everything
+            # else is a fresh answer and must be fresh and unique
+            self.guard.check(env, now_ms())
+        if isinstance(reply, Ack) and reply.ref != nonce:
+            raise MalformedFrame(f"CPM Ack refers to another request (ref {reply.ref.hex()})")
+        return Reply(raw, env, reply, nonce)
+
+    async def lookup(self, peer_id: str) -> PeerInfo:
+        """PeerLookup → the addresses ``peer_id`` registered, as a dialable PeerInfo."""
+        import multiaddr
+
+        from p2p.host import peer_id_of
+
+        reply = await self.call(PeerLookup(peer_id=peer_id), (PeerAddrs,))
+        addrs_msg: PeerAddrs = reply.message
+        if addrs_msg.peer_id != peer_id:
+            raise MalformedFrame("PeerAddrs for another peer")
+        addrs = []
+        for text in addrs_msg.addrs:
+            base = text.split("/p2p/", 1)[0]
+            try:
+                addrs.append(multiaddr.Multiaddr(base))
+            except (ValueError, TypeError, multiaddr.exceptions.Error):
+                log.warning("cpm.lookup.bad_addr", peer=peer_id, addr=text)
+        if not addrs:
+            raise PeerUnavailable(f"CPM knows no address for {peer_id}")
+        return PeerInfo(peer_id_of(peer_id), addrs)
+
+
+DirectiveHandler = Callable[[bytes, Directive], Awaitable[None]]
+
+
+class CpmClient:
+    """Register, then per round: Profile → DirectiveRequest long-poll → directive handler."""
+
+    def __init__(
+        self,
+        rpc: CpmRpc,
+        cfg: DaemonConfig,
+        identity: Identity,
+        state: StateFile,
+        *,
+        family: str,
+        transfer_hash: str,
+        profile_fn: Callable[[int], Awaitable[list[float]]],
+        on_directive: DirectiveHandler,
+        on_exit: Callable[[int], None],
+    ) -> None:
+        self.rpc, self.cfg, self.identity, self.state = rpc, cfg, identity, state
+        self.family, self.transfer_hash = family, transfer_hash
+        self.profile_fn, self.on_directive, self.on_exit = profile_fn, on_directive, on_exit
+        self.backoff = Backoff(cfg.retry.base_s, cfg.retry.max_s, cfg.retry.jitter)
+        self.registered = trio.Event()
+        self._last_contact = time.monotonic()
+        self._profile_cache: tuple[int, tuple[float, ...]] | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                reg = await self._register()
+                await self._rounds(reg.round)
+            except Unauthorized as exc:
+                self._unauthorized(exc)
+                if self.cfg.on_unauthorized == "exit":
+                    self.on_exit(5)
+                    return
+            except TransferSetMismatch as exc:
+                log.error("cpm.transfer_hash_mismatch", error=str(exc), ours=self.transfer_hash)
+                self.state.update(cpm_connected=False, last_error=str(exc))
+                self.on_exit(3)
+                return
+            except (PeerUnavailable, ProtocolError) as exc:
+                self.state.update(cpm_connected=False, last_error=f"{exc.code}: {exc}")
+                log.warning("cpm.unreachable", error=exc.code, message=str(exc))
+                give_up = self.cfg.timeouts.give_up_s
+                if give_up > 0 and time.monotonic() - self._last_contact > give_up:
+                    log.error("cpm.give_up", after_s=give_up, cpm=self.cfg.cpm)
+                    self.on_exit(4)
+                    return
+            await trio.sleep(self.backoff.next_delay())
+
+    def _unauthorized(self, exc: KnexaError) -> None:
+        hint = f"knexa-cpm admit {self.identity.peer_id} --home <cpm-home>"
+        log.error("cpm.unauthorized", peer=self.identity.peer_id, error=str(exc), hint=hint)
+        self.state.update(cpm_connected=False, last_error=f"unauthorized: run `{hint}`")
+
+    def _contact(self) -> None:
+        self._last_contact = time.monotonic()
+        self.backoff.reset()
+
+    async def _register(self) -> Registered:
+        msg = Register(
+            org=self.cfg.org,
+            family=self.family,
+            listen_addrs=tuple(self.state.state.addrs),
+            agent_version=AGENT_VERSION,
+        )
+        reply = await self.rpc.call(msg, (Registered,))
+        reg: Registered = reply.message
+        self._contact()
+        skew_ms = reg.cpm_time_ms - now_ms()
+        if reg.transfer_hash and reg.transfer_hash != self.transfer_hash:
+            # every Profile would be refused: an operator must align the transfer sets
+            raise TransferSetMismatch(
+                "transfer_hash", f"CPM uses transfer set {reg.transfer_hash}, this agent {self.transfer_hash}"
+            )
+        log.info("cpm.registered", peer=self.identity.peer_id, round=reg.round, skew_ms=skew_ms)
+        self.state.update(cpm_connected=True, round=reg.round, last_error="")
+        self.registered.set()
+        return reg
+
+    async def _profile_vector(self, round_: int) -> tuple[float, ...]:
+        if self._profile_cache is None or self._profile_cache[0] != round_:
+            vector = tuple(float(v) for v in await self.profile_fn(round_))
+            self._profile_cache = (round_, vector)
+        return self._profile_cache[1]
+
+    async def _rounds(self, round_: int) -> None:
+        while True:
+            round_ = await self._send_profile(round_)
+            round_ = await self._await_directive(round_)
+
+    async def _send_profile(self, round_: int) -> int:
+        """Profile until the CPM Acks it for the open round; returns that round."""
+        while True:
+            vector = await self._profile_vector(round_)
+            reply = await self.rpc.call(
+                Profile(round=round_, vector=vector, transfer_hash=self.transfer_hash), (Ack, NoDirective)
+            )
+            self._contact()
+            if isinstance(reply.message, Ack):
+                log.info("cpm.profile.accepted", round=round_)
+                self.state.update(round=round_, cpm_connected=True)
+                return round_
+            nd: NoDirective = reply.message
+            if nd.reason == "round_pending" and nd.round > round_:
+                # our round is already matched (we reconnected or restarted mid-round):
+                # it may hold a directive for us, so ask for it instead of waiting
+                log.info("cpm.round.in_progress", round=round_)
+                return round_
+            round_ = await self._no_directive(nd, round_, during="profile")
+
+    async def _await_directive(self, round_: int) -> int:
+        """Long-poll for this round's directive; returns the next round to profile for."""
+        wait_ms = int(self.cfg.timeouts.long_poll_s * 1000)
+        while True:
+            reply = await self.rpc.call(
+                DirectiveRequest(round=round_, wait_ms=wait_ms),
+                (Directive, NoDirective),
+                timeout_s=self.cfg.timeouts.long_poll_s + self.cfg.timeouts.request_s,
+            )
+            self._contact()
+            if isinstance(reply.message, Directive):
+                directive = self._check_directive(reply.raw)
+                if directive.expires_at_ms < now_ms():
+                    # re-served after a reconnect, too late to use: skip the round
+                    log.warning("cpm.directive.expired", directive=directive.directive_id, round=directive.round)
+                    return directive.round + 1
+                await self.on_directive(reply.raw, directive)
+                self.state.update(rounds_completed=self.state.state.rounds_completed + 1)
+                return directive.round + 1
+            nd = reply.message
+            if nd.reason == "not_matched":
+                log.info("cpm.directive.none", round=nd.round, reason=nd.reason)
+                self.state.update(role="idle", rounds_completed=self.state.state.rounds_completed + 1)
+                await trio.sleep(nd.retry_after_ms / 1000)
+                return nd.round + 1
+            if nd.reason == "advance":
+                log.info("cpm.round.advance", round=round_, to=nd.round)
+                return nd.round
+            await self._no_directive(nd, round_, during="directive")
+
+    async def _no_directive(self, nd: NoDirective, round_: int, *, during: str) -> int:
+        if nd.reason == "advance":
+            log.info("cpm.round.advance", round=round_, to=nd.round, during=during)
+            return nd.round
+        if nd.reason == "finished":
+            if self.state.state.role != "finished":
+                log.info("cpm.finished", round=nd.round)
+                self.state.update(role="finished")
+        elif nd.reason != "round_pending":
+            log.warning("cpm.no_directive.unknown_reason", reason=nd.reason, round=nd.round)
+        if nd.retry_after_ms > 0:
+            delay = min(nd.retry_after_ms / 1000, self.cfg.retry.max_s)
+        else:  # no hint: a finished run is re-checked rarely (a CPM may be restarted with more rounds)
+            delay = self.cfg.retry.max_s if nd.reason == "finished" else self.cfg.retry.base_s
+        await trio.sleep(delay)
+        return round_
+
+    def _check_directive(self, raw: bytes) -> Directive:
+        # expiry is the caller's decision (an expired directive is skipped, not an error)
+        _, directive = verify_directive(raw, cpm_peer_id=self.rpc.cpm_peer_id, now_ms=0)
+        me = self.identity.peer_id
+        if me not in (directive.teacher, directive.student) or directive.teacher == directive.student:
+            raise MalformedFrame(f"directive {directive.directive_id} does not name this peer")
+        return directive
+
+
+class FeedbackSender:
+    """Drains the outbox to the CPM; each item is deleted only after its Ack."""
+
+    def __init__(self, rpc: CpmRpc, outbox: Outbox, cfg: DaemonConfig, state: StateFile) -> None:
+        self.rpc, self.outbox, self.cfg, self.state = rpc, outbox, cfg, state
+        self._wake = trio.Event()
+        self.backoff = Backoff(cfg.retry.base_s, cfg.retry.max_s, cfg.retry.jitter)
+        self.sent = 0
+
+    async def enqueue(self, feedback: Feedback) -> None:
+        """Durably queue (fsync) first, then wake the sender: nothing is lost on a crash."""
+        await trio.to_thread.run_sync(self.outbox.put, feedback)
+        self.state.update(outbox_size=len(self.outbox), last_feedback=_feedback_summary(feedback))
+        self._wake.set()
+
+    async def send_one(self, feedback: Feedback) -> None:
+        """One attempt: seal with a fresh nonce, await the Ack for that nonce, then delete."""
+        await self.rpc.call(feedback, (Ack,))
+        await trio.to_thread.run_sync(self.outbox.ack, feedback.directive_id)
+        self.sent += 1
+        log.info(
+            "cpm.feedback.acked",
+            directive=feedback.directive_id,
+            round=feedback.round,
+            ok=feedback.ok,
+            peer=feedback.teacher,
+        )
+
+    async def drain(self) -> int:
+        """Send every pending item once; returns how many were acknowledged.
+
+        Network trouble aborts the pass (retried with backoff). A refusal of one item
+        (the CPM does not know the directive, or says we are not its student) is
+        permanent: that record is set aside as ``.rejected`` so it cannot block the rest.
+        """
+        done = 0
+        for feedback in await trio.to_thread.run_sync(self.outbox.pending):
+            try:
+                await self.send_one(feedback)
+            except PeerUnavailable:
+                raise
+            except (Unauthorized, ProtocolError) as exc:
+                log.error("cpm.feedback.rejected", directive=feedback.directive_id, error=exc.code, message=str(exc))
+                await trio.to_thread.run_sync(self.outbox.reject, feedback.directive_id)
+                continue
+            done += 1
+        return done
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self._wake = trio.Event()
+            try:
+                await self.drain()
+                self.backoff.reset()
+                self.state.update(outbox_size=len(self.outbox))
+                await self._wake.wait()
+                continue
+            except PeerUnavailable as exc:
+                log.warning("cpm.feedback.retry", error=exc.code, message=str(exc), pending=len(self.outbox))
+            self.state.update(outbox_size=len(self.outbox))
+            with trio.move_on_after(self.backoff.next_delay()):
+                await self._wake.wait()
+
+
+def _feedback_summary(fb: Feedback) -> dict[str, Any]:
+    return {
+        "directive": fb.directive_id,
+        "round": fb.round,
+        "teacher": fb.teacher,
+        "ok": fb.ok,
+        "failure": fb.failure,
+        "loss_pre": fb.loss_pre,
+        "loss_post": fb.loss_post,
+        "kb": fb.kb,
+    }

@@ -1,0 +1,274 @@
+"""The daemon: one libp2p host and a trio nursery of services around one agent.
+
+Services: the CPM client (register, profile, directive long-poll), the feedback sender
+(durable outbox → CPM), the exchange server (stream handler: teach on a valid directive),
+the signal watcher, and optionally a Prometheus endpoint. The student side of an
+exchange runs inside the CPM client's loop (it has nothing else to do until it has
+learned); blocking agent work goes through ``AgentWorker`` so the host keeps serving.
+
+Shutdown (SIGINT/SIGTERM, or a fatal policy decision such as "not admitted") cancels
+the nursery, then — shielded, under a deadline — saves the agent checkpoint and writes
+the final status, and ``run()`` returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+import structlog
+import trio
+
+from knexad.agent_api import Agent, ProtocolArm
+from knexad.agents import AgentWorker, end_round, private_texts_of
+from knexad.config import CHECKPOINT_DIR, OUTBOX_DIR, USED_DIRECTIVES_FILE, DaemonConfig
+from knexad.cpm_client import CpmClient, CpmRpc, FeedbackSender
+from knexad.exchange import ExchangeServer, UsedDirectives, fetch_package
+from knexad.outbox import Outbox
+from knexad.state import DaemonState, StateFile
+from protocol.envelope import Identity
+from protocol.errors import ConfigError, KnexaError
+from protocol.ids import EXCHANGE_PROTOCOL
+from protocol.messages import Directive, Feedback
+from protocol.replay import ReplayGuard
+
+log = structlog.get_logger(__name__)
+
+SHUTDOWN_SAVE_S = 120.0
+
+
+def write_ready_file(path: Path, peer_id: str, addrs: list[str]) -> None:
+    """JSON ``{peer_id, addrs, pid}`` (the CPM node's ready-file shape), via temp +
+    rename so a reader polling for the file never sees it half written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"peer_id": peer_id, "addrs": addrs, "pid": os.getpid()}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Daemon:
+    def __init__(
+        self,
+        home: Path,
+        cfg: DaemonConfig,
+        identity: Identity,
+        agent: Agent,
+        *,
+        ready_file: Path | None = None,
+        out: IO[str] | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.home = Path(home)
+        self.cfg, self.identity, self.agent = cfg, identity, agent
+        self.ready_file = ready_file
+        self.out = out or sys.stdout
+        self.handle_signals = handle_signals
+        self.state = StateFile(self.home, DaemonState(peer_id=identity.peer_id, pid=os.getpid()))
+        self.outbox = Outbox(self.home / OUTBOX_DIR)
+        self.used = UsedDirectives(self.home / USED_DIRECTIVES_FILE)
+        self.worker = AgentWorker(agent)
+        self.guard = ReplayGuard()
+        self.exit_code = 0
+        self.host = None
+        self.rpc: CpmRpc | None = None
+        self.feedback: FeedbackSender | None = None
+        self.client: CpmClient | None = None
+        self.server: ExchangeServer | None = None
+        self.ready = trio.Event()
+        self._cancel: trio.CancelScope | None = None
+        self._profiled_round: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until a signal or a fatal condition; returns the exit code."""
+        self.state.update(status="starting", outbox_size=len(self.outbox))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                if self.handle_signals:
+                    await nursery.start(self._signals)
+                nursery.start_soon(self._main)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+        return self.exit_code
+
+    def stop(self, code: int = 0) -> None:
+        """Ask the daemon to exit with ``code`` (first caller wins)."""
+        if self.exit_code == 0:
+            self.exit_code = code
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("daemon.signal", signal=signal.Signals(signum).name)
+                self.stop(0)
+                return
+
+    async def _main(self) -> None:
+        try:
+            await self._serve()
+        except ConfigError as exc:
+            log.error("daemon.config_error", key=exc.key, error=str(exc))
+            self.stop(3)
+        except KnexaError as exc:
+            log.error("daemon.failed", error=exc.code, message=str(exc))
+            self.stop(1)
+        except OSError as exc:
+            log.error("daemon.failed", error="os_error", message=str(exc))
+            self.stop(1)
+        finally:
+            self.stop(self.exit_code)
+
+    async def _serve(self) -> None:
+        from p2p.host import build_host, full_addrs, parse_listen_addrs
+
+        cfg = self.cfg
+        listen = parse_listen_addrs(cfg.listen)
+        restored = await self.worker.call(
+            self.agent.load, self.home / CHECKPOINT_DIR, timeout_s=cfg.timeouts.learn_s, what="load"
+        )
+        transfer_hash = await self.worker.call(
+            self.agent.transfer_set_hash, timeout_s=cfg.timeouts.request_s, what="transfer_hash"
+        )
+        private = await self.worker.call(private_texts_of, self.agent, timeout_s=cfg.timeouts.learn_s, what="private")
+        log.info("agent.ready", family=self.agent.family, restored=restored, transfer_hash=transfer_hash[:16])
+
+        host = self.host = build_host(self.identity.seed, dial_timeout_s=cfg.timeouts.dial_s)
+        async with host.run(listen):
+            self.server = ExchangeServer(
+                self.identity, cfg, self.worker, self.used, self.state,
+                transfer_hash=transfer_hash, private_texts=private, guard=self.guard,
+            )
+            host.set_stream_handler(EXCHANGE_PROTOCOL, self.server.handle)
+            addrs = full_addrs(host)
+            self.state.update(status="running", addrs=addrs)
+            self.rpc = CpmRpc(host, self.identity, cfg, self.guard)
+            self.feedback = FeedbackSender(self.rpc, self.outbox, cfg, self.state)
+            self.client = CpmClient(
+                self.rpc, cfg, self.identity, self.state,
+                family=self.agent.family, transfer_hash=transfer_hash,
+                profile_fn=self._profile, on_directive=self._on_directive, on_exit=self.stop,
+            )
+            async with trio.open_nursery() as services:
+                await services.start(self.feedback.run)
+                await services.start(self.client.run)
+                if cfg.metrics_port:
+                    self._start_metrics()
+                print(addrs[0], file=self.out, flush=True)
+                if self.ready_file is not None:
+                    write_ready_file(self.ready_file, self.identity.peer_id, addrs)
+                log.info("daemon.ready", peer=self.identity.peer_id, addrs=addrs, cpm=cfg.cpm)
+                self.ready.set()
+
+    async def _shutdown(self) -> None:
+        with trio.move_on_after(SHUTDOWN_SAVE_S) as scope:
+            try:
+                await self.worker.call(
+                    self.agent.save, self.home / CHECKPOINT_DIR, timeout_s=SHUTDOWN_SAVE_S, what="save"
+                )
+            except KnexaError as exc:
+                log.error("agent.save_failed", error=exc.code, message=str(exc))
+                self.exit_code = self.exit_code or 1
+        if scope.cancelled_caught:
+            log.error("agent.save_failed", error="timeout")
+        self.state.update(status="stopped", cpm_connected=False, outbox_size=len(self.outbox))
+        log.info("daemon.stopped", exit_code=self.exit_code, outbox=len(self.outbox))
+
+    # -- callbacks for the CPM client ----------------------------------------------------
+
+    async def _profile(self, round_: int) -> list[float]:
+        if self._profiled_round is not None and round_ > self._profiled_round:
+            await self.worker.call(end_round, self.agent, timeout_s=self.cfg.timeouts.learn_s, what="end_round")
+        self._profiled_round = round_
+        return await self.worker.call(self.agent.profile, timeout_s=self.cfg.timeouts.learn_s, what="profile")
+
+    async def _on_directive(self, raw: bytes, directive: Directive) -> None:
+        log.info(
+            "cpm.directive.received",
+            directive=directive.directive_id,
+            round=directive.round,
+            teacher=directive.teacher,
+            student=directive.student,
+            arm=directive.arm,
+        )
+        if directive.teacher == self.identity.peer_id:
+            # nothing to do now: the student will dial us and present this directive
+            self.state.update(role="teacher", last_directive=directive.directive_id, round=directive.round)
+            return
+        await self._learn_from(raw, directive)
+
+    async def _learn_from(self, raw: bytes, d: Directive) -> None:
+        """Student: look up and dial the teacher, fetch, learn, and queue Feedback."""
+        assert self.rpc is not None and self.feedback is not None and self.host is not None
+        self.state.update(role="student", last_directive=d.directive_id, round=d.round)
+        loss_pre = loss_post = kb = 0.0
+        failure = ""
+        try:
+            teacher = await self.rpc.lookup(d.teacher)
+            result = await fetch_package(self.host, self.identity, self.cfg, teacher, raw, d, guard=self.guard)
+            self.state.count_bytes(d.teacher, bytes_in=result.wire_bytes_in, bytes_out=result.wire_bytes_out)
+            kb = result.wire_bytes_in / 1024.0
+            log.info(
+                "exchange.package.received",
+                peer=d.teacher, directive=d.directive_id, round=d.round, bytes=result.plaintext_bytes,
+                items=len(result.package.items), dropped=result.dropped, duration_ms=result.duration_ms,
+            )
+            arm = ProtocolArm(d.alpha, d.temperature, d.n_samples)
+            learned = await self.worker.call(
+                self.agent.learn, result.package, arm, timeout_s=self.cfg.timeouts.learn_s, what="learn"
+            )
+            loss_pre, loss_post = float(learned.loss_pre), float(learned.loss_post)
+            self.state.state.learned += 1
+            log.info(
+                "agent.learned", directive=d.directive_id, round=d.round, loss_pre=loss_pre,
+                loss_post=loss_post, items=learned.items_used,
+            )
+            await self.worker.call(self.agent.save, self.home / CHECKPOINT_DIR, timeout_s=SHUTDOWN_SAVE_S, what="save")
+        except KnexaError as exc:
+            failure = exc.code or "internal"
+            log.warning("exchange.failed", peer=d.teacher, directive=d.directive_id, round=d.round,
+                        error=failure, message=str(exc))
+            self.state.update(last_error=f"{failure}: {exc}")
+        feedback = Feedback(
+            directive_id=d.directive_id, round=d.round, teacher=d.teacher, student=d.student,
+            loss_pre=loss_pre, loss_post=loss_post, kb=kb, ok=not failure, failure=failure,
+        )
+        await self.feedback.enqueue(feedback)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import GaugeMetricFamily
+
+        state = self.state
+
+        class _StateCollector:
+            def collect(self):  # noqa: ANN202 — prometheus collector protocol
+                s = state.state
+                yield GaugeMetricFamily("knexad_round", "current round", value=s.round)
+                yield GaugeMetricFamily("knexad_outbox_size", "feedback awaiting the CPM's Ack", value=s.outbox_size)
+                yield GaugeMetricFamily("knexad_taught_total", "packages served as teacher", value=s.taught)
+                yield GaugeMetricFamily("knexad_learned_total", "packages learned as student", value=s.learned)
+                wire = GaugeMetricFamily("knexad_exchange_bytes", "exchange bytes by peer", labels=["peer", "direction"])
+                for peer, stats in s.peers.items():
+                    wire.add_metric([peer, "in"], stats.bytes_in)
+                    wire.add_metric([peer, "out"], stats.bytes_out)
+                yield wire
+
+        registry = CollectorRegistry()
+        registry.register(_StateCollector())
+        from p2p.metrics import install_event_metrics  # exchanges, durations, rejections… from log events
+
+        install_event_metrics(registry, "knexad")
+        start_http_server(self.cfg.metrics_port, addr="127.0.0.1", registry=registry)
+        log.info("daemon.metrics", port=self.cfg.metrics_port)

@@ -1,0 +1,133 @@
+"""LinUCB math against a direct numpy reference, reward normalisation, state."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cpm import features as F
+from cpm.bandit import LinUCB, RunningZ
+from cpm.strategies import Feedback, LinUCBStrategy, RandomStrategy
+
+
+def _updates(d: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.standard_normal(n)
+
+
+@pytest.mark.parametrize("reinvert_every", [0, 7])
+def test_sherman_morrison_matches_direct_inverse(reinvert_every: int) -> None:
+    d, lam = 10, 0.7
+    X, r = _updates(d, 300, 1)
+    b = LinUCB(d, lam=lam, beta0=0.8, reinvert_every=reinvert_every)
+    for x, ri in zip(X, r):
+        b.update(x, float(ri))
+    A = lam * np.eye(d) + X.T @ X
+    bb = X.T @ r
+    Ainv = np.linalg.inv(A)
+    theta = Ainv @ bb
+    np.testing.assert_allclose(b.Ainv, Ainv, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(b.theta, theta, rtol=1e-8, atol=1e-10)
+    Q = np.random.default_rng(2).standard_normal((25, d))
+    ref = Q @ theta + b.beta() * np.sqrt(np.einsum("ij,jk,ik->i", Q, Ainv, Q))
+    np.testing.assert_allclose(b.ucb(Q), ref, rtol=1e-8)
+
+
+def test_discounted_update_has_documented_form() -> None:
+    d, lam, g = 6, 2.0, 0.9
+    X, r = _updates(d, 50, 3)
+    b = LinUCB(d, lam=lam, discount=g)
+    A, bb = lam * np.eye(d), np.zeros(d)
+    for x, ri in zip(X, r):
+        b.update(x, float(ri))
+        A = g * A + (1 - g) * lam * np.eye(d) + np.outer(x, x)
+        bb = g * bb + ri * x
+    np.testing.assert_allclose(b.A, A, rtol=1e-10)
+    np.testing.assert_allclose(b.theta, np.linalg.solve(A, bb), rtol=1e-8)
+    assert np.linalg.eigvalsh(b.A).min() >= lam * 0.999  # never less regularised than λI
+
+
+def test_beta_schedules_decay() -> None:
+    s = LinUCB(3, beta0=2.0, beta_schedule="sqrt", tau=10)
+    assert s.beta(0) == 2.0 and math.isclose(s.beta(30), 1.0)
+    e = LinUCB(3, beta0=2.0, beta_schedule="exp", decay=0.5)
+    assert math.isclose(e.beta(3), 0.25)
+    assert LinUCB(3, beta0=2.0, beta_schedule="const").beta(1000) == 2.0
+    with pytest.raises(ValueError):
+        LinUCB(3, beta_schedule="nope")
+
+
+def test_raw_reward_eq3() -> None:
+    b = LinUCB(3)
+    assert math.isclose(b.raw_reward(1.0, 0.8, 50.0), 0.2 - 50 * 1e-6)  # δ = 1e-3 per MB
+    b2 = LinUCB(3, gamma=2.0, delta_per_kb=0.01)
+    assert math.isclose(b2.raw_reward(1.0, 0.9, 10.0), 0.2 - 0.1)
+
+
+def test_welford_matches_numpy_and_zscore_before_update() -> None:
+    xs = np.random.default_rng(4).normal(3.0, 2.0, 500)
+    z = RunningZ(eps=1e-6)
+    for x in xs:
+        z.push(float(x))
+    assert math.isclose(z.mean, xs.mean(), rel_tol=1e-10)
+    assert math.isclose(z.var, xs.var(), rel_tol=1e-9)
+    b = LinUCB(4)
+    assert b.normalize(5.0) == 0.0  # first reward: mean is itself
+    got = b.normalize(7.0)
+    assert math.isclose(got, (7.0 - 6.0) / (1.0 + 1e-6))
+    phi = np.ones(4)
+    zr = b.update_feedback(phi, 1.0, 0.5, 0.0)  # raw 0.5 is below the running mean of 6
+    assert zr < 0 and math.isclose(float(b.b @ phi), 4 * zr)
+
+
+def test_state_round_trip_plain_types() -> None:
+    d = 8
+    X, r = _updates(d, 40, 5)
+    b = LinUCB(d, lam=0.5, beta0=1.3, discount=0.97, tau=33)
+    for x, ri in zip(X, r):
+        b.update_feedback(x, 1.0, 1.0 - 0.1 * float(ri), 2.0)
+    state = json.loads(json.dumps(b.to_state()))  # JSON-able, no numpy objects
+    c = LinUCB.from_state(state)
+    Q = np.random.default_rng(6).standard_normal((10, d))
+    np.testing.assert_allclose(c.ucb(Q), b.ucb(Q), rtol=1e-9)
+    assert (c.t, c.z.n, c.z.mean, c.z.m2) == (b.t, b.z.n, b.z.mean, b.z.m2)
+    assert c.normalize(0.3) == b.normalize(0.3)
+
+
+def test_rejects_bad_input() -> None:
+    b = LinUCB(3)
+    with pytest.raises(ValueError):
+        b.update(np.ones(4), 1.0)
+    with pytest.raises(ValueError):
+        b.update(np.ones(3), float("nan"))
+
+
+def test_linucb_beats_random_on_pairwise_reward_world() -> None:
+    """Reward depends on the *pair* (teacher data the student lacks) and on the arm."""
+    rng = np.random.default_rng(7)
+    n, rounds = 12, 150
+    P = np.zeros((n, 32))
+    P[np.arange(n), rng.integers(0, 8, n)] = 1
+    P[:, 8:20] = rng.random((n, 12))
+    P[:, 20:32] = rng.dirichlet(np.full(12, 0.2), n)
+    ids = [f"a{i}" for i in range(n)]
+
+    def reward(t: int, s: int, k: int) -> float:
+        return float(F.lack_mass(P[t, 20:32], P[s, 20:32]) * (0.5 + 0.5 * k) - 0.3 * k * (k == 2))
+
+    totals = {}
+    for strat in (LinUCBStrategy(beta0=0.5), RandomStrategy()):
+        r_rng = np.random.default_rng(8)
+        total = 0.0
+        for rd in range(rounds):
+            for p in strat.select(P, ids, rd, 6, r_rng):
+                t, s = ids.index(p.teacher), ids.index(p.student)
+                val = reward(t, s, p.arm)
+                total += val
+                noisy = val + 0.05 * float(r_rng.standard_normal())
+                strat.update(p, Feedback(loss_pre=1.0, loss_post=1.0 - noisy, kb=0.0))
+        totals[strat.name] = total
+    assert totals["linucb"] > 1.3 * totals["random"]

@@ -1,0 +1,104 @@
+"""Pair context: layout, JS divergence, and why concat [p_t, p_s] is not enough."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cpm import features as F
+
+
+def _profiles(n: int, seed: int, alpha: float = 0.3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    P = np.zeros((n, 32))
+    P[np.arange(n), rng.integers(0, 8, n)] = 1
+    P[:, 8:20] = rng.random((n, 12))
+    P[:, 20:32] = rng.dirichlet(np.full(12, alpha), n)
+    return P
+
+
+def test_dimension_and_layout() -> None:
+    assert F.context_dim(3) == 105 and F.context_dim(1) == 89
+    P = _profiles(2, 0)
+    P[1, :8] = P[0, :8]
+    x = F.pair_context(P[0], P[1], 2)
+    assert x[F.OFF_BIAS] == 1.0
+    np.testing.assert_array_equal(x[F.OFF_T : F.OFF_T + 32], P[0])
+    np.testing.assert_array_equal(x[F.OFF_S : F.OFF_S + 32], P[1])
+    np.testing.assert_allclose(x[F.OFF_ABS : F.OFF_ABS + 12], np.abs(P[0, 20:32] - P[1, 20:32]))
+    assert x[F.OFF_SAME] == 1.0
+    assert math.isclose(x[F.OFF_GAP], P[0, 8] - P[1, 8])
+    lack = float(np.sum(P[0, 20:32] * (1 - P[1, 20:32])))
+    assert math.isclose(x[F.OFF_LACK], lack)
+    blocks = x[F.OFF_ARM :].reshape(3, F.ARM_FEATS)
+    assert not blocks[0].any() and not blocks[1].any()
+    np.testing.assert_allclose(blocks[2], [1, lack, 1, x[F.OFF_GAP], lack, x[F.OFF_GAP], lack * P[0, 8], lack * P[1, 8]])
+
+
+def test_batch_equals_single() -> None:
+    P = _profiles(9, 1)
+    rng = np.random.default_rng(2)
+    t = rng.integers(0, 9, 30)
+    s = (t + rng.integers(1, 9, 30)) % 9
+    k = rng.integers(0, 3, 30)
+    X = F.batch_context(P, t, s, k)
+    for i in range(30):
+        np.testing.assert_allclose(X[i], F.pair_context(P[t[i]], P[s[i]], int(k[i])), atol=1e-12)
+
+
+def test_js_is_the_divergence_in_bits_not_its_square_root() -> None:
+    a, b = np.eye(12)[0], np.eye(12)[3]
+    assert math.isclose(float(F.js_divergence(a, b)), 1.0)
+    assert float(F.js_divergence(a, a)) == 0.0
+    p = np.zeros(12)
+    p[0] = 1.0
+    q = np.zeros(12)
+    q[:2] = 0.5
+    expected = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)) - 0.5  # H(m) − (H(p)+H(q))/2
+    assert math.isclose(float(F.js_divergence(p, q)), expected, rel_tol=1e-12)
+    assert not math.isclose(float(F.js_divergence(p, q)), math.sqrt(expected))
+    assert np.isfinite(F.js_divergence(np.zeros(12), p))  # degenerate input → finite
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_concat_context_cannot_rank_pairs_but_phi_can() -> None:
+    """Compatibility-driven reward: the teacher data mass the student lacks (JS-like).
+
+    A linear fit on [p_t, p_s, 1] is separable (f(t) + g(s)): within one teacher's row it
+    ranks students the same way for every teacher, so it cannot pick *this* teacher's
+    best student. φ's pairwise terms can.
+    """
+    n = 40
+    P = _profiles(n, 3, alpha=0.1)
+    tt, ss = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    m = tt != ss
+    t, s = tt[m], ss[m]
+    y = F.lack_mass(P[t, 20:32], P[s, 20:32]) + 0.5 * F.js_divergence(P[t, 20:32], P[s, 20:32])
+    rng = np.random.default_rng(4)
+    train = rng.random(t.size) < 0.5
+
+    def fit_eval(X: np.ndarray) -> tuple[float, float, float]:
+        Xt = X[train]
+        w = np.linalg.solve(Xt.T @ Xt + 1e-3 * np.eye(X.shape[1]), Xt.T @ y[train])
+        pred = X @ w
+        rho = _spearman(pred[~train], y[~train])
+        hits = []
+        for i in range(n):  # per teacher: is the predicted best student the true best?
+            row = t == i
+            hits.append(np.argmax(pred[row]) == np.argmax(y[row]))
+        # per-teacher ranking quality: mean within-row Spearman
+        rows = [_spearman(pred[t == i], y[t == i]) for i in range(n)]
+        return rho, float(np.mean(rows)), float(np.mean(hits))
+
+    rho_c, row_c, top_c = fit_eval(F.batch_concat_context(P, t, s))
+    rho_p, row_p, top_p = fit_eval(F.batch_context(P, t, s, np.zeros(t.size, dtype=np.int64)))
+    assert rho_p > 0.9 and row_p > 0.85
+    assert top_p > 0.5  # chance is 1/39
+    assert row_c < 0.3 and top_c < 0.2
+    assert rho_p - rho_c > 0.3

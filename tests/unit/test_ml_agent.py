@@ -1,0 +1,182 @@
+"""MLAgent against the Agent protocol, the 32-d profile, and checkpoint round trips.
+
+Runs on a 3-step pre-trained tiny base in a temporary cache and a handful of LoRA steps:
+these tests check behaviour of the plumbing, not model quality (test_kd_effect does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+from knexad.agent import profile, zoo  # noqa: E402
+from knexad.agent.ml_agent import DataConfig, MLAgent, StepsConfig  # noqa: E402
+from knexad.agent_api import (Agent, KnowledgeItem, KnowledgePackage, ProtocolArm,  # noqa: E402
+                              TeachRequest)
+
+STEPS = StepsConfig(local=4, kd=3, batch_size=4, max_new_tokens=12)
+DATA = DataConfig(n_train=24, n_val_per_cat=1, n_test_per_cat=1, n_transfer=24,
+                  owned=((0, 1), (6, 7)))
+
+
+@pytest.fixture()
+def quick_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KNEXA_CACHE", str(tmp_path_factory.mktemp("cache")))
+    for fam, recipe in list(zoo.TINY_RECIPES.items()):
+        monkeypatch.setitem(zoo.TINY_RECIPES, fam,
+                            dataclasses.replace(recipe, pretrain_steps=3, pretrain_batch=4))
+
+
+def _agent(index: int = 0, model: str = "tiny-qwen2") -> MLAgent:
+    return MLAgent(model, index, 2, seed=3, steps=STEPS, data=DATA, device=torch.device("cpu"))
+
+
+# -- profile (pure) -------------------------------------------------------------------
+
+
+def test_profile_index_map_is_complete_and_ordered() -> None:
+    assert profile.PROFILE_DIM == 32 == len(profile.INDEX_MAP)
+    assert profile.INDEX_MAP["family.qwen2"] == 0
+    assert profile.INDEX_MAP["family.other"] == 7
+    assert profile.INDEX_MAP["perf.pass@1"] == 8
+    assert profile.INDEX_MAP["delta.pass@1"] == 14
+    assert profile.INDEX_MAP["hist.0"] == 20 and profile.INDEX_MAP["hist.11"] == 31
+
+
+def test_build_profile_values() -> None:
+    hist = [0.0] * 12
+    hist[3], hist[4] = 3.0, 1.0
+    now = profile.PerfMetrics(0.5, 0.9, 0.1, 0.8, 0.2, 0.3)
+    prev = profile.PerfMetrics(0.25, 0.9, 0.0, 0.7, 0.4, -0.9)
+    vec = profile.build_profile("tiny-neox", now, prev, hist)
+    assert len(vec) == 32
+    assert vec[:8] == [0, 0, 1, 0, 0, 0, 0, 0]
+    assert vec[8:14] == [0.5, 0.9, 0.1, 0.8, 0.2, 0.3]
+    assert vec[14] == pytest.approx(0.25) and vec[18] == pytest.approx(-0.2)
+    assert vec[19] == pytest.approx(1.0)  # 0.3 − (−0.9) clipped to 1
+    assert vec[23] == pytest.approx(0.75) and vec[24] == pytest.approx(0.25)
+    first = profile.build_profile("mamba", now, None, hist)
+    assert first[7] == 1.0 and first[14:20] == [0.0] * 6
+    with pytest.raises(ValueError):
+        profile.build_profile("qwen2", now, None, [1.0])
+
+
+def test_profile_helpers() -> None:
+    assert profile.family_index("cerebras") == profile.family_index("gpt2") == 1
+    assert profile.family_index("pythia") == 2
+    assert profile.normalized_perplexity(math.log(512), 512) == pytest.approx(1.0)
+    assert profile.normalized_perplexity(0.0, 512) == 0.0
+    assert profile.normalized_perplexity(float("nan"), 512) == 1.0
+    assert profile.kd_gain(1.0, 0.5) == pytest.approx(math.tanh(0.5))
+
+
+# -- agent ----------------------------------------------------------------------------
+
+
+def test_agent_implements_protocol_and_teaches(quick_cache) -> None:
+    teacher = _agent(1)
+    assert isinstance(teacher, Agent)
+    assert teacher.transfer_set_hash() == _agent(0).transfer_set_hash()
+    req = TeachRequest("dir-1", 0, (0, 3, 5, 999), ProtocolArm(n_samples=2))
+    pkg = teacher.teach(req)
+    assert pkg.teacher_family == "tiny-qwen2"
+    assert len(pkg.items) == 6  # 3 valid ids × 2 samples, id 999 ignored
+    assert [it.item_id for it in pkg.items] == ["0", "3", "5", "0.1", "3.1", "5.1"]
+    for it in pkg.items:
+        tid = int(it.item_id.split(".")[0])
+        assert it.prompt == teacher.transfer[tid].prompt
+        assert it.category == teacher.transfer[tid].category
+        assert it.completion.endswith("\n") and it.completion.count("\n") == 1
+    assert pkg.meta["round"] == 0 and pkg.meta["transfer_hash"] == teacher.transfer_set_hash()
+
+
+def test_learn_filters_foreign_and_broken_items(quick_cache) -> None:
+    student = _agent(0)
+    good = student.transfer[0]
+    items = (
+        KnowledgeItem("0", good.prompt, good.solution, good.category),
+        KnowledgeItem("1", "def evil():\n    pass\n", "    return 1\n"),  # not our transfer
+        KnowledgeItem("2", student.transfer[1].prompt, "    return (((\n"),  # syntax error
+        KnowledgeItem("3", student.transfer[2].prompt, ""),
+    )
+    res = student.learn(KnowledgePackage("tiny-gpt2", items, {"round": 2}), ProtocolArm())
+    assert res.items_used == 1
+    assert math.isfinite(res.loss_pre) and math.isfinite(res.loss_post)
+    assert res.train_seconds > 0
+    empty = student.learn(KnowledgePackage("tiny-gpt2", items[1:2], {}), ProtocolArm())
+    assert empty.items_used == 0 and empty.loss_pre == pytest.approx(empty.loss_post)
+
+
+def test_evaluate_uses_sandbox_programs_and_profile_reflects_it(quick_cache, monkeypatch) -> None:
+    from knexad.agent import evaluate
+
+    seen: list[list[str]] = []
+
+    def fake_check(programs, timeout_s=5.0, memory_mb=512):
+        seen.append(list(programs))
+        return [i % 2 == 0 for i in range(len(programs))]
+
+    monkeypatch.setattr(evaluate, "check_programs", fake_check)
+    agent = _agent(0)
+    metrics = agent.evaluate()
+    test = agent.split.test
+    assert len(seen[0]) == len(test) == 12
+    assert all(p.startswith(t.prompt) and p.endswith(t.test) for p, t in zip(seen[0], test))
+    assert metrics["pass@1"] == pytest.approx(0.5)
+    own = {0, 1}
+    exp_own = sum(i % 2 == 0 for i, t in enumerate(test) if t.category in own) / 2
+    assert metrics["pass@1_own"] == pytest.approx(exp_own)
+    for key in ("pass@1_other", "task_score", "ppl_norm"):
+        assert 0.0 <= metrics[key] <= 1.0
+    vec = agent.profile()
+    assert len(vec) == 32 and vec[0] == 1.0 and sum(vec[:8]) == 1.0
+    assert vec[8] == pytest.approx(0.5)
+    assert vec[20] == pytest.approx(0.5) and vec[21] == pytest.approx(0.5)
+
+
+def test_checkpoint_round_trip_restores_outputs_and_counters(quick_cache, tmp_path) -> None:
+    a = _agent(0)
+    pkg = _agent(1).teach(TeachRequest("d", 0, tuple(range(8)), ProtocolArm()))
+    a.learn(pkg, ProtocolArm())
+    prompts = [t.prompt for t in a.split.test]
+    before = a._generate(prompts)
+    a.save(tmp_path / "ckpt")
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {
+        "adapter.safetensors", "optimizer.safetensors", "state.json"}
+
+    b = _agent(0)
+    assert b.load(tmp_path / "empty") is False
+    assert b.load(tmp_path / "ckpt") is True
+    assert b._state.trained and b._state.round == 1 and b._state.step == a._state.step
+    assert b._generate(prompts) == before
+    sa = a._lm.model.state_dict()
+    sb = b._lm.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if "lora_" in k)
+    opt_a, opt_b = a._opt.state_dict()["state"], b._opt.state_dict()["state"]
+    assert opt_a.keys() == opt_b.keys()
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    # training continues identically from the restored state
+    assert a.learn(pkg, ProtocolArm()).loss_post == pytest.approx(
+        b.learn(pkg, ProtocolArm()).loss_post, rel=1e-5)
+
+    other = MLAgent("tiny-gpt2", 0, 2, seed=3, steps=STEPS, data=DATA)
+    with pytest.raises(ValueError):
+        other.load(tmp_path / "ckpt")
+
+
+def test_local_round_is_the_fair_local_only_twin(quick_cache) -> None:
+    agent = _agent(0)
+    res = agent.local_round(steps=2)
+    assert res.items_used == 0 and math.isfinite(res.loss_post)
+    assert agent._state.step == STEPS.local + 2
+
+
+def test_bad_agent_index_rejected() -> None:
+    with pytest.raises(ValueError):
+        MLAgent("tiny-qwen2", 2, 2)
