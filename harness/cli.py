@@ -66,13 +66,17 @@ def _console():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
+_LOG_FORMAT = {"value": "json"}  # set by the group's --log-format
+
+
 def _setup_logging(out: Path) -> None:
-    """Harness logs go to <out>/logs/harness.log (JSON); the terminal is for rich output."""
+    """Harness logs go to <out>/logs/harness.log (JSON unless --log-format console);
+    the terminal is for rich output. Child processes always log JSON to their files."""
     from p2p.logs import configure_logging
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
     fh = open(out / "logs" / "harness.log", "a", buffering=1, encoding="utf-8")  # noqa: SIM115 — process lifetime
-    configure_logging("json", stream=fh)
+    configure_logging(_LOG_FORMAT["value"], stream=fh)
 
 
 def _models(text: str) -> tuple[str, ...]:
@@ -142,8 +146,11 @@ def _config(**kw) -> object:
 
 
 @click.group(cls=HarnessGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--log-format", type=click.Choice(["json", "console"]), default="json", show_default=True,
+              help="Format of OUT/logs/harness.log.")
+def main(log_format: str) -> None:
     """KNEXA local multi-node harness (real processes on 127.0.0.1)."""
+    _LOG_FORMAT["value"] = log_format
 
 
 @main.command("up")

@@ -10,6 +10,8 @@ them, so ``knexad status`` and ``--help`` stay instant.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 from pathlib import Path
@@ -107,7 +109,8 @@ def peer_id(home: Path) -> None:
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), help="Written (atomically) with the full multiaddrs once listening.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Override log_format from config.toml.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def run(home: Path, ready_file: Path | None, log_format: str | None, log_level: str) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics on 127.0.0.1:PORT (overrides metrics_port; 0 = off).")
+def run(home: Path, ready_file: Path | None, log_format: str | None, log_level: str, metrics_port: int | None) -> None:
     """Run the daemon until SIGINT/SIGTERM; prints its full multiaddr on stdout."""
     from p2p.logs import configure_logging
 
@@ -117,6 +120,8 @@ def run(home: Path, ready_file: Path | None, log_format: str | None, log_level: 
     except ConfigError as exc:
         _config_error(exc)
         return
+    if metrics_port is not None:
+        cfg = dataclasses.replace(cfg, metrics_port=metrics_port)
     configure_logging(log_format or cfg.log_format, log_level)
     try:
         code = _run_daemon(home, cfg, identity, ready_file)
