@@ -196,7 +196,9 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("sim")
+# -h like every KNEXA command; set here too because click caches a command's help option
+# on first use, so standalone use (python -m harness.sim) must not differ from nested.
+@click.command("sim", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--clients", type=int, default=32, show_default=True)
 @click.option("--rounds", type=int, default=100, show_default=True)
 @click.option("--seeds", type=int, default=5, show_default=True)

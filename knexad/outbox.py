@@ -71,21 +71,23 @@ class Outbox:
 
     def pending(self) -> list[Feedback]:
         """Every queued Feedback, oldest file first; unreadable files are quarantined."""
-        out: list[tuple[float, Feedback]] = []
+        out: list[tuple[int, Feedback]] = []
         for path in self.directory.glob("*" + _SUFFIX):
             try:
                 raw = unpack_strict(path.read_bytes())
                 if not isinstance(raw, dict) or raw.get("format") != _FORMAT or not isinstance(raw.get("body"), bytes):
                     raise MalformedFrame("not a knexa outbox record")
                 feedback = decode_body("Feedback", raw["body"])
-                mtime = path.stat().st_mtime
+                mtime = path.stat().st_mtime_ns
             except (MalformedFrame, UnknownMessage, OSError) as exc:
                 bad = path.with_suffix(".corrupt")
                 os.replace(path, bad)
                 log.error("outbox.corrupt", file=str(path), error=str(exc))
                 continue
             out.append((mtime, feedback))
-        out.sort(key=lambda item: item[0])
+        # oldest first; files written within one timestamp tick tie-break by id so the
+        # order is deterministic
+        out.sort(key=lambda item: (item[0], item[1].directive_id))
         return [fb for _, fb in out]
 
     def ack(self, directive_id: str) -> bool:

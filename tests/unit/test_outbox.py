@@ -34,7 +34,8 @@ def test_put_survives_reopen_and_ack_removes(tmp_path: Path) -> None:
     reopened = Outbox(tmp_path / "outbox")
     assert len(reopened) == 3
     assert sorted(fb.directive_id for fb in reopened.pending()) == ["d-0", "d-1", "d-2"]
-    assert reopened.pending()[0] == feedback(0)  # field-for-field round trip
+    by_id = {fb.directive_id: fb for fb in reopened.pending()}
+    assert by_id["d-0"] == feedback(0)  # field-for-field round trip
     assert reopened.ack("d-1") is True
     assert reopened.ack("d-1") is False
     assert [fb.directive_id for fb in Outbox(tmp_path / "outbox").pending()] == ["d-0", "d-2"]
