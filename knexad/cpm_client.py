@@ -339,11 +339,19 @@ class CpmClient:
                     return directive.round + 1
                 await self.on_directive(reply.raw, directive)
                 self.state.update(rounds_completed=self.state.state.rounds_completed + 1)
+                st = self.state.state
+                # the daemon's one canonical line per round (stable keys)
+                log.info("daemon.round.done", round=directive.round, role=st.role,
+                         directive=directive.directive_id, rounds_completed=st.rounds_completed,
+                         outbox=st.outbox_size, last_error=st.last_error)
                 return directive.round + 1
             nd = reply.message
             if nd.reason == "not_matched":
                 log.info("cpm.directive.none", round=nd.round, reason=nd.reason)
                 self.state.update(role="idle", rounds_completed=self.state.state.rounds_completed + 1)
+                st = self.state.state
+                log.info("daemon.round.done", round=nd.round, role="idle", directive="",
+                         rounds_completed=st.rounds_completed, outbox=st.outbox_size, last_error=st.last_error)
                 await trio.sleep(nd.retry_after_ms / 1000)
                 return nd.round + 1
             if nd.reason == "advance":

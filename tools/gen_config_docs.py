@@ -228,6 +228,12 @@ def _help(chain: list[tuple[str, click.Command]]) -> str:
     """``--help`` of the last command, with the real parent contexts (inherited settings
     such as ``-h``) at a fixed width, so the text does not depend on the terminal."""
     ctx: click.Context | None = None
+    for _, cmd in chain:
+        # click ≥ 8.1.8 caches a command's help option on first use; a command invoked
+        # standalone earlier in the process (CliRunner in tests) would otherwise keep
+        # `--help` without the parent's `-h`, and the text would depend on history
+        if hasattr(cmd, "_help_option"):
+            cmd._help_option = None
     for name, cmd in chain:
         settings = {k: v for k, v in cmd.context_settings.items() if k not in ("terminal_width", "max_content_width")}
         ctx = click.Context(cmd, info_name=name, parent=ctx, terminal_width=HELP_WIDTH,
