@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from benchmarks import cpm_scale, load, stream
 
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a couple of minutes)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     doc: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": os.getloadavg()}
     table: list[tuple[str, str, str, str]] = []
     for name, fn in (("cpm_scale", _scale), ("stream", _stream), ("load", _load)):
