@@ -17,12 +17,13 @@ once and reconnects by itself.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import sys
 import time
 from collections.abc import Mapping
-import functools
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,19 @@ def _transfer_check(cpm_hash: str, ours: str | None) -> K.Check:
 # --- orchestration --------------------------------------------------------------------
 
 
+
+def check_accelerator(needed: bool, name: str = "accelerator") -> K.Check:
+    """CUDA devices via the ML agent's zoo (torch stays inside knexad/agent/), imported
+    only when the configured model needs torch — it takes seconds."""
+    if not needed:
+        return K.skip(name, "not needed by this agent (no torch)")
+    if importlib.util.find_spec("torch") is None:
+        return K.fail(name, "torch is not installed but the configured model needs it",
+                      "pip install torch (CPU or CUDA build), or use agent.model = \"synthetic\"", K.EXIT_CONFIG)
+    from knexad.agent.zoo import accelerator_summary
+
+    return K.ok(name, accelerator_summary())
+
 def run_checks(home: Path, env: Mapping[str, str] | None = None) -> list[K.Check]:
     """Every check in dependency order; a failed prerequisite turns dependants into skips."""
     import trio
@@ -341,7 +355,7 @@ def run_checks(home: Path, env: Mapping[str, str] | None = None) -> list[K.Check
                                flag="metrics_port in config.toml or KNEXA_METRICS_PORT"))
     out.append(check_outbox(home, running))
     ml = cfg.agent.model != "synthetic"
-    out.append(K.check_accelerator(ml))
+    out.append(check_accelerator(ml))
     out.append(K.check_memory(warn_below=(2 if ml else 0.25) * K.GIB, purpose="ML agent" if ml else "synthetic agent"))
     out.append(K.check_disk(home, warn_below=(2 if ml else 0.5) * K.GIB, fail_below=100 * K.MIB,
                             purpose="checkpoints, outbox"))

@@ -3,15 +3,14 @@
 Why a shared module: both binaries must report the same way (one line per check with
 ``ok``/``warn``/``fail``/``skip`` and a fix hint) and map the worst result to the same
 exit-code table, and both need the same host-level probes (key file permissions, a
-listen port that can be bound, disk and memory headroom, an accelerator). Only the
-stdlib is imported at module level; torch is imported only by ``check_accelerator``
-and only when asked.
+listen port that can be bound, disk and memory headroom). Only the stdlib is imported;
+the accelerator check lives in ``knexad.doctor`` because only the ML agent may touch
+torch (design §2).
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import ipaddress
 import json
 import os
@@ -208,25 +207,6 @@ def check_memory(*, warn_below: int, purpose: str, name: str = "memory") -> Chec
     if avail < warn_below:
         return warn(name, text, f"a {purpose} wants at least {warn_below / GIB:.1f} GiB free")
     return ok(name, text)
-
-
-def check_accelerator(needed: bool, name: str = "accelerator") -> Check:
-    """CUDA devices via torch, imported only when the agent needs torch."""
-    if not needed:
-        return skip(name, "not needed by this agent (no torch)")
-    if importlib.util.find_spec("torch") is None:
-        return fail(name, "torch is not installed but the configured model needs it",
-                    "pip install torch (CPU or CUDA build), or use agent.model = \"synthetic\"", EXIT_CONFIG)
-    import torch  # lazily: seconds to import
-
-    if not torch.cuda.is_available():
-        return ok(name, f"torch {torch.__version__}, no CUDA device: CPU fp32 (fine for tiny-* models)")
-    names = []
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        free, total = torch.cuda.mem_get_info(i)
-        names.append(f"cuda:{i} {props.name} {free / GIB:.1f}/{total / GIB:.1f} GiB free")
-    return ok(name, f"torch {torch.__version__}; " + "; ".join(names))
 
 
 def check_metrics(port: int, *, running: bool, marker: str, flag: str) -> Check:

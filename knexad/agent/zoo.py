@@ -114,6 +114,19 @@ def default_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def accelerator_summary() -> str:
+    """One line for ``knexad doctor``: torch version and each CUDA device's free memory."""
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__}, no CUDA device: CPU fp32 (fine for tiny-* models)"
+    gib = 1024**3
+    names = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        names.append(f"cuda:{i} {props.name} {free / gib:.1f}/{total / gib:.1f} GiB free")
+    return f"torch {torch.__version__}; " + "; ".join(names)
+
+
 def family_of(model_type: str) -> str:
     return _MODEL_TYPE_FAMILY.get(model_type, "other")
 

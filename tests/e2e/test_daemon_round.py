@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -23,49 +22,9 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-KNEXAD = [sys.executable, "-m", "knexad.cli"]
-CPM = [sys.executable, "-m", "cpm.cli"]
+from tests.e2e.procs import CPM, FAST_ENV, KNEXAD, REPO, Proc
+
 SYNTHETIC_MARKERS = (b"# syn c=", b"transform_")  # text only a SyntheticAgent package holds
-FAST_ENV = {
-    "KNEXA_RETRY_BASE_S": "0.2",
-    "KNEXA_RETRY_MAX_S": "1.0",
-    "KNEXA_TIMEOUTS_DIAL_S": "4",
-    "KNEXA_TIMEOUTS_REQUEST_S": "5",
-    "KNEXA_TIMEOUTS_LONG_POLL_S": "5",
-    "KNEXA_TIMEOUTS_EXCHANGE_STEP_S": "5",
-}
-
-
-class Proc:
-    """A subprocess in its own process group with stdout/stderr in files."""
-
-    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.out = logdir / f"{name}.out"
-        self.err = logdir / f"{name}.err"
-        full_env = {**os.environ, **(env or {})}
-        with self.out.open("ab") as out, self.err.open("ab") as err:
-            self.popen = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, env=full_env, start_new_session=True)
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """JSON log lines (structlog) from stderr, optionally only events called ``name``."""
-        out = []
-        for line in self.err.read_text(errors="replace").splitlines():
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(doc, dict) and (name is None or doc.get("event") == name):
-                out.append(doc)
-        return out
-
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
-
-    def wait(self, timeout: float = 60) -> int:
-        return self.popen.wait(timeout=timeout)
 
 
 @pytest.fixture

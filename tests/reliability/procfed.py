@@ -11,7 +11,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -20,53 +19,12 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-KNEXAD = [sys.executable, "-m", "knexad.cli"]
-CPM = [sys.executable, "-m", "cpm.cli"]
-FAST_ENV = {
-    "KNEXA_RETRY_BASE_S": "0.2",
-    "KNEXA_RETRY_MAX_S": "1.0",
-    "KNEXA_TIMEOUTS_DIAL_S": "4",
-    "KNEXA_TIMEOUTS_REQUEST_S": "5",
-    "KNEXA_TIMEOUTS_LONG_POLL_S": "5",
-    "KNEXA_TIMEOUTS_EXCHANGE_STEP_S": "5",
-    "KNEXA_TIMEOUTS_TEACH_S": "5",
-    "OMP_NUM_THREADS": "1",
-}
+from tests.e2e.procs import CPM, KNEXAD, REPO, Proc  # noqa: F401  (re-exported to the fault tests)
+from tests.e2e.procs import FAST_ENV as BASE_FAST_ENV
+
+FAST_ENV = {**BASE_FAST_ENV, "KNEXA_TIMEOUTS_TEACH_S": "5", "OMP_NUM_THREADS": "1"}
 # the longest a student can wait on a vanished teacher: lookup + dial + first chunk (step + teach)
 STUDENT_DEADLINE_S = 5 + 4 + 5 + 5
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.err = logdir / f"{name}.err"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        with (logdir / f"{name}.out").open("ab") as out, self.err.open("ab") as err:
-            self.popen = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, env=full_env,
-                                          start_new_session=True, stdin=subprocess.DEVNULL)
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.err.read_text(errors="replace").splitlines():
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(doc, dict) and (name is None or doc.get("event") == name):
-                out.append(doc)
-        return out
-
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
-
-    def kill9(self) -> int:
-        self.signal(signal.SIGKILL)
-        return self.popen.wait(timeout=30)
-
-    def wait(self, timeout: float = 60) -> int:
-        return self.popen.wait(timeout=timeout)
 
 
 def ts(event: dict[str, Any]) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from benchmarks.cpm_scale import population  # the benchmark's population: one builder
 from cpm import features as F
 from cpm.bandit import LinUCB
 from cpm.matching import _all_pairs, _best_arm, exact_pair_scores, fast_match, greedy_disjoint
@@ -17,20 +18,11 @@ from cpm.matching import _all_pairs, _best_arm, exact_pair_scores, fast_match, g
 N = 2000
 
 
-def _population(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    P = np.zeros((n, F.PROFILE_DIM))
-    P[np.arange(n), rng.integers(0, F.N_FAMILIES, n)] = 1.0
-    P[:, F.PERF] = rng.random((n, F.N_PERF))
-    P[:, F.HIST] = rng.dirichlet(np.full(F.N_CATS, 0.3), n)
-    return P
-
-
 def _bandit(seed: int = 7, updates: int = 1500) -> LinUCB:
     """Fit on a compatibility reward with an arm-dependent term, so the best arm varies
     from pair to pair (the case the per-arm prefilter exists for)."""
     rng = np.random.default_rng(seed)
-    P = _population(300, seed + 1)
+    P = population(300, seed + 1)
     b = LinUCB(F.context_dim(3))
     t = rng.integers(0, 300, updates)
     s = (t + rng.integers(1, 300, updates)) % 300
@@ -44,7 +36,7 @@ def _bandit(seed: int = 7, updates: int = 1500) -> LinUCB:
 
 
 def test_fast_match_close_to_exact_greedy_at_2000() -> None:
-    P = _population(N, 3)
+    P = population(N, 3)
     bandit = _bandit()
     beta = bandit.beta()
     t, s = _all_pairs(N)
