@@ -9,7 +9,6 @@ fails at start-up instead of in the middle of a round.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from p2p import keyfile
+from p2p.files import atomic_write
 from protocol.envelope import Identity
 from protocol.errors import BadSignature, ConfigError
 from protocol.peerid import public_key_from_peer_id
@@ -245,7 +245,7 @@ def load_config(home: Path) -> CpmConfig:
 def save_config(home: Path, cfg: CpmConfig) -> Path:
     validate(cfg)
     path = config_path(home)
-    _atomic_write(path, tomli_w.dumps(cfg.to_toml()).encode("utf-8"), mode=0o644)
+    atomic_write(path, tomli_w.dumps(cfg.to_toml()).encode("utf-8"), mode=0o644)
     return path
 
 
@@ -261,16 +261,3 @@ def load_identity_file(path: Path, key: str = "identity") -> Identity:
 
 def load_identity(home: Path) -> Identity:
     return load_identity_file(identity_path(home))
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Write-then-rename so a crash never leaves a half-written config or key."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from p2p.files import atomic_write, fsync_dir, remove_stale_temps
 from protocol.codec import decode_body, encode_body, pack, unpack_strict
 from protocol.errors import MalformedFrame, UnknownMessage
 from protocol.messages import Feedback
@@ -33,14 +34,6 @@ def _file_name(directive_id: str) -> str:
     return hashlib.sha256(directive_id.encode("utf-8")).hexdigest()[:32] + _SUFFIX
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Outbox:
     """One directory of pending Feedback files. Not thread-safe; used from the trio loop."""
 
@@ -50,22 +43,12 @@ class Outbox:
         self._cleanup_temps()
 
     def _cleanup_temps(self) -> None:
-        for tmp in self.directory.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)  # a crash mid-write: the rename never happened
+        remove_stale_temps(self.directory)  # a crash mid-write: the rename never happened
 
     def put(self, feedback: Feedback) -> Path:
         """Durably queue ``feedback``; returns once it is on disk (idempotent per directive)."""
         final = self.directory / _file_name(feedback.directive_id)
-        tmp = final.with_suffix(".tmp")
-        data = pack({"format": _FORMAT, "body": encode_body(feedback)})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        atomic_write(final, pack({"format": _FORMAT, "body": encode_body(feedback)}), mode=0o600)
         log.info("outbox.queued", directive=feedback.directive_id, round=feedback.round, ok=feedback.ok)
         return final
 
@@ -97,7 +80,7 @@ class Outbox:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         log.info("outbox.acked", directive=directive_id)
         return True
 
@@ -108,7 +91,7 @@ class Outbox:
             os.replace(path, path.with_suffix(".rejected"))
         except FileNotFoundError:
             return False
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return True
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from knexad.config import STATE_FILE
+from p2p.files import atomic_write
 
 
 @dataclass(slots=True)
@@ -90,9 +91,7 @@ class StateFile:
 
     def save(self) -> None:
         self.state.updated_ms = int(time.time() * 1000)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.state.to_json(), indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.state.to_json(), indent=2, sort_keys=True), mode=0o644)
 
 
 def read_state(home: Path) -> DaemonState | None:

@@ -10,6 +10,7 @@ from knexad.config import DaemonConfig, RetrySection
 from knexad.cpm_client import Backoff, FeedbackSender
 from knexad.outbox import Outbox
 from knexad.state import StateFile
+from p2p.files import temp_path
 from protocol.envelope import Identity
 from protocol.errors import PeerUnavailable
 from protocol.messages import Ack, Feedback
@@ -45,7 +46,8 @@ def test_crash_mid_write_leaves_no_partial_record(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o")
     box.put(feedback(0))
     # a crash between write and rename leaves only a temp file
-    (tmp_path / "o" / "deadbeef.tmp").write_bytes(b"\x85partial")
+    (tmp_path / "o" / "deadbeef.tmp").write_bytes(b"\x85partial")  # an older release's temp name
+    temp_path(tmp_path / "o" / "cafe.fb").write_bytes(b"\x85partial")
     reopened = Outbox(tmp_path / "o")
     assert [fb.directive_id for fb in reopened.pending()] == ["d-0"]
     assert not list((tmp_path / "o").glob("*.tmp"))
