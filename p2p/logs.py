@@ -2,13 +2,17 @@
 
 Event names are dotted (``cpm.profile.accepted``) with stable keys (``peer``, ``round``,
 ``directive``, ``bytes``, ``duration_ms``, ``error``). py-libp2p's own stdlib loggers are
-routed into the same output at WARNING and above so its failures are not silent.
+routed into the same output at WARNING and above so its failures are not silent — but
+rate-limited per message template, because py-libp2p repeats the same warning in bursts
+(e.g. redials to a peer that left), which buried the events an operator needs.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 import structlog
 
@@ -44,9 +48,34 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> No
 
 
 class _ToStructlog(logging.Handler):
-    """Forward py-libp2p's stdlib records into structlog (one format for all output)."""
+    """Forward py-libp2p's stdlib records into structlog (one format for all output).
+
+    Each (logger, message template) is forwarded at most once per ``window_s``; the
+    next forwarded record says how many were ``suppressed`` in between, so counts are
+    never lost, only the repetition. The table is bounded (oldest keys dropped).
+    """
+
+    MAX_KEYS = 1024
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.clock = clock
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.window_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        suppressed = last[1] if last is not None else 0
+        self._last.pop(key, None)
+        self._last[key] = (now, 0)
+        if len(self._last) > self.MAX_KEYS:
+            del self._last[next(iter(self._last))]
+        extra = {"suppressed": suppressed} if suppressed else {}
         structlog.get_logger("libp2p").warning(
-            "libp2p.log", logger=record.name, level_name=record.levelname, message=record.getMessage()
+            "libp2p.log", logger=record.name, level_name=record.levelname, message=record.getMessage(), **extra
         )
