@@ -4,36 +4,52 @@ All three move the same bytes in one run, so the ratios are meaningful on a nois
 
 * ``raw_tcp``   — trio TCP socket on 127.0.0.1 (context: the OS ceiling);
 * ``bare``      — one py-libp2p stream (Noise + yamux), 1 MiB writes, no framing;
-* ``knexa``     — what the teacher sends: the package split into 1 MiB chunks, each an
-  E2E box (``protocol.e2e``) inside a ``KnowledgeChunk`` envelope signed by the teacher,
-  varint-framed over the same kind of stream, then a ``KnowledgeEnd``; the student
-  verifies every envelope, opens every box and checks the SHA-256 of the whole.
+* ``knexa``     — the exchange's own chunk stream (``knexad.exchange.send_knowledge`` /
+  ``receive_knowledge``, the code a daemon runs): the package split into 1 MiB chunks,
+  each an E2E box (``protocol.e2e``) inside a ``KnowledgeChunk`` envelope signed by the
+  teacher, varint-framed over the same kind of stream, then a ``KnowledgeEnd``; the
+  student verifies every envelope, opens every box and checks size and SHA-256 of the
+  whole. Only the request/directive step and the package codec are left out.
+
+Both libp2p modes write 1 MiB (plus framing) per ``stream.write`` and use the same
+host configuration and py-libp2p defaults (yamux window, Noise), so the ratio is our
+protocol's overhead and nothing else.
 
 Also times connection setup (dial + Noise + yamux + first stream) with our host config.
-Usage: ``python -m benchmarks.stream [--mib 64] [--json]``.
+``--interference`` also times ``bare`` while two threads do a knexa transfer's crypto at
+its measured chunk rate (no stream): that is the most pipelining can reach here.
+Usage: ``python -m benchmarks.stream [--mib 64] [--repeats 2] [--yamux-frame-kib N]
+[--interference] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 import multiaddr
 import trio
+from libp2p.stream_muxer.yamux import yamux
 
+from knexad.exchange import receive_knowledge, send_knowledge
 from p2p.host import build_host, full_addrs, parse_peer_addr
 from p2p.streams import FramedStream
-from protocol import E2EBox, Identity, KnowledgeChunk, KnowledgeEnd, open_envelope, seal
+from protocol import E2EBox, FrameDecoder, Identity, ReplayGuard, open_envelope
 from protocol.ids import CHUNK_BYTES, MAX_FRAME_EXCHANGE
+from protocol.knowledge import seal_chunk_frame
 
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 PROTO = "/knexa/bench/1.0.0"
+STEP_S = 30.0  # per-frame deadline, as a daemon's exchange_step_s
 
 
 async def _raw_tcp(payload: bytes) -> float:
@@ -83,26 +99,14 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
 
         async def knexa_receiver(stream) -> None:
             fs = FramedStream(stream, MAX_FRAME_EXCHANGE)
-            box = E2EBox(student_id, teacher_id.peer_id)
-
-            def open_frame(frame: bytes):
-                _, msg = open_envelope(frame, expected_sender=teacher_id.peer_id, allowed=(KnowledgeChunk, KnowledgeEnd))
-                if isinstance(msg, KnowledgeEnd):
-                    return msg
-                return box.open_chunk(msg.directive_id, msg.index, msg.box)
-
-            parts = []
-            while True:
-                frame = await fs.read_frame()
-                # verify/decrypt off the event loop (libsodium and hashlib release the GIL)
-                item = await trio.to_thread.run_sync(open_frame, frame)
-                if isinstance(item, KnowledgeEnd):
-                    end = item
-                    break
-                parts.append(item)
-            blob = b"".join(parts)
-            result["ok"] = hashlib.sha256(blob).digest() == end.sha256 and len(blob) == end.total_bytes
-            done.set()
+            try:  # raises unless chunk order, size and SHA-256 all check out
+                plain, _ = await receive_knowledge(
+                    fs, student_id, teacher_id.peer_id, "bench", ReplayGuard(),
+                    max_package_bytes=len(payload), step_s=STEP_S, first_wait_s=STEP_S,
+                )
+                result["ok"] = len(plain) == len(payload)
+            finally:
+                done.set()
 
         # the student is the receiver: it listens here, the teacher dials (same cost either way)
         student.set_stream_handler(PROTO, bare_receiver if mode == "bare" else knexa_receiver)
@@ -118,13 +122,10 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
                 await stream.write(bytes(view[i : i + (1 << 20)]))
         else:
             fs = FramedStream(stream, MAX_FRAME_EXCHANGE)
-            box = E2EBox(teacher_id, student_id.peer_id)
-            n = 0
-            for n, i in enumerate(range(0, len(payload), CHUNK_BYTES)):
-                sealed = box.seal_chunk("bench", n, payload[i : i + CHUNK_BYTES])
-                await fs.write_frame(seal(KnowledgeChunk("bench", n, sealed), teacher_id))
-            end = KnowledgeEnd("bench", n + 1, len(payload), hashlib.sha256(payload).digest(), 0, 0)
-            await fs.write_frame(seal(end, teacher_id))
+            await send_knowledge(
+                fs, teacher_id, student_id.peer_id, "bench", payload,
+                chunk_bytes=CHUNK_BYTES, step_s=STEP_S, items=0, dropped=0,
+            )
         await done.wait()
         elapsed = time.perf_counter() - start
         await stream.close()
@@ -133,35 +134,114 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
     return elapsed, connect_s
 
 
-def run(mib: int = 64, repeats: int = 2) -> dict[str, object]:
+@contextlib.contextmanager
+def _yamux_frame(kib: int | None) -> Iterator[int]:
+    """Largest yamux DATA frame py-libp2p sends (module constant, 64 KiB by default, as
+    go-yamux). Raising it is the "lift the ceiling" experiment: it applies to both libp2p
+    modes alike; frames stay within the peer's receive window, as yamux requires."""
+    saved = yamux.MAX_MESSAGE_SIZE
+    if kib is not None:
+        yamux.MAX_MESSAGE_SIZE = kib * 1024
+    try:
+        yield yamux.MAX_MESSAGE_SIZE
+    finally:
+        yamux.MAX_MESSAGE_SIZE = saved
+
+
+class _CryptoLoad:
+    """The exchange's per-chunk work (teacher: seal + package hash; student: verify,
+    open, append, package hash) in two threads at ``chunks_per_s``, without a stream.
+
+    Run beside the bare transfer it answers "how fast can py-libp2p's event loop go
+    while our crypto shares the process with it" — the ceiling for pipelining on this
+    machine, since both peers and both worker threads share its cores and one GIL."""
+
+    def __init__(self, chunks_per_s: float) -> None:
+        self.period = 1.0 / chunks_per_s
+        self.stop = threading.Event()
+        teacher, student = Identity.generate(), Identity.generate()
+        self.seal_box, self.open_box = E2EBox(teacher, student.peer_id), E2EBox(student, teacher.peer_id)
+        self.teacher = teacher
+        self.chunk = os.urandom(CHUNK_BYTES)
+        frame = seal_chunk_frame(teacher, self.seal_box, "load", 0, self.chunk, MAX_FRAME_EXCHANGE)
+        decoder = FrameDecoder(MAX_FRAME_EXCHANGE)
+        decoder.feed(frame)
+        self.envelope = decoder.next_frame()
+        self.threads = [threading.Thread(target=self._loop, args=(fn,), daemon=True)
+                        for fn in (self._teach, self._learn)]
+
+    def _teach(self) -> None:
+        seal_chunk_frame(self.teacher, self.seal_box, "load", 0, self.chunk, MAX_FRAME_EXCHANGE)
+        hashlib.sha256(self.chunk).digest()
+
+    def _learn(self) -> None:
+        _, msg = open_envelope(self.envelope, expected_sender=self.teacher.peer_id)
+        payload = self.open_box.open_chunk_view("load", 0, msg.box)
+        bytearray().extend(payload)
+        hashlib.sha256(payload).digest()
+
+    def _loop(self, fn) -> None:
+        while not self.stop.is_set():
+            start = time.perf_counter()
+            fn()
+            self.stop.wait(max(0.0, self.period - (time.perf_counter() - start)))
+
+    def __enter__(self) -> _CryptoLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
+        interference: bool = False) -> dict[str, object]:
     payload = os.urandom(mib * 1024 * 1024)
     times: dict[str, list[float]] = {"raw_tcp": [], "bare": [], "knexa": []}
     connects: list[float] = []
-    for _ in range(repeats):  # interleave so drift hits all three alike
-        times["raw_tcp"].append(trio.run(_raw_tcp, payload))
-        for mode in ("bare", "knexa"):
-            elapsed, connect_s = trio.run(_libp2p, payload, mode)
-            times[mode].append(elapsed)
-            connects.append(connect_s)
+    with _yamux_frame(yamux_frame_kib) as frame_bytes:
+        for _ in range(repeats):  # interleave so drift hits all three alike
+            times["raw_tcp"].append(trio.run(_raw_tcp, payload))
+            for mode in ("bare", "knexa"):
+                elapsed, connect_s = trio.run(_libp2p, payload, mode)
+                times[mode].append(elapsed)
+                connects.append(connect_s)
+        if interference:  # bare again, with the crypto of a knexa transfer beside it
+            rate = len(payload) / min(times["knexa"]) / CHUNK_BYTES
+            times["bare_beside_crypto"] = []
+            for _ in range(repeats):
+                with _CryptoLoad(rate):
+                    times["bare_beside_crypto"].append(trio.run(_libp2p, payload, "bare")[0])
     best = {k: min(v) for k, v in times.items()}
     mbps = {k: len(payload) / v / 1e6 for k, v in best.items()}
-    return {
+    out = {
         "bytes": len(payload),
         "MB_per_s": {k: round(v, 1) for k, v in mbps.items()},
         "ratio_knexa_vs_bare": round(mbps["knexa"] / mbps["bare"], 3),
         "ratio_bare_vs_raw_tcp": round(mbps["bare"] / mbps["raw_tcp"], 4),
         "connect_ms_median": round(statistics.median(connects) * 1000, 1),
+        "yamux_frame_bytes": frame_bytes,
         "targets": {"ratio_knexa_vs_bare": ">= 0.8", "connect_ms_median": "<= 20"},
     }
+    if interference:
+        out["ratio_bare_beside_crypto_vs_bare"] = round(mbps["bare_beside_crypto"] / mbps["bare"], 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--yamux-frame-kib", type=int, default=None,
+                        help="largest yamux frame for both libp2p modes (default: py-libp2p's 64)")
+    parser.add_argument("--interference", action="store_true",
+                        help="also time bare while the exchange's crypto runs beside it in threads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    out = run(args.mib, args.repeats)
+    out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference)
     if args.json:
         print(json.dumps(out))
     else:

@@ -82,6 +82,8 @@ class CpmConfig:
     log_format: str = "auto"
     metrics_port: int = 0  # 0 = off
     request_timeout_s: float = 10.0  # per network step (read one frame, write one frame)
+    rate_limit_per_s: float = 10.0  # per-peer sustained requests/s on /knexa/cpm (0 = off)
+    rate_limit_burst: float = 50.0  # per-peer bucket size (requests allowed back to back)
 
     def to_toml(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,7 +91,8 @@ class CpmConfig:
         return data
 
 
-_FLOAT_KEYS = ("quorum", "round_timer_s", "active_window_s", "directive_ttl_s", "request_timeout_s")
+_FLOAT_KEYS = ("quorum", "round_timer_s", "active_window_s", "directive_ttl_s", "request_timeout_s",
+               "rate_limit_per_s", "rate_limit_burst")
 _INT_KEYS = ("seed", "k_pairs", "min_agents", "max_rounds", "transfer_size", "metrics_port")
 
 
@@ -197,6 +200,10 @@ def validate(cfg: CpmConfig) -> None:
             raise ConfigError(key, "must be > 0")
     if cfg.max_rounds < 0:
         raise ConfigError("max_rounds", "must be ≥ 0 (0 = unlimited)")
+    if cfg.rate_limit_per_s < 0:
+        raise ConfigError("rate_limit_per_s", "must be ≥ 0 (0 = off)")
+    if cfg.rate_limit_burst < 1:
+        raise ConfigError("rate_limit_burst", "must be ≥ 1")
     if cfg.transfer_size < 1:
         raise ConfigError("transfer_size", "must be ≥ 1")
     if len(cfg.transfer_hash) != 64 or any(c not in "0123456789abcdef" for c in cfg.transfer_hash):

@@ -21,6 +21,11 @@ and counts as "nothing learned": raw r = −δ·KB, and its z-score is clipped a
 failure can never look like a success to the bandit — repeated failures of a pairing
 push its estimate down. Feedback, directive state and bandit state commit in one
 transaction, so a crash cannot count a reward twice or lose it.
+
+Teacher quarantine (``cpm.reputation``), whatever the strategy: every ok feedback is
+evidence about its teacher; once a teacher is quarantined, matching never assigns it
+as a teacher (``_select``). Its evidence is saved in the same strategy-state row and
+transaction, so a restart neither forgets a quarantine nor counts a delivery twice.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import structlog
 from cpm.config import Arm, CpmConfig
 from cpm.store import DirectiveRow, FeedbackRow, RoundRow, Store
 from cpm.bandit import LinUCB, RunningZ
+from cpm.reputation import Reputation
 from cpm.strategies import STRATEGIES as STRATEGY_CLASSES
 from cpm.strategies import Pair, Strategy, make_strategy
 from protocol.envelope import Identity, seal
@@ -48,6 +54,7 @@ log = structlog.get_logger(__name__)
 
 PROFILE_DIM = 32
 MAX_WAIT_MS = 60_000
+MAX_SELECT_PASSES = 4  # strategy.select calls per round when quarantined teachers are refused
 
 
 def build_strategy(config: CpmConfig) -> Strategy:
@@ -75,11 +82,13 @@ class RoundEngine:
         config: CpmConfig,
         identity: Identity,
         strategy: Strategy | None = None,
+        reputation: Reputation | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.identity = identity
         self.strategy: Strategy = strategy if strategy is not None else build_strategy(config)
+        self.reputation = reputation if reputation is not None else Reputation()
         # Eq. 3 lives in the bandit; baselines without one still get rewards recorded
         # (same γ, δ and a running z-score) so runs are comparable in the export.
         bandit = getattr(self.strategy, "bandit", None)
@@ -101,6 +110,10 @@ class RoundEngine:
         if saved is None:
             return
         name, state = saved
+        if "reputation" in state:  # strategy-independent: kept across a strategy change
+            self.reputation.load_state(state["reputation"])
+            log.info("cpm.reputation.restored", teachers=len(self.reputation.teachers),
+                     quarantined=len(self.reputation.quarantined()))
         if name != self.config.strategy:
             log.warning("cpm.strategy.state_ignored", saved=name, strategy=self.config.strategy)
             return
@@ -116,7 +129,8 @@ class RoundEngine:
 
     def _state(self) -> dict[str, Any]:
         z: RunningZ = self._reward_model.z
-        return {"strategy": self.strategy.to_state(), "z": {"n": z.n, "mean": z.mean, "m2": z.m2}}
+        return {"strategy": self.strategy.to_state(), "z": {"n": z.n, "mean": z.mean, "m2": z.m2},
+                "reputation": self.reputation.to_state()}
 
     def _reward(self, loss_pre: float, loss_post: float, kb: float, ok: bool) -> tuple[float, float]:
         """(raw, z-scored) reward; a failure is 'nothing learned' and never positive."""
@@ -178,7 +192,7 @@ class RoundEngine:
                 continue
             if row.state == "open":
                 deadline = self._timer_deadline(row.round)
-                n_fresh = len(self.store.fresh_profiles(row.round))
+                n_fresh = self.store.count_fresh(row.round)
                 if self._quorum(row.round, n_fresh, now_ms):
                     self._match(row.round, now_ms, trigger="quorum")
                     continue
@@ -223,7 +237,7 @@ class RoundEngine:
         P = np.asarray([vec for _, vec in fresh], dtype=float).reshape(len(fresh), PROFILE_DIM)
         k = self.config.k_pairs or len(ids) // 2
         rng = np.random.default_rng([self.config.seed, round_])
-        pairs = self.strategy.select(P, ids, round_, k, rng) if len(ids) >= 2 else []
+        pairs = self._select(P, ids, round_, k, rng) if len(ids) >= 2 else []
         ttl_ms = int(self.config.directive_ttl_s * 1000)
         used: set[str] = set()
         rows: list[DirectiveRow] = []
@@ -248,6 +262,38 @@ class RoundEngine:
         for d in rows:
             log.info("cpm.directive.issued", round=round_, directive=d.directive_id,
                      teacher=d.teacher, student=d.student, arm=d.arm, score=d.score)
+
+    def _select(self, P: np.ndarray, ids: list[str], round_: int, k: int,
+                rng: np.random.Generator) -> list[Pair]:
+        """``strategy.select`` minus every pair whose teacher is quarantined.
+
+        Strategies know nothing of the reputation, so the engine asks again on the agents
+        such a refused pair left unmatched (a quarantined agent may still be a student);
+        an agent refused as a teacher twice is left out of the next pass. At most
+        ``MAX_SELECT_PASSES`` calls; later passes see only the few leftover agents.
+        """
+        banned = {p for p in ids if self.reputation.is_quarantined(p)}
+        pool = list(range(len(ids)))
+        kept: list[Pair] = []
+        refused: dict[str, int] = {}
+        for _ in range(MAX_SELECT_PASSES):
+            if len(pool) < 2 or len(kept) >= k:
+                break
+            sub = [ids[i] for i in pool]
+            pairs = self.strategy.select(P[pool], sub, round_, k - len(kept), rng)
+            good = [p for p in pairs if str(p.teacher) not in banned]
+            kept.extend(good)
+            if len(good) == len(pairs):
+                break
+            for p in pairs:
+                if str(p.teacher) in banned:
+                    refused[str(p.teacher)] = refused.get(str(p.teacher), 0) + 1
+            taken = {str(p.teacher) for p in good} | {str(p.student) for p in good}
+            pool = [i for i in pool if ids[i] not in taken and refused.get(ids[i], 0) < 2]
+        if refused:
+            log.info("cpm.match.quarantine_applied", round=round_, refused=sorted(refused),
+                     pairs=len(kept))
+        return kept
 
     def transfer_ids(self, round_: int, arm_index: int) -> tuple[int, ...]:
         """The arm's share of the transfer set, deterministic by (seed, round, arm)."""
@@ -371,6 +417,7 @@ class RoundEngine:
             log.info("cpm.feedback.duplicate", peer=peer, directive=msg.directive_id, round=d.round)
             return False
         raw, reward = self._reward(msg.loss_pre, msg.loss_post, msg.kb, msg.ok)
+        verdict = None
         with self.store.transaction():
             inserted = self.store.add_feedback(
                 FeedbackRow(
@@ -383,11 +430,17 @@ class RoundEngine:
                 return False
             self.store.set_directive_state(msg.directive_id, "used" if msg.ok else "failed")
             self._update(d, reward)
+            if msg.ok:  # a delivery: evidence about the teacher (cpm.reputation)
+                verdict = self.reputation.record(d.teacher, msg.loss_pre - msg.loss_post, d.round)
             self.store.save_bandit_state(self.config.strategy, self._state(), now_ms)
         self.counters["feedback"] += 1
         self.counters["directives_used" if msg.ok else "directives_failed"] += 1
         log.info("cpm.feedback.recorded", peer=peer, directive=msg.directive_id, round=d.round,
                  ok=msg.ok, raw_reward=raw, reward=reward, late=d.state == "expired")
+        if verdict is not None:
+            log.warning("cpm.teacher.quarantined", teacher=verdict.teacher, round=verdict.round,
+                        directive=msg.directive_id, reason=verdict.reason, deliveries=verdict.deliveries,
+                        harmful=verdict.harmful, mean_gain=verdict.mean_gain, p_value=verdict.p_value)
         self.tick(now_ms)
         return True
 
@@ -408,4 +461,13 @@ class RoundEngine:
             "round": row.round if row else 0,
             "state": ("finished" if self.finished() else row.state) if row else "none",
             **self.store.counts(),
+            "quarantined_teachers": len(self.reputation.quarantined()),
         }
+
+    def release_teacher(self, peer: str, now_ms: int) -> bool:
+        """Operator: lift ``peer``'s teacher quarantine (and clear its evidence), durably."""
+        released = self.reputation.release(peer)
+        with self.store.transaction():
+            self.store.save_bandit_state(self.config.strategy, self._state(), now_ms)
+        log.info("cpm.teacher.released", teacher=peer, was_quarantined=released)
+        return released

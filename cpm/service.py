@@ -1,24 +1,38 @@
 """The CPM node on the network: a py-libp2p host serving ``/knexa/cpm/1.0.0`` and
 ``/knexa/admin/1.0.0`` around the sans-IO ``RoundEngine``.
 
-Per stream, in this order (docs/protocol.md §6, docs/cpm.md):
+A stream carries requests until the client closes it (or stays idle for
+``request_timeout_s``); answers come in request order. A client that sends one request
+and closes still works; one that pipelines (sends more before the answers came) gets
+the requests already buffered processed together — one commit, one write. Per request,
+in this order (docs/protocol.md §6, docs/cpm.md):
 
 1. the Noise-authenticated remote peer must be admitted (or open admission, and never
-   revoked) — otherwise ``Error{unauthorized}`` before a byte of the request is read;
+   revoked) — otherwise ``Error{unauthorized}`` (on a new stream: before a byte of the
+   request is read);
 2. one frame is read under a deadline (a slow-loris peer gets a reset, not a task);
 3. ``open_envelope(expected_sender=remote)`` — signature bound to the Noise peer;
 4. ``ReplayGuard`` — stale ``ts`` → ``expired``, repeated nonce → ``replay``;
-5. dispatch to the engine; the engine commits before the response is written, so an
-   ``Ack`` means "durably stored".
+5. dispatch to the engine, the message's effects in one transaction (a savepoint);
+6. the response is written only once everything the request wrote or read is
+   committed (``cpm.groupcommit``), so an ``Ack`` means "durably stored".
 
 Every refusal is a typed error, a ``cpm.rejected`` log line with ``code``, an ``Error``
-frame signed by the CPM, and no state change. The engine is synchronous and called
-from one trio task at a time, so no locking is needed; SQLite commits (fsync) block the
-loop for a few milliseconds, an accepted cost for a control plane.
+frame signed by the CPM, and no state change. An error ends the stream: the answers to
+earlier requests are written first, and requests after it got no answer (not done).
+The engine is synchronous and called from one trio task at a time (never while a
+COMMIT runs on the worker thread: ``GroupCommitter.gate``), so it needs no locking.
+
+Group commit (default): one fsync (``commit_ms`` in ``benchmarks/ingest.py``) per
+*batch* of concurrent messages instead of per message; the COMMIT runs on a worker
+thread so the loop keeps reading and verifying requests meanwhile.
+``group_commit=False`` commits each message on the loop, the old behaviour (kept for
+``benchmarks/ingest.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -28,13 +42,18 @@ import structlog
 import trio
 
 from cpm.admin import AdminHandler
+from cpm.groupcommit import COMMIT_MAX_BATCH, COMMIT_WINDOW_S, Batch, GroupCommitter
 from cpm.config import CpmConfig
 from cpm.rounds import MAX_WAIT_MS, Pending, RoundEngine
 from cpm.store import Store
 from p2p.host import build_host, full_addrs, parse_listen_addrs
+from libp2p.network.stream.exceptions import StreamClosed, StreamError, StreamReset
+
+from p2p.ratelimit import PeerRateLimiter
 from p2p.streams import FramedStream
 from protocol.envelope import Identity, now_ms, open_envelope, seal
-from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, Unauthorized
+from protocol.framing import encode_frame
+from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, RateLimited, Unauthorized
 from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, MAX_FRAME_CPM
 from protocol.messages import (
     Ack,
@@ -54,6 +73,31 @@ CPM_REQUESTS = (Register, Profile, DirectiveRequest, PeerLookup, Feedback)
 RECHECK_S = 1.0  # the ticker re-reads the DB at least this often (admin CLI changes)
 # one connection per agent; py-libp2p's default cap is 256 inbound (docs/reliability.md)
 MAX_INBOUND_CONNECTIONS = 10_000
+
+
+class _CpmStream(FramedStream):
+    """What serving pipelined requests needs on top of ``FramedStream``: frames the
+    client already sent, without waiting for more, and several answers in one write:
+    py-libp2p's CPU cost is per write (yamux, Noise, a syscall), not per byte — compare
+    ``echo`` with ``echo_pipelined`` in ``benchmarks/ingest.py``."""
+
+    def buffered_frame(self) -> bytes | None:
+        return self._decoder.next_frame()
+
+    async def write_frames(self, payloads: list[bytes]) -> None:
+        data = b"".join(encode_frame(p, self.max_frame) for p in payloads)
+        try:
+            await self.stream.write(data)
+        except (StreamError, StreamClosed, StreamReset) as exc:
+            raise PeerUnavailable(f"write to {self._peer_safe()} failed: {type(exc).__name__}") from None
+        self.bytes_out += len(data)
+
+
+class _Answer:
+    __slots__ = ("kind", "started", "payload", "batch")
+
+    def __init__(self, kind: str, started: float, payload: bytes, batch: Batch | None) -> None:
+        self.kind, self.started, self.payload, self.batch = kind, started, payload, batch
 
 
 class Metrics:
@@ -116,13 +160,22 @@ class CpmService:
         engine: RoundEngine | None = None,
         *,
         clock: Callable[[], int] = now_ms,
+        group_commit: bool = True,
+        commit_window_s: float = COMMIT_WINDOW_S,
+        commit_max_batch: int = COMMIT_MAX_BATCH,
+        commit_in_thread: bool = True,
     ) -> None:
         self.config = config
         self.identity = identity
         self.store = store
         self.engine = engine or RoundEngine(store, config, identity)
         self.clock = clock
+        self.committer: GroupCommitter | None = None
+        if group_commit:
+            self.committer = GroupCommitter(store.db, window_s=commit_window_s, max_batch=commit_max_batch,
+                                            in_thread=commit_in_thread, on_failure=self._reload_engine)
         self.replay = ReplayGuard()
+        self.limiter = PeerRateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         self.rejected: dict[str, int] = {}
         self.metrics = Metrics(self.engine, self.rejected)
         self.metrics_port = 0
@@ -153,19 +206,45 @@ class CpmService:
                 log.info("cpm.listening", addrs=self.addrs, peer=self.identity.peer_id,
                          strategy=self.config.strategy, metrics_port=self.metrics_port)
                 async with trio.open_nursery() as nursery:
+                    if self.committer is not None:
+                        await nursery.start(self.committer.run)
                     nursery.start_soon(self._ticker)
                     task_status.started(self.addrs)
                     await trio.sleep_forever()
         finally:
             self.metrics.stop()
 
+    def _grouped(self) -> Any:
+        """Writes of the block join the open batch (group commit) or commit on their own."""
+        return self.store.db.grouped() if self.committer is not None else contextlib.nullcontext()
+
+    async def _gate(self) -> None:
+        if self.committer is not None:
+            await self.committer.gate()
+
+    def _join(self) -> Batch | None:
+        """Call right after a synchronous engine call (no ``await`` in between)."""
+        return self.committer.join() if self.committer is not None else None
+
+    def _reload_engine(self, error: BaseException) -> None:
+        """A failed COMMIT rolled back what the engine already applied in memory (bandit
+        updates, round transitions): rebuild it from the database, which is the truth."""
+        old = self.engine
+        self.engine = type(old)(self.store, self.config, self.identity)
+        self.engine.counters = old.counters
+        self.engine.epoch = old.epoch + 1
+        self.metrics.engine = self.engine
+        log.warning("cpm.engine.reloaded", reason=str(error)[:200])
+
     async def _ticker(self) -> None:
         """Round timers and directive expiry: sleep until the engine's next deadline,
         a poke from a request, or RECHECK_S (admin changes come from other processes)."""
         while True:
+            await self._gate()
             now = self.clock()
             try:
-                deadline = self.engine.tick(now)
+                with self._grouped():
+                    deadline = self.engine.tick(now)
             except sqlite3.OperationalError as exc:  # e.g. the admin CLI holds the lock > busy_timeout
                 log.warning("cpm.tick.retry", error=str(exc))
                 deadline = None
@@ -193,27 +272,56 @@ class CpmService:
 
     # ---- /knexa/cpm/1.0.0 -------------------------------------------------------------
     async def _handle_cpm(self, stream: Any) -> None:
-        framed = FramedStream(stream, MAX_FRAME_CPM)
+        framed = _CpmStream(stream, MAX_FRAME_CPM)
         peer = framed.remote_peer
-        started = time.monotonic()
-        kind = "?"
         try:
-            if self.store.is_revoked(peer) or not (self.config.open_admission or self.store.is_admitted(peer)):
-                raise Unauthorized("peer is not admitted")
-            with trio.fail_after(self.config.request_timeout_s):
-                frame = await framed.read_frame()
-            if frame is None:
-                return
-            env, msg = open_envelope(frame, expected_sender=peer, allowed=CPM_REQUESTS)
-            kind = type(msg).__name__
-            self.replay.check(env, self.clock())
-            payload = await self._dispatch(peer, env.nonce, msg)
-            with trio.fail_after(self.config.request_timeout_s):
-                await framed.write_frame(payload)
-            log.info("cpm.request", peer=peer, type=kind,
-                     duration_ms=round((time.monotonic() - started) * 1000, 2))
+            first = True
+            while await self._serve(framed, peer, first=first):
+                first = False
+        finally:
+            await framed.close()
+
+    async def _serve(self, framed: _CpmStream, peer: str, *, first: bool) -> bool:
+        """Answer the next request and every one already buffered behind it; False when
+        the stream is done (EOF, idle, or an error was answered)."""
+        answers: list[_Answer] = []
+        kind = "?"
+        timeout_s = self.config.request_timeout_s
+        try:
+            if first:
+                await self._check_admitted(peer)  # before reading a byte of a new stream
+                self.limiter.check(peer)  # RateLimited → Error{rate_limited}, nothing read
+                with trio.fail_after(timeout_s):
+                    frame = await framed.read_frame()
+            else:
+                with trio.move_on_after(timeout_s) as idle:  # an idle kept-open stream just ends
+                    frame = await framed.read_frame()
+                if idle.cancelled_caught:
+                    return False
+            while frame is not None:
+                started = time.monotonic()
+                if not first:
+                    self.limiter.check(peer)  # each further request on a kept-open stream
+                env, msg = open_envelope(frame, expected_sender=peer, allowed=CPM_REQUESTS)
+                kind = type(msg).__name__
+                if not first:
+                    await self._check_admitted(peer)  # a revocation applies to open streams too
+                first = False
+                self.replay.check(env, self.clock())
+                if isinstance(msg, DirectiveRequest):
+                    await self._deliver(framed, peer, answers)  # do not hold answers during a long-poll
+                    payload = await self._directive_long_poll(peer, msg)
+                else:
+                    payload = await self._dispatch(peer, env.nonce, msg)
+                answers.append(_Answer(kind, started, payload, self._join()))
+                frame = framed.buffered_frame()
+            if not answers:
+                return False
+            await self._deliver(framed, peer, answers)
+            return True
         except KnexaError as exc:
-            if isinstance(exc, PeerUnavailable):
+            await self._deliver_quietly(framed, peer, answers)
+            if isinstance(exc, PeerUnavailable) and not isinstance(exc, RateLimited):
                 log.info("cpm.peer.gone", peer=peer, type=kind, error=str(exc))
             else:
                 await self._refuse(framed, peer, kind, exc)
@@ -223,34 +331,65 @@ class CpmService:
             await framed.reset()
         except Exception as exc:  # server boundary: one bad request (or a locked DB) must not kill the node
             log.exception("cpm.internal_error", peer=peer, type=kind, error=repr(exc))
+            await self._deliver_quietly(framed, peer, answers)
             await self._refuse(framed, peer, kind, KnexaError("internal error"))
-        finally:
-            await framed.close()
+        return False
+
+    async def _deliver(self, framed: _CpmStream, peer: str, answers: list[_Answer]) -> None:
+        """Write the answers (in order, one write) once their batches are committed.
+        Takes them out of ``answers`` first: a failed commit must never let them out later."""
+        batch = answers[:]
+        answers.clear()
+        if not batch:
+            return
+        if self.committer is not None:
+            for pending in dict.fromkeys(a.batch for a in batch if a.batch is not None):
+                await self.committer.wait(pending)
+        with trio.fail_after(self.config.request_timeout_s):
+            await framed.write_frames([a.payload for a in batch])
+        now = time.monotonic()
+        for a in batch:
+            log.info("cpm.request", peer=peer, type=a.kind, duration_ms=round((now - a.started) * 1000, 2))
+
+    async def _deliver_quietly(self, framed: _CpmStream, peer: str, answers: list[_Answer]) -> None:
+        """Before an Error: the answers to the requests before it, if they can be had."""
+        try:
+            await self._deliver(framed, peer, answers)
+        except (KnexaError, trio.TooSlowError) as exc:  # the client retries what got no answer
+            log.info("cpm.answers.dropped", peer=peer, error=str(exc))
+
+    async def _check_admitted(self, peer: str) -> None:
+        await self._gate()
+        if self.store.is_revoked(peer) or not (self.config.open_admission or self.store.is_admitted(peer)):
+            raise Unauthorized("peer is not admitted")
 
     async def _dispatch(self, peer: str, nonce: bytes, msg: Any) -> bytes:
-        """Run one request against the engine; returns the response envelope bytes."""
+        """Run one request against the engine; returns the response envelope bytes.
+        The message's writes form one transaction (a savepoint in the open batch)."""
+        await self._gate()
         now = self.clock()
         try:
-            if isinstance(msg, Register):
-                return self._seal(self.engine.register(peer, msg, now))
-            if isinstance(msg, Profile):
-                answer = self.engine.profile(peer, msg, now)
-                return self._seal(answer if answer is not None else Ack(ref=nonce))
-            if isinstance(msg, Feedback):
-                self.engine.feedback(peer, msg, now)
-                return self._seal(Ack(ref=nonce))
-            if isinstance(msg, PeerLookup):
+            with self._grouped(), self.store.transaction():
+                if isinstance(msg, Register):
+                    return self._seal(self.engine.register(peer, msg, now))
+                if isinstance(msg, Profile):
+                    answer = self.engine.profile(peer, msg, now)
+                    return self._seal(answer if answer is not None else Ack(ref=nonce))
+                if isinstance(msg, Feedback):
+                    self.engine.feedback(peer, msg, now)
+                    return self._seal(Ack(ref=nonce))
+                assert isinstance(msg, PeerLookup)
                 return self._seal(self.engine.peer_lookup(peer, msg.peer_id))
-            assert isinstance(msg, DirectiveRequest)
         finally:
             self._after_engine()
-        return await self._directive_long_poll(peer, msg)
 
     async def _directive_long_poll(self, peer: str, msg: DirectiveRequest) -> bytes:
         wait_s = min(max(msg.wait_ms, 0), MAX_WAIT_MS) / 1000
         deadline = trio.current_time() + wait_s
         while True:
-            answer = self.engine.directive(peer, msg.round, self.clock())
+            await self._gate()
+            with self._grouped(), self.store.transaction():
+                answer = self.engine.directive(peer, msg.round, self.clock())
             self._after_engine()
             if isinstance(answer, bytes):
                 return answer  # the stored CPM-signed Directive envelope, verbatim

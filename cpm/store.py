@@ -1,4 +1,5 @@
-"""The CPM's durable state: one SQLite file in WAL mode, committed per message.
+"""The CPM's durable state: one SQLite file in WAL mode; nothing is acknowledged before
+it is committed.
 
 Why SQLite/WAL: the CPM must survive ``kill -9`` with nothing acknowledged lost, and the
 admin CLI (another process) must be able to admit/revoke while the node runs. WAL lets
@@ -7,21 +8,26 @@ durable across power loss (an ``Ack`` is only sent after the COMMIT returned). T
 running node reads the allowlist from the database on every request, so admin changes
 apply immediately; ``data_version()`` lets callers notice foreign commits cheaply.
 
-All writes go through ``transaction()`` (``BEGIN IMMEDIATE`` … ``COMMIT``): a message's
-effects (e.g. feedback row + directive state + bandit state) land together or not at all.
+All writes go through ``transaction()``: a message's effects (e.g. feedback row +
+directive state + bandit state) land together or not at all. By default each one is a
+``BEGIN IMMEDIATE`` … ``COMMIT`` (one fsync); the running node uses group commit instead
+(``db.grouped()`` + ``db.commit_batch()``, see ``cpm.batchdb``): many messages, one fsync,
+still nothing acknowledged before its COMMIT returned.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+from cpm.batchdb import BatchDb
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +55,7 @@ CREATE TABLE IF NOT EXISTS profiles (
     received_at INTEGER NOT NULL,
     PRIMARY KEY (peer_id, round)
 );
+CREATE INDEX IF NOT EXISTS profiles_round ON profiles (round);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
     state TEXT NOT NULL CHECK (state IN ('open', 'matched', 'closed')),
@@ -154,9 +161,10 @@ class Store:
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_ms / 1000)
-        self._db.row_factory = sqlite3.Row
-        self._in_tx = False
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_ms / 1000,
+                               check_same_thread=False)  # commit_batch may run on a worker thread
+        conn.row_factory = sqlite3.Row
+        self._db = BatchDb(conn)
         try:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
@@ -164,7 +172,7 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            self._db.close()
+            conn.close()
             raise StoreError(f"{self.path}: {exc}") from None
         if str(mode).lower() != "wal":
             log.warning("cpm.store.no_wal", path=self.path, mode=mode)
@@ -173,24 +181,16 @@ class Store:
         self._db.close()
 
     # ---- plumbing ---------------------------------------------------------------
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` (rollback on any exception). Re-entrant:
-        an inner ``transaction()`` joins the outer one."""
-        if self._in_tx:
-            yield self._db
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._in_tx = True
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
-            self._db.execute("COMMIT")
-        finally:
-            self._in_tx = False
+    @property
+    def db(self) -> BatchDb:
+        """The connection with its group-commit controls (``grouped``, ``commit_batch``,
+        ``open_batch``, hooks) for ``cpm.service.GroupCommitter``."""
+        return self._db
+
+    def transaction(self) -> AbstractContextManager[BatchDb]:
+        """Atomic unit (rollback on any exception). Re-entrant: an inner ``transaction()``
+        joins the outer one. Commits before returning unless inside ``db.grouped()``."""
+        return self._db.transaction()
 
     def _migrate(self) -> None:
         with self.transaction() as db:
@@ -308,6 +308,16 @@ class Store:
             (round_,),
         )
         return [(r["peer_id"], json.loads(r["vector"])) for r in rows]
+
+    def count_fresh(self, round_: int) -> int:
+        """``len(fresh_profiles(round_))`` without loading and decoding every vector:
+        the engine asks on every request, and decoding made each profile cost O(agents)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM profiles p JOIN agents a ON a.peer_id = p.peer_id "
+            "WHERE p.round = ? AND a.admitted = 1 AND a.revoked = 0",
+            (round_,),
+        ).fetchone()
+        return int(row[0])
 
     def first_profile_at(self, round_: int) -> int | None:
         row = self._db.execute("SELECT MIN(received_at) FROM profiles WHERE round = ?", (round_,)).fetchone()

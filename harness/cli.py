@@ -29,8 +29,12 @@ from pathlib import Path
 
 import click
 
+from knexad.config import AGENT_BUDGETS as BUDGETS  # a light module: no torch, no libp2p
+
 STRATEGIES = ("linucb", "random", "heuristic", "local-only", "central-kd", "oracle")
 TINY = ("tiny-qwen2", "tiny-gpt2", "tiny-neox", "tiny-bloom")
+_BUDGET_HELP = ("--agent ml: training budget of every daemon ([agent] budget): fast = 100 local LoRA "
+                "/ 60 KD steps, standard = 200 / 150, thorough = 400 / 300. Same tasks under each.")
 
 
 class HarnessGroup(click.Group):
@@ -115,6 +119,8 @@ def _common(fn):
                      help="synthetic: cheap numeric agents; ml: tiny LMs with LoRA (torch)."),
         click.option("--model", "models", default="tiny-qwen2,tiny-gpt2", show_default=True,
                      help="--agent ml: comma-separated families, assigned round-robin to nodes."),
+        click.option("--budget", type=click.Choice(BUDGETS), default="standard", show_default=True,
+                     help=_BUDGET_HELP),
         click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True),
         click.option("--keep-homes", is_flag=True, help="Keep CPM/daemon homes under OUT/homes (else a temp dir)."),
         click.option("--on-crash", type=click.Choice(["continue", "abort"]), default="continue", show_default=True),
@@ -124,8 +130,8 @@ def _common(fn):
                      help="CPM round timer in s (default 30 synthetic, 900 ml)."),
         click.option("--ready-timeout", type=click.FloatRange(1.0), default=None, help="Seconds to wait for startup."),
         click.option("--timeout", type=click.FloatRange(1.0), default=None, help="Seconds allowed for all rounds."),
-        click.option("--grace", type=click.FloatRange(0.0), default=10.0, show_default=True,
-                     help="Seconds between SIGTERM and SIGKILL at shutdown."),
+        click.option("--grace", type=click.FloatRange(0.0), default=None,
+                     help="Seconds between SIGTERM and SIGKILL at shutdown (default 10 synthetic, 30 ml)."),
         click.option("--no-progress", is_flag=True, help="No live progress bar."),
     ]
     for opt in reversed(opts):
@@ -141,7 +147,7 @@ def _config(**kw) -> object:
         agent=kw["agent"], models=_models(kw["models"]), seed=kw.get("seed", 0), keep_homes=kw["keep_homes"],
         on_crash=kw["on_crash"], per_process=kw["per_process"], round_timer_s=kw["round_timer"],
         ready_timeout_s=kw["ready_timeout"], timeout_s=kw["timeout"], grace_s=kw["grace"],
-        progress=not kw["no_progress"],
+        progress=not kw["no_progress"], budget=kw["budget"],
     )
 
 
@@ -188,8 +194,9 @@ def compare_command(strategies: str, seeds: str, **kw) -> None:
               show_default=True)
 @click.option("--rounds", "-r", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--agent", type=click.Choice(["auto", "ml", "synthetic"]), default="auto", show_default=True)
+@click.option("--budget", type=click.Choice(BUDGETS), default="standard", show_default=True, help=_BUDGET_HELP)
 @click.option("--no-progress", is_flag=True)
-def demo_command(out: Path, rounds: int, agent: str, no_progress: bool) -> None:
+def demo_command(out: Path, rounds: int, agent: str, budget: str, no_progress: bool) -> None:
     """4 daemons (tiny-qwen2 + tiny-gpt2) on the embedded task set, a few rounds, on CPU."""
     from harness.federation import UpConfig, ml_available, run_up
 
@@ -199,11 +206,11 @@ def demo_command(out: Path, rounds: int, agent: str, no_progress: bool) -> None:
         agent = "ml" if ok else "synthetic"
         if not ok:
             console.print(f"[yellow]ML agent not importable ({why}); running SyntheticAgents instead.[/yellow]")
-    what = ("ML agents: tiny-qwen2 ×2 + tiny-gpt2 ×2, LoRA, embedded Python task set, CPU"
+    what = (f"ML agents: tiny-qwen2 ×2 + tiny-gpt2 ×2, LoRA, embedded Python task set, CPU, budget {budget}"
             if agent == "ml" else "SyntheticAgents (numeric learning model, no torch)")
     console.print(f"[bold]KNEXA demo[/bold]: CPM (linucb) + 4 daemons as real processes · {what} · {rounds} rounds")
     cfg = UpConfig(nodes=4, rounds=rounds, out=out, agent=agent, models=("tiny-qwen2", "tiny-gpt2"),
-                   progress=not no_progress)
+                   progress=not no_progress, budget=budget)
     _setup_logging(out)
     outcome = run_up(cfg, console)
     _finish(console, outcome, demo_agent=agent)
@@ -214,7 +221,7 @@ def demo_command(out: Path, rounds: int, agent: str, no_progress: bool) -> None:
 @click.option("--ready-file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def run_pack_command(homes: tuple[Path, ...], ready_file: Path) -> None:
     """(internal) Run several daemons in this one process — see docs/harness.md §Scale."""
-    from harness.federation import run_pack
+    from harness.procs import run_pack
 
     sys.exit(run_pack(list(homes), ready_file))
 

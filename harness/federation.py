@@ -9,9 +9,10 @@ group under ``harness.procs.Supervisor``; logs in ``<out>/logs/<name>.log``):
 2. ``knexa-cpm serve --ready-file`` → the CPM multiaddr (with ``/p2p/<id>``);
 3. per node ``knexad init --home H/node-XX --cpm MADDR --model M --agent-index i
    --n-agents N --seed S --org org-XX``, then ``knexa-cpm admit <peer-id>``: the allowlist
-   is filled through the admin CLI exactly as an operator would;
+   is filled through the admin CLI exactly as an operator would; ``--budget`` goes into
+   each node's ``[agent] budget`` the way an operator edits config.toml;
 4. ``knexad run --ready-file`` per node (or ``knexa-harness run-pack`` for K nodes per
-   process, see docs/harness.md §Scale);
+   process, see docs/harness.md §Scale; ``harness.procs.run_pack``);
 5. watch the CPM database read-only (``cpm.store``, SQLite WAL) until R rounds are
    ``closed``; crashed children are reported and the run continues or aborts
    (``--on-crash``);
@@ -30,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,8 +76,9 @@ class UpConfig:
     round_timer_s: float | None = None  # None: 30 s synthetic, 900 s ml
     ready_timeout_s: float | None = None  # None: scaled with N (and model builds for ml)
     timeout_s: float | None = None  # whole rounds phase; None: scaled with R
-    grace_s: float = 10.0
+    grace_s: float | None = None  # None: 10 s synthetic, 30 s ml
     progress: bool = True
+    budget: str = "standard"  # ML agents' training budget (knexad.agent.ml_agent.BUDGETS)
 
     def model_for(self, index: int) -> str:
         if self.agent == "synthetic":
@@ -87,6 +89,14 @@ class UpConfig:
         if self.round_timer_s is not None:
             return self.round_timer_s
         return 30.0 if self.agent == "synthetic" else 900.0
+
+    def effective_grace(self) -> float:
+        """SIGTERM → SIGKILL. An ML daemon first finishes its running agent call, saves its
+        checkpoint, then tears down torch (~2 s CPU): eight of them on two busy cores took
+        more than 10 s (docs/harness.md §Processes)."""
+        if self.grace_s is not None:
+            return self.grace_s
+        return 30.0 if self.agent == "ml" else 10.0
 
     def effective_ready_timeout(self) -> float:
         if self.ready_timeout_s is not None:
@@ -102,11 +112,25 @@ class UpConfig:
         per_round = 60.0 + 0.5 * self.nodes if self.agent == "synthetic" else 900.0
         return 60.0 + self.rounds * (per_round + self.effective_round_timer())
 
+    def child_env(self) -> dict[str, str]:
+        """Thread settings for ML children that load non-tiny models: the cores split
+        between the processes, so N daemons do not each start ``cpu_count`` OpenMP
+        threads (oversubscribed, a step gets many times slower — docs/agent.md §Budgets and speed).
+        Tiny models pin themselves to one thread (``zoo.configure_cpu_threads``); an
+        ``OMP_NUM_THREADS`` already set by the user is kept."""
+        if self.agent != "ml" or "OMP_NUM_THREADS" in os.environ:
+            return {}
+        if all(self.model_for(i).startswith("tiny-") for i in range(self.nodes)):
+            return {}
+        procs = -(-self.nodes // max(1, self.per_process))
+        return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs))}
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
         data["models"] = list(self.models) if self.agent == "ml" else ["synthetic"]
         data["round_timer_s"] = self.effective_round_timer()
+        data["grace_s"] = self.effective_grace()
         return data
 
 
@@ -132,6 +156,20 @@ class RunOutcome:
 CPM = executable("knexa-cpm", "cpm.cli")
 KNEXAD = executable("knexad", "knexad.cli")
 HARNESS = [sys.executable, "-m", "harness.cli"]
+
+
+def set_budget(home: Path, budget: str) -> None:
+    """Write ``[agent] budget`` into a node's config.toml, as an operator would edit it;
+    the file is re-validated, so an unknown name fails here (ConfigError agent.budget)."""
+    import tomllib
+    from dataclasses import replace
+
+    from knexad.config import from_mapping, load_config, write_config
+
+    cfg = load_config(home, env={})
+    if cfg.agent.budget != budget:
+        new = replace(cfg, agent=replace(cfg.agent, budget=budget))
+        write_config(home, from_mapping(tomllib.loads(new.to_toml())))
 
 
 def transfer_hash_for(cfg: UpConfig) -> str:
@@ -182,7 +220,7 @@ class Federation:
         from protocol.errors import ConfigError, KnexaError
 
         status, code, message = "ok", EXIT_OK, ""
-        sup = Supervisor(self.out, grace_s=self.cfg.grace_s)
+        sup = Supervisor(self.out, grace_s=self.cfg.effective_grace(), env=self.cfg.child_env())
         with sup:
             try:
                 self._bring_up(sup)
@@ -248,6 +286,7 @@ class Federation:
                                           "--model", node.model, "--agent-index", str(node.index),
                                           "--n-agents", str(cfg.nodes), "--seed", str(cfg.seed),
                                           "--org", node.org], timeout_s=120)
+            set_budget(node.home, cfg.budget)
             node.peer = load_identity(node.home / KEY_FILE).peer_id
             sup.run(f"{node.name}-admit", [*CPM, "admit", node.peer, "--home", str(self.cpm_home),
                                            "--org", node.org], timeout_s=120)
@@ -506,81 +545,3 @@ def ml_available() -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""
-
-
-# -- K daemons in one process -----------------------------------------------------------
-
-
-def run_pack(homes: Sequence[Path], ready_file: Path) -> int:
-    """Run one ``knexad.daemon.Daemon`` per home inside this process (trio nursery).
-
-    Each daemon keeps everything a separate process would have — its own home, key,
-    libp2p host (own TCP port, Noise session, CPM connection), agent and outbox — and
-    speaks the real protocol; only the interpreter (and libp2p's ~1 s import, ~60 MB)
-    is shared. SIGINT/SIGTERM stop all of them; the exit code is the worst daemon's.
-    The ready file lists one ``name multiaddr`` line per daemon once all are listening.
-    """
-    import signal
-
-    import trio
-
-    from knexad.agents import build_agent
-    from knexad.config import KEY_FILE, load_config
-    from knexad.daemon import Daemon
-    from knexad.identity import load_identity
-    from p2p.logs import configure_logging
-    from protocol.errors import ConfigError
-
-    configure_logging("json")
-    daemons: list[Daemon] = []
-    try:
-        for home in homes:
-            cfg = load_config(home)
-            daemons.append(Daemon(Path(home), cfg, load_identity(Path(home) / KEY_FILE), build_agent(cfg),
-                                  out=open(os.devnull, "w"), handle_signals=False))  # noqa: SIM115
-    except ConfigError as exc:
-        log.error("harness.pack.config_error", key=exc.key, error=str(exc))
-        return EXIT_CONFIG
-
-    finished = 0
-
-    async def one(daemon: Daemon, name: str) -> None:
-        nonlocal finished
-        structlog.contextvars.bind_contextvars(node=name)
-        try:
-            await daemon.run()
-        finally:
-            finished += 1
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            for home, daemon in zip(homes, daemons):
-                nursery.start_soon(one, daemon, Path(home).name)
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("harness.pack.signal", signal=signal.Signals(signum).name)
-                        for d in daemons:
-                            d.stop(0)
-                        return
-
-            async def announce() -> None:
-                for d in daemons:
-                    await d.ready.wait()
-                lines = [f"{Path(h).name} {d.state.state.addrs[0]}" for h, d in zip(homes, daemons)]
-                tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
-                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-                os.replace(tmp, ready_file)
-                log.info("harness.pack.ready", daemons=len(daemons))
-
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(announce)
-            # when every daemon has returned (stopped, or a fatal error), end the helpers too
-            while finished < len(daemons):
-                await trio.sleep(0.2)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    codes = [d.exit_code for d in daemons]
-    return max(codes) if codes else EXIT_OK

@@ -17,6 +17,9 @@ Cleanup runs on every exit path we can catch:
 
 ``pids.json`` in the output directory lists every child ever started (name, pid, pgid,
 argv), so tests and operators can verify afterwards that nothing survived.
+
+``run_pack`` is the other side of ``--per-process K``: the body of one such child that
+runs K daemons in its own interpreter.
 """
 
 from __future__ import annotations
@@ -407,3 +410,81 @@ def parse_ready(text: str) -> str:
         if cand.startswith("/") and "/p2p/" in cand:
             return cand
     raise ValueError(f"no /p2p/ multiaddr in ready file: {text[:200]!r}")
+
+
+# -- K daemons in one process -----------------------------------------------------------
+
+
+def run_pack(homes: Sequence[Path], ready_file: Path) -> int:
+    """Run one ``knexad.daemon.Daemon`` per home inside this process (trio nursery).
+
+    Each daemon keeps everything a separate process would have — its own home, key,
+    libp2p host (own TCP port, Noise session, CPM connection), agent and outbox — and
+    speaks the real protocol; only the interpreter (and libp2p's ~1 s import, ~60 MB)
+    is shared. SIGINT/SIGTERM stop all of them; the exit code is the worst daemon's.
+    The ready file lists one ``name multiaddr`` line per daemon once all are listening.
+    """
+    import signal
+
+    import trio
+
+    from knexad.agents import build_agent
+    from knexad.config import KEY_FILE, load_config
+    from knexad.daemon import Daemon
+    from knexad.identity import load_identity
+    from p2p.logs import configure_logging
+    from protocol.errors import ConfigError
+
+    configure_logging("json")
+    daemons: list[Daemon] = []
+    try:
+        for home in homes:
+            cfg = load_config(home)
+            daemons.append(Daemon(Path(home), cfg, load_identity(Path(home) / KEY_FILE), build_agent(cfg),
+                                  out=open(os.devnull, "w"), handle_signals=False))  # noqa: SIM115
+    except ConfigError as exc:
+        log.error("harness.pack.config_error", key=exc.key, error=str(exc))
+        return 3  # EXIT_CONFIG
+
+    finished = 0
+
+    async def one(daemon: Daemon, name: str) -> None:
+        nonlocal finished
+        structlog.contextvars.bind_contextvars(node=name)
+        try:
+            await daemon.run()
+        finally:
+            finished += 1
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for home, daemon in zip(homes, daemons):
+                nursery.start_soon(one, daemon, Path(home).name)
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("harness.pack.signal", signal=signal.Signals(signum).name)
+                        for d in daemons:
+                            d.stop(0)
+                        return
+
+            async def announce() -> None:
+                for d in daemons:
+                    await d.ready.wait()
+                lines = [f"{Path(h).name} {d.state.state.addrs[0]}" for h, d in zip(homes, daemons)]
+                tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
+                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+                os.replace(tmp, ready_file)
+                log.info("harness.pack.ready", daemons=len(daemons))
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(announce)
+            # when every daemon has returned (stopped, or a fatal error), end the helpers too
+            while finished < len(daemons):
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    codes = [d.exit_code for d in daemons]
+    return max(codes) if codes else 0

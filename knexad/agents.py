@@ -44,7 +44,8 @@ class AgentTimeout(KnexaError):
 
 
 def build_agent(cfg: DaemonConfig) -> Agent:
-    """``synthetic`` → SyntheticAgent; ``tiny-*`` / directory → MLAgent (torch, lazily)."""
+    """``synthetic`` → SyntheticAgent; ``tiny-*`` / directory → MLAgent (torch, lazily)
+    with the step counts of ``agent.budget``."""
     a = cfg.agent
     if a.model == "synthetic":
         from knexad.synthetic import make_population
@@ -54,9 +55,10 @@ def build_agent(cfg: DaemonConfig) -> Agent:
         return make_population(a.n_agents, alpha=SYNTHETIC_ALPHA, seed=a.seed)[a.index]
     if a.data != "builtin":
         raise ConfigError("agent.data", f"the ML agent supports data = 'builtin' only, got {a.data!r}")
-    from knexad.agent.ml_agent import MLAgent
+    from knexad.agent.ml_agent import MLAgent, steps_for_budget
 
-    return MLAgent(model=a.model, agent_index=a.index, n_agents=a.n_agents, seed=a.seed)
+    return MLAgent(model=a.model, agent_index=a.index, n_agents=a.n_agents, seed=a.seed,
+                   steps=steps_for_budget(a.budget))
 
 
 def end_round(agent: Agent) -> None:

@@ -20,6 +20,7 @@ import click
 import structlog
 
 from knexad.config import (
+    AGENT_BUDGETS,
     CONFIG_FILE,
     KEY_FILE,
     LOG_FORMATS,
@@ -64,9 +65,11 @@ def main() -> None:
 @click.option("--agent-index", type=int, default=0, show_default=True)
 @click.option("--n-agents", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--budget", type=click.Choice(AGENT_BUDGETS), default="standard", show_default=True,
+              help="ML training budget (local / KD steps): fast 100/60, standard 200/150, thorough 400/300.")
 @click.option("--force", is_flag=True, help="Overwrite an existing config.toml (the key is never overwritten).")
 def init(home: Path, cpm: str, model: str, data: str, org: str, listen: tuple[str, ...],
-         agent_index: int, n_agents: int, seed: int, force: bool) -> None:
+         agent_index: int, n_agents: int, seed: int, budget: str, force: bool) -> None:
     """Write config.toml and a fresh identity key (mode 0600) into HOME."""
     home.mkdir(parents=True, exist_ok=True)
     if (home / CONFIG_FILE).exists() and not force:
@@ -77,7 +80,8 @@ def init(home: Path, cpm: str, model: str, data: str, org: str, listen: tuple[st
         "cpm": cpm,
         "org": org,
         "listen": list(listen) or list(defaults.listen),
-        "agent": {"model": model, "data": data, "index": agent_index, "n_agents": n_agents, "seed": seed},
+        "agent": {"model": model, "data": data, "index": agent_index, "n_agents": n_agents, "seed": seed,
+                  "budget": budget},
     }
     try:
         cfg = from_mapping(raw)

@@ -13,8 +13,8 @@ Layout of ``<home>/config.toml`` (see docs/knexad.md for the full table)::
     log_format = "auto"        # auto | console | json
     metrics_port = 0           # 0 = no Prometheus endpoint
     on_unauthorized = "exit"   # exit (code 5) | retry
-    [agent]   model, data, index, n_agents, seed
-    [limits]  max_frame, chunk_bytes, max_package_bytes
+    [agent]   model, data, index, n_agents, seed, budget
+    [limits]  max_frame, chunk_bytes, max_package_bytes, rate_limit_per_s, rate_limit_burst
     [timeouts] dial_s, request_s, long_poll_s, exchange_step_s, teach_s, learn_s, give_up_s
     [retry]   base_s, max_s, jitter
 
@@ -48,6 +48,9 @@ CHECKPOINT_DIR = "checkpoint"
 LOG_FORMATS = ("auto", "console", "json")
 ON_UNAUTHORIZED = ("exit", "retry")
 TINY_MODELS = ("tiny-qwen2", "tiny-gpt2", "tiny-neox", "tiny-bloom")
+# names of knexad.agent.ml_agent.BUDGETS (kept here so validation needs no torch; a unit
+# test checks both lists agree)
+AGENT_BUDGETS = ("fast", "standard", "thorough")
 ENV_PREFIX = "KNEXA_"
 
 
@@ -58,6 +61,7 @@ class AgentSection:
     index: int = 0  # this agent's index in the population (non-IID partition slot)
     n_agents: int = 2  # population size the partition was drawn for
     seed: int = 0
+    budget: str = "standard"  # ML agent's local LoRA / KD steps: fast 100/60, standard 200/150, thorough 400/300.
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,8 @@ class LimitsSection:
     max_frame: int = MAX_FRAME_EXCHANGE
     chunk_bytes: int = CHUNK_BYTES
     max_package_bytes: int = 256 * 1024 * 1024
+    rate_limit_per_s: float = 1.0  # KnowledgeRequests per peer per second, sustained (0 = off)
+    rate_limit_burst: float = 10.0  # KnowledgeRequests a peer may send at once before the sustained rate applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,10 +233,13 @@ def _validate_sections(cfg: DaemonConfig) -> None:
     _expect_int("agent.n_agents", a.n_agents, 1)
     _expect_int("agent.index", a.index, 0, a.n_agents - 1)
     _expect_int("agent.seed", a.seed, 0)
+    _expect_str("agent.budget", a.budget, AGENT_BUDGETS)
     _expect_int("limits.max_frame", lim.max_frame, 64 * 1024, MAX_FRAME_EXCHANGE)
     # a sealed chunk = plaintext + msgpack wrapper + 40 B box + envelope: keep headroom
     _expect_int("limits.chunk_bytes", lim.chunk_bytes, 1024, lim.max_frame - 4096)
     _expect_int("limits.max_package_bytes", lim.max_package_bytes, lim.chunk_bytes)
+    _expect_float("limits.rate_limit_per_s", lim.rate_limit_per_s, 0.0, 1e6)
+    _expect_float("limits.rate_limit_burst", lim.rate_limit_burst, 1.0, 1e6)
     for name in ("dial_s", "request_s", "long_poll_s", "exchange_step_s", "teach_s", "learn_s"):
         _expect_float(f"timeouts.{name}", getattr(t, name), 0.0, 86_400.0, lo_open=True)
     _expect_float("timeouts.long_poll_s", t.long_poll_s, 0.0, 60.0, lo_open=True)

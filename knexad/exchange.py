@@ -5,7 +5,8 @@ the order docs/protocol.md §6 prescribes — envelope signed by the Noise remot
 signed by *our* CPM, not expired, names us as teacher and the remote as student, our
 transfer set, never used before — and only then asks the agent to teach. Its output
 passes the guardrail, is packed, chunked, sealed end-to-end to the student, and written
-chunk by chunk (awaiting each write is the backpressure).
+chunk by chunk (awaiting each write is the backpressure; sealing the next chunk runs in
+a worker thread meanwhile, see ``send_knowledge``).
 
 Student side (``fetch_package``) dials the teacher, presents the directive verbatim,
 verifies every envelope came from the teacher, opens the boxes in order, and checks the
@@ -18,10 +19,14 @@ the daemon's home before any teaching starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
@@ -33,20 +38,23 @@ from knexad.agents import AgentWorker
 from knexad.config import DaemonConfig
 from knexad.cpm_client import NET_ERRORS, open_stream
 from knexad.state import StateFile
+from p2p.ratelimit import PeerRateLimiter
 from p2p.streams import FramedStream
 from protocol.directives import verify_directive
 from protocol.e2e import E2EBox
-from protocol.envelope import Identity, now_ms, open_envelope, seal
+from protocol.envelope import Envelope, Identity, now_ms, open_envelope, seal
 from protocol.errors import (
+    DecryptionFailed,
     KnexaError,
     MalformedFrame,
     PeerUnavailable,
     ProtocolError,
+    RateLimited,
     Replay,
     error_from_code,
 )
 from protocol.ids import EXCHANGE_PROTOCOL
-from protocol.knowledge import decode_package, digest, encode_package, split_chunks
+from protocol.knowledge import decode_package, encode_package, seal_chunk_frame
 from protocol.messages import Directive, Error, KnowledgeChunk, KnowledgeEnd, KnowledgeRequest
 from protocol.replay import ReplayGuard
 
@@ -119,6 +127,7 @@ class ExchangeServer:
         self.transfer_hash = transfer_hash
         self.guardrail = Guardrail(private_texts)
         self.guard = guard or ReplayGuard()
+        self.limiter = PeerRateLimiter(cfg.limits.rate_limit_per_s, cfg.limits.rate_limit_burst)
         self.served = 0
 
     async def handle(self, stream: INetStream) -> None:
@@ -127,7 +136,10 @@ class ExchangeServer:
         remote = framed.remote_peer
         start = time.perf_counter()
         try:
+            self.limiter.check(remote)  # before reading the KnowledgeRequest
             await self._serve(framed, remote, start)
+        except RateLimited as exc:  # a PeerUnavailable, but the peer is there: answer it
+            await self._refuse(framed, remote, exc)
         except PeerUnavailable as exc:
             log.warning("exchange.failed", peer=remote, error=exc.code, message=str(exc))
             await framed.reset()
@@ -181,23 +193,18 @@ class ExchangeServer:
         if len(data) > self.cfg.limits.max_package_bytes:
             raise KnexaError(f"package of {len(data)} bytes exceeds limits.max_package_bytes")
 
-        box = E2EBox(self.identity, remote)
-        chunks = split_chunks(data, self.cfg.limits.chunk_bytes)
         did = directive.directive_id
-        for index, chunk in enumerate(chunks):
-            sealed = seal(KnowledgeChunk(directive_id=did, index=index, box=box.seal_chunk(did, index, chunk)), self.identity)
-            with trio.fail_after(step):
-                await framed.write_frame(sealed)
-        end = KnowledgeEnd(
-            directive_id=did,
-            chunks=len(chunks),
-            total_bytes=len(data),
-            sha256=digest(data),
+        chunks = await send_knowledge(
+            framed,
+            self.identity,
+            remote,
+            did,
+            data,
+            chunk_bytes=self.cfg.limits.chunk_bytes,
+            step_s=step,
             items=len(package.items),
             dropped=dropped,
         )
-        with trio.fail_after(step):
-            await framed.write_frame(seal(end, self.identity))
         await framed.close()
         self.served += 1
         self.state.state.taught += 1
@@ -207,7 +214,7 @@ class ExchangeServer:
             directive=did,
             round=directive.round,
             bytes=len(data),
-            chunks=len(chunks),
+            chunks=chunks,
             items=len(package.items),
             dropped=dropped,
             duration_ms=int((time.perf_counter() - start) * 1000),
@@ -292,46 +299,203 @@ async def _receive(
     did = directive.directive_id
     with trio.fail_after(step):
         await framed.write_frame(seal(KnowledgeRequest(directive=directive_raw), identity))
-    box = E2EBox(identity, teacher_id)
+    plain, end = await receive_knowledge(
+        framed,
+        identity,
+        teacher_id,
+        did,
+        guard,
+        max_package_bytes=cfg.limits.max_package_bytes,
+        step_s=step,
+        first_wait_s=step + cfg.timeouts.teach_s,  # the teacher may spend teach_s generating
+    )
+    package = decode_package(plain)
+    if len(package.items) != end.items:
+        raise ProtocolError(f"trailer says {end.items} items, package has {len(package.items)}")
+    return FetchResult(
+        package=package,
+        wire_bytes_in=framed.bytes_in,
+        wire_bytes_out=framed.bytes_out,
+        plaintext_bytes=len(plain),
+        dropped=end.dropped,
+        duration_ms=int((time.perf_counter() - start) * 1000),
+    )
+
+
+# --- the chunk stream, shared by both sides and by benchmarks/stream.py ---------------
+#
+# Each side overlaps its per-chunk crypto with the stream: the teacher seals chunk i+1 in
+# a worker thread while chunk i is written, the student verifies and opens chunk i in a
+# worker thread while chunk i+1 is read. SHA-256 and XSalsa20-Poly1305 release the GIL,
+# so on two cores the crypto runs beside py-libp2p's (pure-Python) yamux and Noise
+# instead of after them. It still shares the cores and the GIL with the event loop;
+# ``python -m benchmarks.stream --interference`` measures what that alone costs.
+# At most PIPELINE_DEPTH frames wait between the two stages.
+
+PIPELINE_DEPTH = 1
+
+
+@asynccontextmanager
+async def _pipeline() -> AsyncIterator[trio.Nursery]:
+    """A nursery for a two-stage pipeline that fails with the error that stopped it
+    (a ``PeerUnavailable``, ``TooSlowError`` …), not an ``ExceptionGroup`` around it,
+    so callers keep handling typed errors as before."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        first = next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+        raise first from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+async def send_knowledge(
+    framed: FramedStream,
+    identity: Identity,
+    student: str,
+    directive_id: str,
+    data: bytes,
+    *,
+    chunk_bytes: int,
+    step_s: float,
+    items: int,
+    dropped: int,
+) -> int:
+    """Teacher: write ``data`` as sealed ``KnowledgeChunk`` frames, then the
+    ``KnowledgeEnd`` trailer; every write has ``step_s``. Returns the chunk count."""
+    box = E2EBox(identity, student)
+    view = memoryview(data)
+    count = max(1, -(-len(data) // chunk_bytes))  # an empty package is one empty chunk
+    whole = hashlib.sha256()
+
+    def build(index: int) -> bytes:  # worker thread; calls are sequential, in order
+        piece = view[index * chunk_bytes : (index + 1) * chunk_bytes]
+        whole.update(piece)
+        return seal_chunk_frame(identity, box, directive_id, index, piece, framed.max_frame)
+
+    send, recv = trio.open_memory_channel[bytes | Exception](PIPELINE_DEPTH)
+
+    async def produce() -> None:
+        async with send:
+            for index in range(count):
+                try:
+                    frame: bytes | Exception = await trio.to_thread.run_sync(build, index)
+                except Exception as exc:  # noqa: BLE001 — relayed: the writer raises it in order
+                    frame = exc
+                try:
+                    await send.send(frame)
+                except trio.BrokenResourceError:
+                    return  # the writer stopped; its own error tells why
+                if isinstance(frame, Exception):
+                    return
+
+    async with _pipeline() as nursery:
+        nursery.start_soon(produce)
+        async with recv:
+            async for frame in recv:
+                if isinstance(frame, Exception):
+                    raise frame
+                with trio.fail_after(step_s):
+                    await framed.write_encoded(frame)
+    end = KnowledgeEnd(directive_id, count, len(data), whole.digest(), items, dropped)
+    with trio.fail_after(step_s):
+        await framed.write_frame(seal(end, identity))
+    return count
+
+
+async def receive_knowledge(
+    framed: FramedStream,
+    identity: Identity,
+    teacher: str,
+    directive_id: str,
+    guard: ReplayGuard,
+    *,
+    max_package_bytes: int,
+    step_s: float,
+    first_wait_s: float,
+) -> tuple[bytearray, KnowledgeEnd]:
+    """Student: read chunks until ``KnowledgeEnd``; returns the plaintext and trailer
+    after checking chunk order, size and SHA-256. Checks run in the order
+    docs/protocol.md gives: signature (teacher), replay guard, ``Error``, directive,
+    index, box; any failure raises its typed error."""
+    box = E2EBox(identity, teacher)
     plain = bytearray()
+    whole = hashlib.sha256()
+    allowed = (KnowledgeChunk, KnowledgeEnd, Error)
+
+    def open_frame(frame: bytes, index: int) -> tuple[Envelope, Any, DecryptionFailed | None]:
+        # worker thread; calls are sequential, in chunk order. The replay guard is not
+        # touched here (it may be shared with the event loop): the caller checks it.
+        env, msg = open_envelope(frame, expected_sender=teacher, allowed=allowed)
+        if isinstance(msg, KnowledgeChunk) and msg.directive_id == directive_id and msg.index == index:
+            try:
+                payload = box.open_chunk_view(directive_id, index, msg.box)
+            except DecryptionFailed as exc:
+                return env, msg, exc
+            plain.extend(payload)
+            whole.update(payload)
+        return env, msg, None
+
+    send, recv = trio.open_memory_channel[bytes | Exception | None](PIPELINE_DEPTH)
+
+    async def read_frames() -> None:
+        # A read failure is relayed as the next item, so the consumer reports errors in
+        # stream order (a bad chunk before a truncated one behind it), as when it was
+        # one sequential loop.
+        async with send:
+            wait = first_wait_s
+            while True:
+                try:
+                    with trio.fail_after(wait):
+                        frame: bytes | Exception | None = await _read_frame(framed, teacher)
+                except Exception as exc:  # noqa: BLE001 — relayed, raised by the consumer
+                    frame = exc
+                wait = step_s
+                await send.send(frame)
+                if not isinstance(frame, bytes):
+                    return
+
     index = 0
-    while True:
-        # the teacher may spend up to teach_s generating before the first chunk
-        wait = step + (cfg.timeouts.teach_s if index == 0 else 0.0)
-        with trio.fail_after(wait):
-            frame = await _read_frame(framed, teacher_id)
-        if frame is None:
-            raise PeerUnavailable(f"teacher {teacher_id} closed the stream before KnowledgeEnd")
-        env, msg = open_envelope(frame, expected_sender=teacher_id, allowed=(KnowledgeChunk, KnowledgeEnd, Error))
-        guard.check(env, now_ms())
-        if isinstance(msg, Error):
-            raise error_from_code(msg.code, msg.message)
-        if msg.directive_id != did:
-            raise MalformedFrame(f"frame for directive {msg.directive_id}, expected {did}")
-        if isinstance(msg, KnowledgeChunk):
-            if msg.index != index:
-                raise MalformedFrame(f"chunk {msg.index} out of order (expected {index})")
-            plain += box.open_chunk(did, index, msg.box)
-            if len(plain) > cfg.limits.max_package_bytes:
-                raise MalformedFrame(f"package exceeds limits.max_package_bytes ({cfg.limits.max_package_bytes})")
-            index += 1
-            continue
-        end: KnowledgeEnd = msg
-        if end.chunks != index or end.total_bytes != len(plain):
-            raise ProtocolError(
-                f"trailer mismatch: {end.chunks} chunks / {end.total_bytes} B announced, "
-                f"{index} / {len(plain)} received"
-            )
-        if end.sha256 != digest(bytes(plain)):
-            raise ProtocolError("package SHA-256 does not match the trailer")
-        package = decode_package(bytes(plain))
-        if len(package.items) != end.items:
-            raise ProtocolError(f"trailer says {end.items} items, package has {len(package.items)}")
-        return FetchResult(
-            package=package,
-            wire_bytes_in=framed.bytes_in,
-            wire_bytes_out=framed.bytes_out,
-            plaintext_bytes=len(plain),
-            dropped=end.dropped,
-            duration_ms=int((time.perf_counter() - start) * 1000),
+    end: KnowledgeEnd | None = None
+    async with _pipeline() as nursery:
+        nursery.start_soon(read_frames)
+        async with recv:
+            async for frame in recv:
+                if frame is None:
+                    raise PeerUnavailable(f"teacher {teacher} closed the stream before KnowledgeEnd")
+                if isinstance(frame, Exception):
+                    raise frame
+                env, msg, failure = await trio.to_thread.run_sync(open_frame, frame, index)
+                guard.check(env, now_ms())
+                if isinstance(msg, Error):
+                    raise error_from_code(msg.code, msg.message)
+                if msg.directive_id != directive_id:
+                    raise MalformedFrame(f"frame for directive {msg.directive_id}, expected {directive_id}")
+                if isinstance(msg, KnowledgeEnd):
+                    end = msg
+                    nursery.cancel_scope.cancel()  # stop the reader; nothing follows the trailer
+                    break
+                if msg.index != index:
+                    raise MalformedFrame(f"chunk {msg.index} out of order (expected {index})")
+                if failure is not None:
+                    raise failure
+                if len(plain) > max_package_bytes:
+                    raise MalformedFrame(f"package exceeds limits.max_package_bytes ({max_package_bytes})")
+                index += 1
+    if end is None:  # pragma: no cover — the loop only ends by raising or at the trailer
+        raise PeerUnavailable(f"teacher {teacher} stopped before KnowledgeEnd")
+    if end.chunks != index or end.total_bytes != len(plain):
+        raise ProtocolError(
+            f"trailer mismatch: {end.chunks} chunks / {end.total_bytes} B announced, "
+            f"{index} / {len(plain)} received"
         )
+    if end.sha256 != whole.digest():
+        raise ProtocolError("package SHA-256 does not match the trailer")
+    return plain, end

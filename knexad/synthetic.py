@@ -18,7 +18,8 @@ documented in docs/synthetic.md; in short, per agent:
   a strong KD weight pays when the teacher knows what the student lacks and costs when
   it overwrites what the student already does better (negative transfer);
 * a *poisoned* teacher's items have negative quality; the student then loses
-  ρ⁺·½·s_c in every category the package covers;
+  ρ⁺·½·s_c in every category the package covers. ``poison_from`` > 0 makes a
+  "sleeper": honest until it has completed that many rounds, poisoned afterwards;
 * realised change = expected change × max(0, 1 + σ·ε), ε ~ N(0, 1) per exchange; the
   measured loss adds N(0, σ_m) measurement noise.
 
@@ -97,6 +98,12 @@ class AgentState:
     rounds: int = 0
     kd_rounds: int = 0
     gain_ema: float = 0.0
+    poison_from: int = 0  # poisoned only once ``rounds`` ≥ this (0: from the start)
+
+    @property
+    def poisoning(self) -> bool:
+        """Whether this agent's knowledge is harmful *now*."""
+        return self.poisoned and self.rounds >= self.poison_from
 
     def data_level(self, params: WorldParams) -> np.ndarray:
         return params.base + (self.capacity - params.base) * (1.0 - np.exp(-self.n_data * self.hist / params.kappa))
@@ -107,6 +114,7 @@ class AgentState:
             "capacity": self.capacity, "skill": self.skill.tolist(), "poisoned": self.poisoned,
             "prev_pass1": self.prev_pass1, "prev_own": self.prev_own, "prev_ppl": self.prev_ppl,
             "rounds": self.rounds, "kd_rounds": self.kd_rounds, "gain_ema": self.gain_ema,
+            "poison_from": self.poison_from,
         }
 
     @classmethod
@@ -116,7 +124,7 @@ class AgentState:
             capacity=float(d["capacity"]), skill=np.asarray(d["skill"], dtype=float),
             poisoned=bool(d["poisoned"]), prev_pass1=float(d["prev_pass1"]), prev_own=float(d["prev_own"]),
             prev_ppl=float(d["prev_ppl"]), rounds=int(d["rounds"]), kd_rounds=int(d["kd_rounds"]),
-            gain_ema=float(d["gain_ema"]),
+            gain_ema=float(d["gain_ema"]), poison_from=int(d.get("poison_from", 0)),
         )
 
 
@@ -172,8 +180,8 @@ def category_delta(teacher_quality: np.ndarray, student_skill: np.ndarray, compa
 
 
 def teacher_quality(st: AgentState) -> np.ndarray:
-    """What a teacher's items are worth per category; negative when poisoned."""
-    return -np.maximum(st.skill, 0.5) if st.poisoned else st.skill.copy()
+    """What a teacher's items are worth per category; negative when poisoning."""
+    return -np.maximum(st.skill, 0.5) if st.poisoning else st.skill.copy()
 
 
 def expected_gain(teacher_state: AgentState, student_state: AgentState, arm: ProtocolArm,
@@ -271,9 +279,8 @@ class SyntheticAgent:
                 ))
         return KnowledgePackage(self.family, tuple(items), {"round": request.round, "agent": self.agent_id})
 
-    def learn(self, package: KnowledgePackage, arm: ProtocolArm) -> LearnResult:
-        st = self.state
-        pre_true = loss(st)
+    def _package_delta(self, package: KnowledgePackage, arm: ProtocolArm) -> tuple[np.ndarray, int]:
+        """Noise-free expected per-category skill change from ``package``; items used."""
         cats = np.zeros(N_CATEGORIES)
         qsum = np.zeros(N_CATEGORIES)
         used = 0
@@ -284,11 +291,26 @@ class SyntheticAgent:
             cats[c] += 1
             qsum[c] += qv
             used += 1
+        if not used:
+            return np.zeros(N_CATEGORIES), 0
+        cover = cats * N_CATEGORIES / used
+        qual = np.where(cats > 0, qsum / np.maximum(cats, 1), 0.0)
+        fam = FAMILIES.index(package.teacher_family) if package.teacher_family in FAMILIES else len(FAMILIES) - 1
+        d = category_delta(qual, self.state.skill, float(COMPAT[fam, self.state.family]), arm, cover, self.params)
+        return d, used
+
+    def expected_learn_gain(self, package: KnowledgePackage, arm: ProtocolArm) -> float:
+        """The validation-loss decrease ``learn(package, arm)`` would cause without its
+        noise (the world's truth; tests use it to judge the CPM's quarantines)."""
+        d, _ = self._package_delta(package, arm)
+        s = self.state.skill
+        return float(np.mean(np.clip(s + d, 0.0, 1.0) - s))
+
+    def learn(self, package: KnowledgePackage, arm: ProtocolArm) -> LearnResult:
+        st = self.state
+        pre_true = loss(st)
+        d, used = self._package_delta(package, arm)
         if used:
-            cover = cats * N_CATEGORIES / used
-            qual = np.where(cats > 0, qsum / np.maximum(cats, 1), 0.0)
-            fam = FAMILIES.index(package.teacher_family) if package.teacher_family in FAMILIES else len(FAMILIES) - 1
-            d = category_delta(qual, st.skill, float(COMPAT[fam, st.family]), arm, cover, self.params)
             factor = max(0.0, 1.0 + self.params.noise * float(self.rng.standard_normal()))
             st.skill = np.clip(st.skill + factor * d, 0.0, 1.0)
         post_true = loss(st)
@@ -374,12 +396,16 @@ def _parse_item(item: KnowledgeItem) -> tuple[int | None, float]:
 
 
 def make_population(n: int, *, alpha: float, seed: int, poisoned: tuple[int, ...] = (),
-                    params: WorldParams = WorldParams()) -> list[SyntheticAgent]:
-    """n agents, deterministic by seed; indices in ``poisoned`` are poisoned teachers."""
+                    params: WorldParams = WorldParams(), poison_from: int = 0) -> list[SyntheticAgent]:
+    """n agents, deterministic by seed; indices in ``poisoned`` are poisoned teachers
+    (from their ``poison_from``-th completed round on; 0 = from the start)."""
     ss = np.random.SeedSequence(seed)
     seeds = ss.generate_state(n)
-    return [SyntheticAgent.random(int(s), alpha=alpha, agent_id=f"a{i:04d}", poisoned=i in poisoned, params=params)
-            for i, s in enumerate(seeds)]
+    agents = [SyntheticAgent.random(int(s), alpha=alpha, agent_id=f"a{i:04d}", poisoned=i in poisoned, params=params)
+              for i, s in enumerate(seeds)]
+    for i in poisoned:
+        agents[i].state.poison_from = int(poison_from)
+    return agents
 
 
 def package_kb(package: KnowledgePackage) -> float:

@@ -15,7 +15,7 @@ from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamErro
 from protocol.errors import PeerUnavailable
 from protocol.framing import FrameDecoder, encode_frame
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 256 * 1024  # minimum read; a pending large frame asks for what it lacks
 
 
 class FramedStream:
@@ -45,7 +45,7 @@ class FramedStream:
             if frame is not None:
                 return frame
             try:
-                data = await self.stream.read(READ_SIZE)
+                data = await self.stream.read(max(READ_SIZE, self._decoder.bytes_wanted()))
             except StreamEOF:
                 self._decoder.close()  # raises MalformedFrame if truncated
                 return None
@@ -58,7 +58,11 @@ class FramedStream:
             self._decoder.feed(data)
 
     async def write_frame(self, payload: bytes) -> None:
-        data = encode_frame(payload, self.max_frame)
+        await self.write_encoded(encode_frame(payload, self.max_frame))
+
+    async def write_encoded(self, data: bytes) -> None:
+        """Write bytes that are already one or more whole frames (built off the event
+        loop by ``protocol.knowledge.seal_chunk_frame``), in one stream write."""
         try:
             await self.stream.write(data)
         except (StreamError, StreamClosed, StreamReset) as exc:

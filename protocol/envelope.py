@@ -74,6 +74,13 @@ class Identity:
         return f"Identity({self.peer_id})"
 
 
+def signed_bytes(v: int, type_name: str, sender: str, ts_ms: int, nonce: bytes, body_digest: bytes) -> bytes:
+    """The exact bytes an envelope signature covers (docs/protocol.md §4): the domain tag,
+    the header fields and sha256(body). Public so a streaming encoder that hashes the body
+    piecewise (``protocol.knowledge``) signs the same bytes as ``Envelope``."""
+    return pack([_DOMAIN, v, type_name, sender, ts_ms, nonce, body_digest])
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     v: int
@@ -85,8 +92,8 @@ class Envelope:
     sig: bytes
 
     def signed_bytes(self) -> bytes:
-        digest = hashlib.sha256(self.body).digest()
-        return pack([_DOMAIN, self.v, self.type, self.sender, self.ts_ms, self.nonce, digest])
+        return signed_bytes(self.v, self.type, self.sender, self.ts_ms, self.nonce,
+                            hashlib.sha256(self.body).digest())
 
     def to_bytes(self) -> bytes:
         return pack(

@@ -81,6 +81,17 @@ class PeerUnavailable(KnexaError):
     code = "peer_unavailable"
 
 
+class RateLimited(PeerUnavailable):
+    """The peer sends requests faster than its per-peer budget (``p2p.ratelimit``).
+
+    A ``PeerUnavailable`` on purpose: it is transient and nobody's data is wrong, so
+    every client already does the right thing with it — back off and retry, keeping a
+    queued Feedback in the durable outbox instead of discarding it.
+    """
+
+    code = "rate_limited"
+
+
 class ConfigError(KnexaError):
     """Invalid local configuration; ``key`` names the offending setting."""
 
@@ -105,6 +116,7 @@ ERROR_CODES: dict[str, type[KnexaError]] = {
         DecryptionFailed,
         Unauthorized,
         PeerUnavailable,
+        RateLimited,
     )
 }
 ERROR_CODES["internal"] = KnexaError

@@ -47,6 +47,25 @@ class StepsConfig:
     max_new_tokens: int = 40
 
 
+# Named training budgets, chosen per daemon by ``[agent] budget`` (knexad/config.py keeps
+# the same names so the config validates without importing torch). Only step counts
+# differ: the data split, test set and transfer set are identical under every budget, so
+# pass@1 numbers from different budgets are measured on the same tasks.
+BUDGETS: dict[str, StepsConfig] = {
+    "fast": StepsConfig(local=100, kd=60),  # make demo, benchmarks/round.py
+    "standard": StepsConfig(),  # design §9's fast setting; the daemon default
+    "thorough": StepsConfig(local=400, kd=300),  # design §9's slower, stronger setting
+}
+
+
+def steps_for_budget(name: str) -> StepsConfig:
+    """The ``StepsConfig`` of a named budget (``ValueError`` for an unknown name)."""
+    try:
+        return BUDGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class DataConfig:
     """Sizes of the splits; ``owned`` replaces the Dirichlet draw (controlled runs)."""
@@ -109,6 +128,9 @@ class MLAgent:
         self._lm: zoo.LoadedModel | None = None
         self._opt: torch.optim.Optimizer | None = None
         self._state = _State()
+        # the last evaluate()'s metrics, valid while the weights have not changed since
+        # (evaluation is greedy and deterministic, so re-running it would give the same)
+        self._eval_cache: dict[str, float] | None = None
 
     # -- lazy model -----------------------------------------------------------------
 
@@ -138,6 +160,7 @@ class MLAgent:
                 seed=self._agent_seed)
             self._state.trained = True
             self._state.step += len(losses)
+            self._eval_cache = None
             log.info("agent.local.done", agent=self.agent_index, family=self.family,
                      steps=len(losses), loss_first=round(losses[0], 4) if losses else None,
                      loss_last=round(losses[-1], 4) if losses else None,
@@ -217,6 +240,8 @@ class MLAgent:
                 steps=self.steps.kd if kd else 0, batch_size=self.steps.batch_size,
                 pad_id=lm.pad_id, device=lm.device, seed=self._agent_seed * 13 + round_)
             self._state.step += len(result.step_losses)
+            if result.step_losses:
+                self._eval_cache = None
             self._state.round = round_ + 1
             self._state.kd_gain = profile.kd_gain(result.loss_pre, result.loss_post)
             log.info("agent.learn.done", agent=self.agent_index, round=round_,
@@ -237,16 +262,29 @@ class MLAgent:
                 steps=self.steps.kd if steps is None else steps, batch_size=self.steps.batch_size,
                 pad_id=lm.pad_id, device=lm.device, seed=self._agent_seed * 13 + self._state.round)
             self._state.step += len(result.step_losses)
+            if result.step_losses:
+                self._eval_cache = None
             self._state.round += 1
             return LearnResult(result.loss_pre, result.loss_post, 0, result.seconds)
 
     def evaluate(self) -> dict[str, float]:
         """pass@1 (greedy, sandboxed) overall / own categories / other categories, plus
-        validation loss, token accuracy and normalised perplexity."""
+        validation loss, token accuracy and normalised perplexity.
+
+        When the weights have not changed since the last evaluation (a teacher's round:
+        teaching does not train), the previous metrics are returned without generating
+        or running anything: evaluation is deterministic, so the numbers are the ones a
+        re-run would give, and the profile's deltas (now vs previous) become 0 exactly as
+        they would."""
         from knexad.agent.evaluate import check_programs
 
         with self._lock:
             lm = self._ensure_trained()
+            if self._eval_cache is not None and self._state.metrics is not None:
+                self._state.prev_metrics = self._state.metrics
+                log.info("agent.evaluate.cached", agent=self.agent_index, family=self.family,
+                         pass_at_1=round(self._eval_cache["pass@1"], 4))
+                return dict(self._eval_cache)
             t0 = time.perf_counter()
             test = self.split.test
             outs = self._generate([t.prompt for t in test])
@@ -274,6 +312,7 @@ class MLAgent:
             self._state.prev_metrics = self._state.metrics
             self._state.metrics = perf
             self._state.per_category = per_cat
+            self._eval_cache = dict(metrics)
             log.info("agent.evaluate.done", agent=self.agent_index, family=self.family,
                      **{k.replace("@", "_at_"): round(v, 4) for k, v in metrics.items()
                         if "_cat" not in k},
@@ -285,7 +324,10 @@ class MLAgent:
             lm = self._ensure_model()
             state = {"spec": self.spec, "family": self.family, "agent_index": self.agent_index,
                      "seed": self.seed, "transfer_hash": self._transfer_hash,
-                     "steps_config": asdict(self.steps), **asdict(self._state)}
+                     "steps_config": asdict(self.steps), **asdict(self._state),
+                     # metrics of exactly these weights, if evaluated since they last
+                     # changed: a restored agent (the harness's final evaluation) reuses them
+                     "eval_cache": self._eval_cache}
             checkpoint.save_checkpoint(Path(directory), lm.model, self._opt, state)
 
     def load(self, directory: Path) -> bool:
@@ -296,6 +338,9 @@ class MLAgent:
                 return False
             if saved.get("spec") != self.spec or saved.get("transfer_hash") != self._transfer_hash:
                 raise ValueError("checkpoint belongs to another model spec or task set")
+            cache = saved.get("eval_cache")
+            self._eval_cache = ({str(k): float(v) for k, v in cache.items()}
+                                if isinstance(cache, dict) and "pass@1" in cache else None)
             self._state = _State(trained=bool(saved["trained"]), round=int(saved["round"]),
                                  step=int(saved["step"]), metrics=saved.get("metrics"),
                                  prev_metrics=saved.get("prev_metrics"),
@@ -370,6 +415,24 @@ def kd_effect(student: str = "tiny-gpt2", teacher: str = "tiny-gpt2",
     log.info("agent.kd_effect.done", student=student, teacher=teacher,
              **{k: round(v, 4) for k, v in out.items()})
     return out
+
+
+def step_seconds(spec: str = "tiny-qwen2", steps: int = 5, threads: int = 1) -> float:
+    """Wall seconds per local LoRA step (batch 16) of a fresh agent on ``threads`` torch
+    threads, after one warm-up step: the measurement behind ``zoo.configure_cpu_threads``
+    (``python -m benchmarks.round --probe-threads`` runs several of these at once)."""
+    agent = MLAgent(spec, 0, 4, seed=0, steps=StepsConfig(local=0))
+    lm = agent._ensure_model()
+    torch.set_num_threads(threads)
+
+    def run(n: int) -> None:
+        distill.train_steps(lm.model, agent._opt, agent._train_ex, [], alpha=0.0, steps=n,
+                            batch_size=agent.steps.batch_size, pad_id=lm.pad_id, device=lm.device, seed=0)
+
+    run(1)
+    t0 = time.perf_counter()
+    run(steps)
+    return (time.perf_counter() - t0) / steps
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

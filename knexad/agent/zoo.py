@@ -102,6 +102,25 @@ class LoadedModel:
         return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
+def configure_cpu_threads(spec: str, device: torch.device) -> int:
+    """Run tiny models on one CPU thread; returns the thread count now in effect.
+
+    Why: on d=128 matrices intra-op parallelism costs more in OpenMP synchronisation
+    than it saves, and several daemons on one machine each spinning ``cpu_count``
+    threads oversubscribe the cores. Measured on the 2-core dev machine with 4 processes
+    training tiny-qwen2 at once (the demo's 4 daemons): 0.24 s per LoRA step each on 1
+    thread vs 3.86 s on torch's default 2 (``python -m benchmarks.round --probe-threads``;
+    docs/agent.md §Budgets and speed).
+    An explicit ``OMP_NUM_THREADS`` is the operator's choice and wins; real models
+    (``smollm2``, directories) and accelerators keep torch's default.
+    """
+    if device.type == "cpu" and spec in TINY_RECIPES and "OMP_NUM_THREADS" not in os.environ:
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+            log.info("agent.zoo.threads", spec=spec, threads=1)
+    return torch.get_num_threads()
+
+
 def cache_root() -> Path:
     root = os.environ.get("KNEXA_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "knexa"
@@ -255,6 +274,7 @@ def ensure_tiny_base(family: str) -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM
 
+        configure_cpu_threads(family, torch.device("cpu"))
         t0 = time.perf_counter()
         tok = train_tokenizer(recipe)
         torch.manual_seed(recipe.seed)
@@ -361,6 +381,7 @@ def load_model(spec: str, *, seed: int = 0, lora_r: int = 16, lora_alpha: int = 
     dev, dt = default_device()
     device = device or dev
     dtype = dtype or dt
+    configure_cpu_threads(spec, torch.device(device))
     path = resolve_path(spec)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:

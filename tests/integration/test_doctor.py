@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -215,7 +216,11 @@ async def test_clock_skew_near_the_window_warns(tmp_path: Path) -> None:
         store.admit(ident.peer_id, "acme", now_ms())
         result = await doctor_in_thread(tmp_path / "d")
     line = lines_of(result, "clock")
-    assert line[0].split()[0] == "WARN" and "+60." in line[0]
+    assert line[0].split()[0] == "WARN", line
+    # the estimate includes the request's round trip (and, under load, the CPM's commit
+    # wait), so it is 60 s give or take; "+59.99 s" is as right as "+60.01 s"
+    skew = float(re.search(r"([+-]\d+(?:\.\d+)?) ?s", line[0]).group(1))
+    assert abs(skew - 60.0) <= 0.5, line[0]
     assert "NTP" in line[1]
     assert result.exit_code == 0  # warnings do not fail
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ MAX_FRAME = {CPM_PROTOCOL: MAX_FRAME_CPM, ADMIN_PROTOCOL: MAX_FRAME_ADMIN, EXCHA
 @asynccontextmanager
 async def running_cpm(tmp_path: Path, **cfg_kw: Any) -> AsyncIterator[tuple[CpmService, Any]]:
     """A CPM service on 127.0.0.1:0 with a fresh DB; yields (service, PeerInfo)."""
-    cfg = CpmConfig(**{"strategy": "random", "request_timeout_s": 1.0, **cfg_kw})
+    # limiter off unless a test asks: fuzz and hostile campaigns send many frames from one
+    # identity and must reach the parser (the limiter: tests/integration/test_ratelimit_cpm.py)
+    cfg = CpmConfig(**{"strategy": "random", "request_timeout_s": 1.0, "rate_limit_per_s": 0.0, **cfg_kw})
     store = Store(tmp_path / "cpm.db")
     service = CpmService(cfg, Identity.generate(), store)
     async with trio.open_nursery() as nursery:
@@ -154,6 +156,9 @@ async def running_teacher(home: Path, *, agent: Any = None, private_texts: tuple
     if agent is not None:
         t.agent = agent
     cfg = make_config(t.cpm, **timeouts)
+    # off: the fuzz campaigns send thousands of frames from one identity and must reach
+    # the parser, not the per-peer limiter (tests/integration/test_ratelimit_exchange.py)
+    cfg = replace(cfg, limits=replace(cfg.limits, rate_limit_per_s=0.0))
     t.server = ExchangeServer(t.identity, cfg, AgentWorker(t.agent), UsedDirectives(home / "used.log"),
                               StateFile(home), transfer_hash=TRANSFER_HASH, private_texts=private_texts)
     host = build_host(t.identity.seed, dial_timeout_s=5)

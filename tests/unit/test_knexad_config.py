@@ -47,6 +47,17 @@ def test_init_writes_config_and_private_key(tmp_path: Path) -> None:
     assert peer.output.strip() in result.output  # init shows the admit hint with it
 
 
+def test_init_budget_and_rate_limits(tmp_path: Path) -> None:
+    home, result = init_home(tmp_path, "--model", "tiny-gpt2", "--budget", "fast")
+    assert result.exit_code == 0, result.output
+    cfg = load_config(home, env={})
+    assert cfg.agent.budget == "fast" and cfg.agent.model == "tiny-gpt2"
+    assert cfg.limits.rate_limit_per_s == 1.0 and cfg.limits.rate_limit_burst == 10.0
+    _, bad = init_home(tmp_path / "x", "--budget", "huge")
+    assert bad.exit_code == 2  # usage error, nothing written
+    assert not (tmp_path / "x" / "home" / "config.toml").exists()
+
+
 def test_init_refuses_to_clobber_config(tmp_path: Path) -> None:
     home, first = init_home(tmp_path)
     key = (home / "identity.key").read_bytes()

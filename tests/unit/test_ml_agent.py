@@ -140,6 +140,48 @@ def test_evaluate_uses_sandbox_programs_and_profile_reflects_it(quick_cache, mon
     assert vec[20] == pytest.approx(0.5) and vec[21] == pytest.approx(0.5)
 
 
+def test_evaluate_reruns_only_after_the_weights_changed(quick_cache, monkeypatch, tmp_path) -> None:
+    """A teacher's round changes no weight: its end-of-round evaluation must not pay for
+    generation + sandbox again, yet report what a re-run would (deltas 0)."""
+    from knexad.agent import evaluate
+
+    calls: list[int] = []
+
+    def counting_check(programs, timeout_s=5.0, memory_mb=512):
+        calls.append(len(programs))
+        return [len(calls) % 2 == 1] * len(programs)  # differs per call: a stale cache would show
+
+    monkeypatch.setattr(evaluate, "check_programs", counting_check)
+    agent = _agent(0)
+    first = agent.evaluate()
+    assert len(calls) == 1 and first["pass@1"] == 1.0
+    again = agent.evaluate()  # nothing trained since: no generation, no sandbox run
+    assert len(calls) == 1 and again == first
+    assert agent._state.prev_metrics == agent._state.metrics
+    vec = agent.profile()
+    assert vec[profile.INDEX_MAP["delta.pass@1"]] == 0.0
+
+    bad = KnowledgePackage("tiny-gpt2", (KnowledgeItem("x", "def f():\n", "    pass\n"),), {"round": 0})
+    agent.learn(bad, ProtocolArm())  # nothing accepted: zero KD steps, weights unchanged
+    assert agent.evaluate() == first and len(calls) == 1
+
+    good = tuple(KnowledgeItem(str(i), t.prompt, t.solution, t.category) for i, t in enumerate(agent.transfer[:4]))
+    assert agent.learn(KnowledgePackage("tiny-gpt2", good, {"round": 0}), ProtocolArm()).items_used == 4
+    # KD steps changed the weights: must re-evaluate
+    after = agent.evaluate()
+    assert len(calls) == 2 and after["pass@1"] == 0.0
+    agent.save(tmp_path / "ck")  # saved with the metrics of exactly these weights
+    agent.local_round(steps=1)
+    agent.save(tmp_path / "stale")  # weights changed since the last evaluation
+    agent.evaluate()
+    assert len(calls) == 3
+    restored = _agent(0)
+    assert restored.load(tmp_path / "ck") and restored.evaluate() == after and len(calls) == 3
+    assert restored.load(tmp_path / "stale")
+    restored.evaluate()  # no metrics for these weights: a real evaluation
+    assert len(calls) == 4
+
+
 def test_checkpoint_round_trip_restores_outputs_and_counters(quick_cache, tmp_path) -> None:
     a = _agent(0)
     pkg = _agent(1).teach(TeachRequest("d", 0, tuple(range(8)), ProtocolArm()))
@@ -180,3 +222,14 @@ def test_local_round_is_the_fair_local_only_twin(quick_cache) -> None:
 def test_bad_agent_index_rejected() -> None:
     with pytest.raises(ValueError):
         MLAgent("tiny-qwen2", 2, 2)
+
+
+def test_step_seconds_measures_and_sets_the_thread_count(quick_cache) -> None:
+    from knexad.agent.ml_agent import step_seconds
+
+    before = torch.get_num_threads()
+    try:
+        assert step_seconds("tiny-qwen2", steps=1, threads=1) > 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -116,3 +116,21 @@ def test_family_mapping_and_generic_targets(quick_cache) -> None:
     generic = zoo.lora_targets_for(base, "other")
     assert {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} <= set(generic)
     assert "lm_head" not in generic
+
+
+def test_tiny_models_pin_one_cpu_thread_unless_the_operator_chose(monkeypatch) -> None:
+    """Several tiny-model daemons on one machine must not each spin cpu_count OpenMP
+    threads (16x slower steps measured with 4 trainers); an explicit OMP_NUM_THREADS wins."""
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert zoo.configure_cpu_threads("smollm2", cpu) == 2  # real model: torch's choice
+        assert zoo.configure_cpu_threads("tiny-gpt2", torch.device("meta")) == 2  # not the CPU
+        assert zoo.configure_cpu_threads("tiny-gpt2", cpu) == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert zoo.configure_cpu_threads("tiny-gpt2", cpu) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,186 @@
+"""The CPM's SQLite connection: per-call transactions, or group commit of many messages
+in one write transaction with one fsync.
+
+Why: with ``synchronous=FULL`` each COMMIT costs an fsync (milliseconds: ``commit_ms``
+in ``benchmarks/ingest.py``), and the CPM must not acknowledge anything that is not
+durable. Group commit keeps that guarantee and pays one fsync per *batch*:
+
+* ``grouped()``: inside it, the outermost ``transaction()`` is a ``SAVEPOINT`` in one
+  shared ``BEGIN IMMEDIATE`` transaction (the open *batch*), so one bad message rolls
+  back only itself. ``commit_batch()`` makes the whole batch durable. The caller
+  (``cpm.service.GroupCommitter``) acknowledges a message only after the COMMIT of its
+  batch returned, and fails every message of a batch whose COMMIT failed.
+* outside ``grouped()`` (CLI, tests, the admin handler) ``transaction()`` commits before
+  it returns, as it always did; if a batch is open it joins it and commits the batch.
+
+``commit_batch`` may run on a worker thread so the event loop keeps serving while the
+disk syncs: every statement runs under one re-entrant lock and returns its rows already
+fetched, so the connection is never used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class BatchCommitError(Exception):
+    """The COMMIT of a group-commit batch failed; the batch was rolled back."""
+
+    def __init__(self, batch: int, cause: BaseException) -> None:
+        super().__init__(f"commit of batch {batch} failed: {cause}")
+        self.batch = batch
+        self.cause = cause
+
+
+class Result:
+    """A statement's rows, fetched while the lock was held (no lazy cursor escapes it)."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+
+class BatchDb:
+    """One SQLite connection (``isolation_level=None``) with explicit transactions."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.lock = threading.RLock()
+        self._in_tx = False
+        self._grouping = False
+        self._batch: int | None = None  # number of the open batch
+        self._batches = 0
+        # hooks for the committer; called on the thread that caused the event (the loop)
+        self.on_batch_open: Callable[[int], None] | None = None
+        self.on_batch_end: Callable[[int, BaseException | None], None] | None = None
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Result:
+        with self.lock:
+            cur = self.conn.execute(sql, args)
+            return Result(cur.fetchall(), cur.rowcount)
+
+    @property
+    def open_batch(self) -> int | None:
+        """Number of the batch holding uncommitted writes, or None."""
+        return self._batch
+
+    @contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Writes inside join the shared batch instead of committing on their own."""
+        with self.lock:
+            outer = self._grouping
+            self._grouping = True
+            try:
+                yield
+            finally:
+                self._grouping = outer
+
+    @contextmanager
+    def transaction(self) -> Iterator[BatchDb]:
+        """One atomic unit (rollback on any exception); an inner call joins the outer."""
+        with self.lock:
+            if self._in_tx:
+                yield self
+            elif self._grouping or self._batch is not None:
+                with self._savepoint():
+                    yield self
+                if not self._grouping:  # a standalone writer returns only once durable
+                    self._flush()
+            else:
+                self.execute("BEGIN IMMEDIATE")
+                self._in_tx = True
+                try:
+                    yield self
+                except BaseException:
+                    self.execute("ROLLBACK")
+                    raise
+                else:
+                    self.execute("COMMIT")
+                finally:
+                    self._in_tx = False
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        if self._batch is not None and not self.conn.in_transaction:
+            # SQLite rolled the whole batch back (e.g. disk full): its COMMIT will fail
+            # and fail its waiters; a savepoint now would silently autocommit
+            raise sqlite3.OperationalError(f"batch {self._batch} was rolled back by SQLite")
+        if self._batch is None:
+            self.execute("BEGIN IMMEDIATE")
+            self._batches += 1
+            self._batch = self._batches
+            if self.on_batch_open is not None:  # at once: an open batch must always get committed
+                self.on_batch_open(self._batch)
+        self.execute("SAVEPOINT knexa_msg")
+        self._in_tx = True
+        try:
+            yield
+        except BaseException:
+            self.execute("ROLLBACK TO knexa_msg")
+            self.execute("RELEASE knexa_msg")
+            raise
+        else:
+            self.execute("RELEASE knexa_msg")
+        finally:
+            self._in_tx = False
+
+    def _flush(self) -> None:
+        batch = self._batch
+        try:
+            self.commit_batch()
+        except BatchCommitError as exc:
+            if self.on_batch_end is not None:
+                self.on_batch_end(exc.batch, exc)
+            raise exc.cause from None
+        if batch is not None and self.on_batch_end is not None:
+            self.on_batch_end(batch, None)
+
+    def commit_batch(self) -> int | None:
+        """COMMIT the open batch (one fsync); returns its number, None if there was none.
+        On failure the batch is rolled back and ``BatchCommitError`` raised."""
+        with self.lock:
+            batch = self._batch
+            if batch is None:
+                return None
+            try:
+                self.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self.conn.in_transaction:
+                    try:
+                        self.execute("ROLLBACK")
+                    except sqlite3.Error as exc2:
+                        log.error("cpm.store.rollback_failed", batch=batch, error=str(exc2))
+                raise BatchCommitError(batch, exc) from exc
+            finally:
+                self._batch = None
+            return batch
+
+    def close(self) -> None:
+        """Close; a pending batch is committed first (nothing in it was acknowledged,
+        but the engine's own transitions in it should not be lost)."""
+        with self.lock:
+            if self._batch is not None:
+                try:
+                    self.commit_batch()
+                except BatchCommitError as exc:
+                    log.warning("cpm.store.close_commit_failed", error=str(exc))
+            self.conn.close()

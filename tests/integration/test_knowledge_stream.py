@@ -1,0 +1,227 @@
+"""The pipelined chunk stream (``send_knowledge`` / ``receive_knowledge``) over real hosts.
+
+Both sides overlap crypto in worker threads with the stream, so these tests pin down
+what must not change with it: a hostile or broken teacher still costs the student the
+same *typed* error, in the order docs/protocol.md gives (signature, replay, Error,
+directive, index, box, size, trailer) — never an ExceptionGroup, never a hang — and a
+student that disappears mid-transfer costs the teacher a ``PeerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import multiaddr
+import pytest
+import trio
+
+from knexad.exchange import receive_knowledge, send_knowledge
+from p2p.host import build_host, full_addrs, parse_peer_addr
+from p2p.streams import FramedStream
+from protocol import (
+    BadSignature,
+    DecryptionFailed,
+    E2EBox,
+    FrameTooLarge,
+    Error,
+    Identity,
+    KnowledgeChunk,
+    KnowledgeEnd,
+    MalformedFrame,
+    PeerUnavailable,
+    ProtocolError,
+    Replay,
+    ReplayGuard,
+    Unauthorized,
+    encode_frame,
+    seal,
+)
+from protocol.knowledge import digest, seal_chunk_frame
+
+PROTO = "/knexa/test-knowledge/1.0.0"
+LOCAL = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+MAX = 4 * 1024 * 1024
+DID = "directive-1"
+CHUNK = 4096
+TEACHER, STUDENT, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
+
+Teacher = Callable[[FramedStream], Awaitable[None]]
+
+
+@asynccontextmanager
+async def pair():
+    t, s = build_host(TEACHER.seed, dial_timeout_s=5), build_host(STUDENT.seed, dial_timeout_s=5)
+    async with t.run(LOCAL), s.run(LOCAL):
+        yield t, s
+
+
+async def student_receives(teacher: Teacher, *, max_package: int = MAX, step_s: float = 5.0) -> bytearray:
+    """Run ``teacher`` on the teacher host's end of a stream; the student receives.
+    What ``receive_knowledge`` raises is re-raised outside the hosts' nurseries, as is."""
+    raised: list[BaseException] = []
+    plain = bytearray()
+    async with pair() as (t, s):
+
+        async def handler(stream) -> None:
+            framed = FramedStream(stream, MAX)
+            try:
+                await teacher(framed)
+            finally:
+                await framed.close()
+
+        t.set_stream_handler(PROTO, handler)
+        info = parse_peer_addr(full_addrs(t)[0])
+        await s.connect(info)
+        framed = FramedStream(await s.new_stream(info.peer_id, [PROTO]), MAX)
+        with trio.fail_after(20):  # hang guard only
+            try:
+                plain, _ = await receive_knowledge(
+                    framed, STUDENT, TEACHER.peer_id, DID, ReplayGuard(),
+                    max_package_bytes=max_package, step_s=step_s, first_wait_s=step_s,
+                )
+            except Exception as exc:  # noqa: BLE001 — handed to the test unchanged
+                raised.append(exc)
+    if raised:
+        raise raised[0]
+    return plain
+
+
+def chunk(index: int, payload: bytes, *, did: str = DID, bound_did: str = DID, signer: Identity = TEACHER) -> bytes:
+    box = E2EBox(signer, STUDENT.peer_id).seal_chunk(bound_did, index, payload)
+    return encode_frame(seal(KnowledgeChunk(did, index, box), signer), MAX)
+
+
+def trailer(count: int, data: bytes, *, sha: bytes | None = None) -> bytes:
+    return encode_frame(seal(KnowledgeEnd(DID, count, len(data), sha or digest(data), 0, 0), TEACHER), MAX)
+
+
+def scripted(*frames: bytes) -> Teacher:
+    async def run(framed: FramedStream) -> None:
+        for frame in frames:
+            await framed.write_encoded(frame)
+
+    return run
+
+
+async def test_many_chunks_arrive_whole_and_in_order() -> None:
+    data = os.urandom(CHUNK * 9 + 17)
+
+    async def teacher(framed: FramedStream) -> None:
+        count = await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, data,
+                                     chunk_bytes=CHUNK, step_s=5.0, items=0, dropped=0)
+        assert count == 10
+
+    assert await student_receives(teacher) == data
+
+
+async def test_empty_package_is_one_empty_chunk() -> None:
+    async def teacher(framed: FramedStream) -> None:
+        await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, b"", chunk_bytes=CHUNK, step_s=5.0,
+                             items=0, dropped=0)
+
+    assert await student_receives(teacher) == b""
+
+
+A, B = b"a" * 100, b"b" * 100
+
+
+@pytest.mark.parametrize(
+    "frames, error",
+    [
+        pytest.param([chunk(0, A, signer=MALLORY)], BadSignature, id="signed-by-another-peer"),
+        pytest.param([chunk(0, A)] * 2, Replay, id="same-envelope-twice"),
+        pytest.param([chunk(0, A), encode_frame(seal(Error("unauthorized", "no"), TEACHER), MAX)],
+                     Unauthorized, id="error-frame-mid-stream"),
+        pytest.param([chunk(0, A, did="other")], MalformedFrame, id="other-directive"),
+        pytest.param([chunk(1, A)], MalformedFrame, id="out-of-order"),
+        pytest.param([chunk(0, A, bound_did="other")], DecryptionFailed, id="box-bound-to-other-directive"),
+        pytest.param([chunk(0, A), chunk(1, B), trailer(3, A + B)], ProtocolError, id="trailer-count"),
+        pytest.param([chunk(0, A), chunk(1, B), trailer(2, A + B, sha=digest(B + A))], ProtocolError,
+                     id="trailer-sha256"),
+        pytest.param([chunk(0, A), chunk(1, B)], PeerUnavailable, id="closed-before-trailer"),
+        pytest.param([chunk(0, A), b"\x90\x4e" + b"x" * 100], PeerUnavailable, id="truncated-frame"),
+        # read ahead must not reorder errors: the bad chunk comes first, so it is reported
+        pytest.param([chunk(0, A, signer=MALLORY), b"\x90\x4e" + b"x" * 100], BadSignature,
+                     id="bad-chunk-before-truncation"),
+    ],
+)
+async def test_hostile_or_broken_teacher_gives_the_typed_error(frames: list[bytes], error: type) -> None:
+    with pytest.raises(error):
+        await student_receives(scripted(*frames))
+
+
+async def test_tampered_box_is_refused() -> None:
+    frame = bytearray(seal_chunk_frame(TEACHER, E2EBox(TEACHER, STUDENT.peer_id), DID, 0, A, MAX))
+    # re-sign a body whose ciphertext has one bit flipped: the signature passes, the box does not
+    from protocol import open_envelope
+
+    _, msg = open_envelope(bytes(frame[2:]), expected_sender=TEACHER.peer_id)
+    box = bytearray(msg.box)
+    box[-1] ^= 1
+    bad = encode_frame(seal(KnowledgeChunk(DID, 0, bytes(box)), TEACHER), MAX)
+    with pytest.raises(DecryptionFailed):
+        await student_receives(scripted(bad))
+
+
+async def test_package_over_the_limit_is_refused() -> None:
+    data = os.urandom(CHUNK * 4)
+
+    async def teacher(framed: FramedStream) -> None:
+        await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, data, chunk_bytes=CHUNK, step_s=5.0,
+                             items=0, dropped=0)
+
+    with pytest.raises(MalformedFrame, match="max_package_bytes"):
+        await student_receives(teacher, max_package=CHUNK * 2)
+
+
+async def test_sealing_error_reaches_the_teacher_as_its_typed_error() -> None:
+    raised: list[BaseException] = []
+
+    async def teacher(framed: FramedStream) -> None:
+        framed.max_frame = 4000  # a sealed 4096-byte chunk cannot fit in a frame
+        try:
+            await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, os.urandom(3 * 4096), chunk_bytes=4096,
+                                 step_s=5.0, items=0, dropped=0)
+        except Exception as exc:  # noqa: BLE001 — the test inspects exactly what escaped
+            raised.append(exc)
+
+    with pytest.raises(PeerUnavailable):  # nothing was sent: the student sees the stream end
+        await student_receives(teacher)
+    assert len(raised) == 1 and isinstance(raised[0], FrameTooLarge), raised
+
+
+async def test_stalling_teacher_hits_the_step_deadline() -> None:
+    async def teacher(framed: FramedStream) -> None:
+        await framed.write_encoded(chunk(0, A))
+        await trio.sleep_forever()
+
+    with pytest.raises(trio.TooSlowError):
+        await student_receives(teacher, step_s=0.5)
+
+
+async def test_student_vanishing_costs_the_teacher_peer_unavailable() -> None:
+    data = os.urandom(8 * 1024 * 1024)
+    outcome: list[BaseException] = []
+    started = trio.Event()
+
+    async with pair() as (t, s):
+
+        async def vanishing_student(stream) -> None:
+            await stream.read(1024)
+            started.set()
+            await stream.reset()
+
+        s.set_stream_handler(PROTO, vanishing_student)
+        info = parse_peer_addr(full_addrs(s)[0])
+        await t.connect(info)
+        framed = FramedStream(await t.new_stream(info.peer_id, [PROTO]), MAX)
+        with trio.fail_after(20):
+            try:
+                await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, data, chunk_bytes=1 << 20,
+                                     step_s=2.0, items=0, dropped=0)
+            except Exception as exc:  # noqa: BLE001 — the test inspects exactly what escaped
+                outcome.append(exc)
+    assert started.is_set()
+    assert len(outcome) == 1 and isinstance(outcome[0], PeerUnavailable), outcome
