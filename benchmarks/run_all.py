@@ -1,8 +1,8 @@
 """`make bench`: every benchmark with small defaults, one table, benchmarks/results.json.
 
 Each row is a metric, its target, and the ratio measured side by side in the same run
-(absolute times are context only — the machine is shared and noisy). Runs in well under
-10 minutes on the 2-core machine. Usage: ``python -m benchmarks.run_all [--quick]``.
+(absolute times are context only — the machine is shared and noisy). Runs in under 10 minutes
+on the 2-core machine (about 2 with ``--quick``). Usage: ``python -m benchmarks.run_all [--quick]``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 import structlog
 
-from benchmarks import cpm_scale, load, stream
+from benchmarks import cpm_scale, ingest, load, stream
+from benchmarks import round as round_bench
 
 OUT = Path(__file__).with_name("results.json")
 
@@ -58,16 +59,41 @@ def _load(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]
     return res, rows
 
 
+def _ingest(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+    res = ingest.run(profiles=400 if quick else 1000, clients=16)
+    best = res.get("best_mode")
+    rows = [
+        ("CPM ingest (signed profiles)", f"{res[best]['profiles_per_s']} profiles/s ({best})" if best else "—",
+         f"≥ {ingest.TARGET_PER_S:,.0f}/s", f"of target {res.get('ratio_vs_target')}"),
+        ("  group vs per-message commit", f"fsync {res['commit_ms']} ms", "context",
+         f"group/per-message {res.get('ratio_group_vs_per_message')}"),
+    ]
+    return res, rows
+
+
+def _round(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+    # --quick: SyntheticAgents (no torch) show the protocol phases; the target is for ML daemons
+    agent = "synthetic" if quick else "ml"
+    res = round_bench.run(nodes=8, rounds=2, budget="fast", agent=agent)
+    m = res["metric"]
+    value = f"{m['value']:.1f} s ({agent}, 8 daemons)" if m["value"] is not None else f"no round ({res['status']})"
+    ratio = f"round/target {m['ratio']:.2f}" if m["value"] is not None and agent == "ml" else "—"
+    return res, [("loopback round", value, "≤ 60 s (ml, tiny)" if agent == "ml" else "context", ratio)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a couple of minutes)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     doc: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": os.getloadavg()}
     table: list[tuple[str, str, str, str]] = []
-    for name, fn in (("cpm_scale", _scale), ("stream", _stream), ("load", _load)):
+    for name, fn in (("cpm_scale", _scale), ("stream", _stream), ("load", _load), ("ingest", _ingest),
+                     ("round", _round)):
         t0 = time.perf_counter()
+        # re-applied each time: a benchmark may point logging at a file it has since closed
+        structlog.reset_defaults()
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
         try:
             doc[name], rows = fn(args.quick)
         except Exception as exc:  # noqa: BLE001 — one failing benchmark must not hide the others
