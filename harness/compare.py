@@ -89,7 +89,9 @@ def compare_document(base: UpConfig, strategies: Sequence[str], seeds: Sequence[
                      duration_s: float) -> dict[str, Any]:
     return {
         "schema": R.COMPARE_SCHEMA,
-        "config": {**base.to_json(), "strategies": list(strategies), "seeds": list(seeds)},
+        # per-run strategy and seed live in ``runs``; the base config's would only mislead
+        "config": {**{k: v for k, v in base.to_json().items() if k not in ("strategy", "seed")},
+                   "strategies": list(strategies), "seeds": list(seeds)},
         "runs": runs,
         "table": aggregate(runs, strategies),
         "duration_s": duration_s,

@@ -12,6 +12,7 @@ Metrics per method (mean ± std over seeds):
   decrease (no measurement noise);
 * gain over random (%), fraction of oracle — per seed, from cumulative true gain;
 * mean JS divergence (bits) of the chosen pairs' data histograms;
+* gain curve — per round, the true gain summed over the round's pairs (mean over seeds);
 * regret — per round, (value of the oracle's greedy matching on *this method's current
   world*) − (expected value of the pairs it chose), values = expected gain − δ·KB;
   reported cumulatively per round.
@@ -36,7 +37,7 @@ import structlog
 
 from cpm import features as F
 from cpm.strategies import DEFAULT_ARMS, Feedback, OracleStrategy, make_strategy
-from knexad.agent_api import TeachRequest
+from knexad.agent_api import N_CATEGORIES, TeachRequest
 from knexad.synthetic import (
     TRANSFER_SET_SIZE,
     SyntheticAgent,
@@ -62,8 +63,21 @@ def _alpha(heterogeneity: str | float) -> float:
 
 
 def _transfer_ids(round_: int, n_transfer: int) -> tuple[int, ...]:
-    """Category-balanced when n_transfer is a multiple of 12 (prompt i is category i mod 12)."""
-    return tuple((round_ * n_transfer + j) % TRANSFER_SET_SIZE for j in range(n_transfer))
+    """Prompts for one round's packages, rotating through the transfer set.
+
+    Why balanced: the oracle's ``expected_gain`` assumes a category-balanced package. Item
+    j takes category j mod 12 (prompt i is category i mod 12) and the round's next prompt
+    of that category, so every category appears n_transfer // 12 times when n_transfer is
+    a multiple of 12. (A plain window (r·n + j) mod 128 wraps around the 128 prompts —
+    128 is not a multiple of 12 — and then repeats some categories and drops others.)
+    """
+    per_cat = n_transfer // N_CATEGORIES
+    ids = []
+    for j in range(n_transfer):
+        c, rep = j % N_CATEGORIES, j // N_CATEGORIES
+        count = len(range(c, TRANSFER_SET_SIZE, N_CATEGORIES))  # prompts of category c
+        ids.append(c + N_CATEGORIES * ((round_ * max(1, per_cat) + rep) % count))
+    return tuple(ids)
 
 
 def _arm_kb(agent: SyntheticAgent, n_transfer: int) -> np.ndarray:
@@ -163,6 +177,7 @@ def run_sim(n_clients: int, rounds: int, seeds: int | Sequence[int], heterogenei
             "final_pass1": _ms([r["final_pass1"] for r in runs]),
             "cum_regret_final": _ms([r["cum_regret"][-1] for r in runs]),
             "cum_regret_curve": np.mean([r["cum_regret"] for r in runs], axis=0).tolist(),
+            "gain_curve": np.mean([r["gain_per_round"] for r in runs], axis=0).tolist(),
             "per_seed_cum_gain": g,
         }
         if "random" in per:
@@ -184,8 +199,12 @@ def grid(clients: Sequence[int] = (8, 16, 32, 64), heterogeneity: Sequence[str] 
 
 def format_table(result: dict[str, Any]) -> str:
     c = result["config"]
-    lines = [f"clients={c['clients']} rounds={c['rounds']} seeds={len(c['seeds'])} "
-             f"heterogeneity={c['heterogeneity']} (Dirichlet α={c['dirichlet_alpha']}) k_pairs={c['k_pairs']}",
+    seeds = c["seeds"]
+    first = f" ({seeds[0]}…{seeds[-1]})" if seeds and (seeds[0] != 0 or len(seeds) > 1) else ""
+    kw = "".join(f" {k}={v}" for k, v in sorted(c.get("linucb_kw", {}).items()))
+    lines = [f"clients={c['clients']} rounds={c['rounds']} seeds={len(seeds)}{first} "
+             f"heterogeneity={c['heterogeneity']} (Dirichlet α={c['dirichlet_alpha']}) k_pairs={c['k_pairs']}"
+             + (f" linucb:{kw}" if kw else ""),
              f"{'method':<11}{'cum gain':>18}{'vs random %':>18}{'of oracle':>16}{'mean JS':>9}{'cum regret':>12}"]
     for m, r in result["methods"].items():
         g, v, o = r["cum_gain"], r.get("gain_over_random_pct"), r.get("frac_of_oracle")
@@ -196,18 +215,41 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LINUCB_PARAMS = {"lam": float, "beta0": float, "beta_schedule": str, "tau": float, "decay": float,
+                 "discount": float}
+
+
+def parse_linucb_params(items: Sequence[str]) -> dict[str, Any]:
+    """``("lam=0.1", "beta0=2")`` → ``{"lam": 0.1, "beta0": 2.0}``; ValueError on anything else."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in LINUCB_PARAMS:
+            raise ValueError(f"--linucb wants KEY=VALUE with KEY in {sorted(LINUCB_PARAMS)}, got {item!r}")
+        try:
+            out[key] = LINUCB_PARAMS[key](value.strip())
+        except ValueError:
+            raise ValueError(f"--linucb {key}: bad value {value!r}") from None
+    return out
+
+
 # -h like every KNEXA command; set here too because click caches a command's help option
 # on first use, so standalone use (python -m harness.sim) must not differ from nested.
 @click.command("sim", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--clients", type=int, default=32, show_default=True)
 @click.option("--rounds", type=int, default=100, show_default=True)
 @click.option("--seeds", type=int, default=5, show_default=True)
+@click.option("--first-seed", type=int, default=0, show_default=True,
+              help="seeds are FIRST-SEED … FIRST-SEED+SEEDS−1 (tune on other seeds than you report)")
 @click.option("--heterogeneity", default="high", show_default=True, help="high (α=0.1), low (α=10) or a number")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
 @click.option("--k-pairs", type=int, default=None, help="pairs per round (default clients/2)")
+@click.option("--linucb", "linucb_params", multiple=True, metavar="KEY=VALUE",
+              help="LinUCB parameter for this run, repeatable: lam, beta0, beta_schedule, tau, decay, discount")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def sim_command(clients: int, rounds: int, seeds: int, heterogeneity: str, methods: str,
-                k_pairs: int | None, as_json: bool) -> None:
+def sim_command(clients: int, rounds: int, seeds: int, first_seed: int, heterogeneity: str, methods: str,
+                k_pairs: int | None, linucb_params: tuple[str, ...], as_json: bool) -> None:
     """Synthetic matchmaking benchmark: every method on its own copy of the same world."""
     if clients < 2 or rounds < 1 or seeds < 1:
         raise click.UsageError("need clients ≥ 2, rounds ≥ 1, seeds ≥ 1")
@@ -217,7 +259,9 @@ def sim_command(clients: int, rounds: int, seeds: int, heterogeneity: str, metho
     except ValueError:
         raise click.UsageError("heterogeneity must be high, low or a number") from None
     try:
-        res = run_sim(clients, rounds, seeds, heterogeneity, ms, k_pairs)
+        kw = parse_linucb_params(linucb_params)
+        res = run_sim(clients, rounds, range(first_seed, first_seed + seeds), heterogeneity, ms, k_pairs,
+                      linucb_kw=kw or None)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(json.dumps(res) if as_json else format_table(res))
