@@ -25,14 +25,13 @@ from typing import Any
 import structlog
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.peerinfo import PeerInfo
 
 from knexad.config import DaemonConfig
 from knexad.outbox import Outbox
 from knexad.state import StateFile
 from p2p.host import parse_peer_addr
-from p2p.streams import FramedStream
+from p2p.streams import NET_ERRORS, FramedStream, stream_failures
 from protocol.directives import verify_directive
 from protocol.envelope import Envelope, Identity, NONCE_BYTES, now_ms, open_envelope, seal
 from protocol.errors import (
@@ -62,13 +61,6 @@ from protocol.replay import ReplayGuard
 
 log = structlog.get_logger(__name__)
 
-# What a dead, slow or misbehaving transport raises underneath us.
-NET_ERRORS: tuple[type[BaseException], ...] = (
-    BaseLibp2pError,
-    OSError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-)
 AGENT_VERSION = "knexad/0.1.0"
 
 
@@ -153,7 +145,8 @@ class CpmRpc:
         stream = await open_stream(self.host, self.cpm_info, CPM_PROTOCOL, self.cfg.timeouts.dial_s)
         framed = FramedStream(stream, MAX_FRAME_CPM)
         kind = type(message).__name__
-        try:
+        async with stream_failures(framed, too_slow=f"CPM did not answer {kind} within {timeout_s} s",
+                                   broke=f"CPM stream failed during {kind}"):
             with trio.fail_after(timeout_s):
                 try:
                     await framed.write_frame(sealed)
@@ -162,15 +155,6 @@ class CpmRpc:
                     # and close; its answer can still be waiting in the receive buffer
                     pass
                 raw = await framed.read_frame()
-        except trio.TooSlowError:
-            await framed.reset()
-            raise PeerUnavailable(f"CPM did not answer {kind} within {timeout_s} s") from None
-        except NET_ERRORS as exc:
-            await framed.reset()
-            raise PeerUnavailable(f"CPM stream failed during {kind}: {type(exc).__name__}") from None
-        except ProtocolError:
-            await framed.reset()
-            raise
         await framed.close()
         if raw is None:
             raise PeerUnavailable(f"CPM closed the stream without answering {kind}")

@@ -146,9 +146,9 @@ async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_has
     the answer: admission, clock skew, transfer set. Every step has a deadline."""
     import trio
 
-    from knexad.cpm_client import AGENT_VERSION, NET_ERRORS
+    from knexad.cpm_client import AGENT_VERSION
     from p2p.host import build_host, parse_listen_addrs, parse_peer_addr
-    from p2p.streams import FramedStream
+    from p2p.streams import NET_ERRORS, FramedStream
     from protocol.envelope import Identity, now_ms, open_envelope, seal
     from protocol.errors import Expired, Unauthorized, error_from_code
     from protocol.ids import CPM_PROTOCOL, MAX_FRAME_CPM

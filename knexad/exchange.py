@@ -36,10 +36,10 @@ from libp2p.peer.peerinfo import PeerInfo
 from knexad.agent_api import Agent, KnowledgePackage, ProtocolArm, TeachRequest
 from knexad.agents import AgentWorker
 from knexad.config import DaemonConfig
-from knexad.cpm_client import NET_ERRORS, open_stream
+from knexad.cpm_client import open_stream
 from knexad.state import StateFile
 from p2p.ratelimit import PeerRateLimiter
-from p2p.streams import FramedStream
+from p2p.streams import NET_ERRORS, FramedStream, stream_failures
 from protocol.directives import verify_directive
 from protocol.e2e import E2EBox
 from protocol.envelope import Envelope, Identity, now_ms, open_envelope, seal
@@ -259,17 +259,9 @@ async def fetch_package(
     start = time.perf_counter()
     stream = await open_stream(host, teacher, EXCHANGE_PROTOCOL, cfg.timeouts.dial_s)
     framed = FramedStream(stream, cfg.limits.max_frame)
-    try:
+    async with stream_failures(framed, too_slow=f"teacher {teacher_id} too slow (step > {cfg.timeouts.exchange_step_s} s)",
+                               broke=f"exchange with {teacher_id} broke"):
         result = await _receive(framed, identity, cfg, directive_raw, directive, teacher_id, guard, start)
-    except trio.TooSlowError:
-        await framed.reset()
-        raise PeerUnavailable(f"teacher {teacher_id} too slow (step > {cfg.timeouts.exchange_step_s} s)") from None
-    except NET_ERRORS as exc:
-        await framed.reset()
-        raise PeerUnavailable(f"exchange with {teacher_id} broke: {type(exc).__name__}") from None
-    except KnexaError:
-        await framed.reset()
-        raise
     await framed.close()
     return result
 

@@ -8,14 +8,26 @@ not a clean close.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 
-from protocol.errors import PeerUnavailable
+from protocol.errors import KnexaError, PeerUnavailable
 from protocol.framing import FrameDecoder, encode_frame
 
 READ_SIZE = 256 * 1024  # minimum read; a pending large frame asks for what it lacks
+
+# What a dead, slow or misbehaving transport raises underneath us.
+NET_ERRORS: tuple[type[BaseException], ...] = (
+    BaseLibp2pError,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
 
 
 class FramedStream:
@@ -86,3 +98,25 @@ class FramedStream:
             return self.remote_peer
         except AttributeError:
             return "?"
+
+
+@asynccontextmanager
+async def stream_failures(framed: FramedStream, *, too_slow: str, broke: str) -> AsyncIterator[None]:
+    """One client-side exchange of frames: every way it can fail resets the stream.
+
+    A deadline (``trio.TooSlowError``) becomes ``PeerUnavailable(too_slow)``, a transport
+    error ``PeerUnavailable("<broke>: <error type>")``, and a typed ``KnexaError`` passes
+    through unchanged — in each case after the stream was reset, so nothing half-read is
+    left open. Used by the daemon's CPM client and the student side of the exchange.
+    """
+    try:
+        yield
+    except trio.TooSlowError:
+        await framed.reset()
+        raise PeerUnavailable(too_slow) from None
+    except NET_ERRORS as exc:
+        await framed.reset()
+        raise PeerUnavailable(f"{broke}: {type(exc).__name__}") from None
+    except KnexaError:
+        await framed.reset()
+        raise
