@@ -19,15 +19,17 @@ Definitions (stable; docs/harness.md quotes them):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+from p2p.files import atomic_write
 
 log = structlog.get_logger(__name__)
 
@@ -210,14 +212,10 @@ def results_document(
     return doc
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, doc: Mapping[str, Any]) -> Path:
-    _atomic_write(Path(path), json.dumps(doc, indent=2, sort_keys=False, allow_nan=False, default=_json_default))
+    # not fsynced: a results file is recomputed by re-running, but never seen half-written
+    atomic_write(Path(path), json.dumps(doc, indent=2, sort_keys=False, allow_nan=False, default=_json_default),
+                 mode=0o644, durable=False)
     return Path(path)
 
 
@@ -231,14 +229,13 @@ def _json_default(value: Any) -> Any:
 
 def write_rounds_csv(path: Path, rows: Sequence[RoundRow | Mapping[str, Any]]) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            data = asdict(row) if isinstance(row, RoundRow) else dict(row)
-            writer.writerow({k: ("" if data.get(k) is None else data.get(k)) for k in ROUND_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=ROUND_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        data = asdict(row) if isinstance(row, RoundRow) else dict(row)
+        writer.writerow({k: ("" if data.get(k) is None else data.get(k)) for k in ROUND_COLUMNS})
+    atomic_write(path, buf.getvalue(), mode=0o644, durable=False)
     return path
 
 
