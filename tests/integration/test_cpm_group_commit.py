@@ -11,7 +11,6 @@ import os
 import sqlite3
 from contextlib import asynccontextmanager
 
-import multiaddr
 import pytest
 import trio
 from structlog.testing import capture_logs
@@ -20,12 +19,13 @@ from cpm.admin import call
 from cpm.config import CpmConfig
 from cpm.service import CpmService
 from cpm.store import Store
-from p2p.host import build_host, parse_peer_addr
+from p2p.host import parse_peer_addr
 from p2p.streams import FramedStream
 from protocol.envelope import NONCE_BYTES, Identity, now_ms, open_envelope, seal
 from protocol.framing import encode_frame
 from protocol.ids import CPM_PROTOCOL, MAX_FRAME_CPM
 from protocol.messages import Ack, DirectiveRequest, Error, NoDirective, Profile, Register, Registered
+from tests.integration.test_cpm_service import client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,13 +43,6 @@ async def running_cpm(tmp_path, *, cfg_kw=None, **service_kw):
         nursery.cancel_scope.cancel()
     other.close()
     store.close()
-
-
-@asynccontextmanager
-async def client(identity: Identity):
-    host = build_host(identity.seed)
-    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        yield host
 
 
 class Conn:
