@@ -450,7 +450,10 @@ async def receive_knowledge(
                 except Exception as exc:  # noqa: BLE001 — relayed, raised by the consumer
                     frame = exc
                 wait = step_s
-                await send.send(frame)
+                try:
+                    await send.send(frame)
+                except trio.BrokenResourceError:
+                    return  # the consumer stopped; its own error tells why
                 if not isinstance(frame, bytes):
                     return
 
