@@ -220,6 +220,25 @@ class LinUCB:
             "z_eps": self.z.eps,
         }
 
+    def embed(self, index: np.ndarray, d: int) -> LinUCB:
+        """This bandit in a larger context layout: old dim i becomes new dim ``index[i]``;
+        the new dims get the prior (λ on A's diagonal, 0 in b and off the diagonal).
+
+        Exact, not an approximation: it is the state this bandit would have reached had
+        its contexts carried those dims as zeros all along (λI + Σφφᵀ, also with the
+        discount, whose (1 − γ_d)·λI share keeps a never-seen dim at λ). So θ is 0 on the
+        new dims and unchanged elsewhere, and what was learnt is kept."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.shape != (self.d,) or np.unique(index).size != self.d or index.min() < 0 or index.max() >= d:
+            raise ValueError(f"index must map {self.d} dims to distinct dims in 0..{d - 1}")
+        state = self.to_state()
+        A = np.eye(d) * self.lam
+        A[np.ix_(index, index)] = self.A
+        b = np.zeros(d)
+        b[index] = self.b
+        state.update(d=d, A=[float(v) for v in A.reshape(-1)], b=[float(v) for v in b])
+        return LinUCB.from_state(state)
+
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> LinUCB:
         d = int(state["d"])

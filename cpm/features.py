@@ -10,7 +10,7 @@ Profile layout (32-d, design §4)::
     [8:20]  dynamic performance (slot 8 = pass@1), normalised to [0, 1]
     [20:32] data-category histogram (sums to 1)
 
-Context layout (d = 81 + 8K, K protocol arms; d = 105 for K = 3)::
+Context layout (d = 82 + 10K, K protocol arms; d = 112 for K = 3)::
 
     0        bias                                   1
     1..32    teacher profile p_t                    linear in t
@@ -20,9 +20,10 @@ Context layout (d = 81 + 8K, K protocol arms; d = 105 for K = 3)::
     78       lack = Σ_c h_t[c]·(1 − h_s[c])         = 1 − h_t·h_s (bilinear)
     79       gap = pass@1 p_t[8] − p_s[8]           linear
     80       same family f_t·f_s                    bilinear
-    81..     per arm k, 8 dims, zero unless arm k:  "arm × pair summary"
-             [1, lack, same, gap, lack·same, gap·same, lack·π_t, lack·π_s]
-             (π = pass@1 slot)
+    81       same lineage (``FAMILY_LINEAGE``)      bilinear
+    82..     per arm k, 10 dims, zero unless arm k: "arm × pair summary"
+             [1, lack, same, gap, lack·same, gap·same, lack·π_t, lack·π_s, lin, gap·lin]
+             (π = pass@1 slot, lin = same lineage)
 
 |p_t − p_s| is kept on the histogram block only: on the family block it equals
 f_t + f_s − 2 f_t·f_s (already spanned), and on the performance block it did not help
@@ -32,6 +33,13 @@ value of a protocol depend on the pair — e.g. a strong KD weight pays off betw
 compatible families when the teacher covers what the student lacks, and hurts otherwise.
 Measured on the synthetic world (best ridge fit, then greedy, fraction of the oracle's
 per-round value): concat [p_t, p_s] 0.45, φ without the arm block 0.56, φ 0.9.
+
+Why a lineage flag next to the same-family flag: how much of a teacher's text a student
+can absorb depends on how close their tokenizers and architectures are, and that is not
+all-or-nothing — qwen2, llama and mistral are llama-style decoders, gpt2, gpt_neox and
+bloom GPT-2-style byte-level BPE models. With "same family" alone a linear model must
+treat a same-lineage pair like an unrelated one. ``FAMILY_LINEAGE`` is prior knowledge
+of the CPM about the profile's family slots, like the family list itself.
 
 JS is the divergence itself (not scipy's ``jensenshannon``, which is its square root),
 computed with log base 2 so it lies in [0, 1].
@@ -49,6 +57,12 @@ FAMILY = slice(0, 8)
 PERF = slice(8, 20)
 HIST = slice(20, 32)
 PASS1 = 8  # pass@1 slot in the profile
+# Lineage group of each family slot, in the profile's order (knexad/agent/profile.py:
+# qwen2, gpt2, gpt_neox, bloom, llama, phi, mistral, other): 0 llama-style decoders
+# (qwen2, llama, mistral), 1 GPT-2-style BPE (gpt2, gpt_neox, bloom), 2 phi and other.
+FAMILY_LINEAGE = (0, 1, 1, 1, 0, 2, 0, 2)
+N_LINEAGES = 3
+LINEAGE_ONEHOT = np.eye(N_LINEAGES)[list(FAMILY_LINEAGE)]  # (8, 3): family slot → lineage
 
 OFF_BIAS = 0
 OFF_T = 1
@@ -60,14 +74,32 @@ OFF_JS = OFF_ABS + N_ABS  # 77
 OFF_LACK = OFF_JS + 1  # 78
 OFF_GAP = OFF_LACK + 1  # 79
 OFF_SAME = OFF_GAP + 1  # 80
-OFF_ARM = OFF_SAME + 1  # 81
-ARM_FEATS = 8  # per arm: [1, lack, same, gap, lack·same, gap·same, lack·π_t, lack·π_s]
+OFF_LIN = OFF_SAME + 1  # 81
+OFF_ARM = OFF_LIN + 1  # 82
+ARM_FEATS = 10  # per arm: [1, lack, same, gap, lack·same, gap·same, lack·π_t, lack·π_s, lin, gap·lin]
 
 DEFAULT_N_ARMS = 3
+
+# Numbered context layouts, for a saved bandit: 1 = before the lineage flag (d = 81 + 8K:
+# no dim 81, 8 values per arm — the first 8 of today's 10), 2 = this one.
+LAYOUT = 2
+V1_ARM_FEATS = 8
 
 
 def context_dim(n_arms: int = DEFAULT_N_ARMS) -> int:
     return OFF_ARM + ARM_FEATS * n_arms
+
+
+def v1_context_dim(n_arms: int = DEFAULT_N_ARMS) -> int:
+    return OFF_LIN + V1_ARM_FEATS * n_arms
+
+
+def v1_dims(n_arms: int = DEFAULT_N_ARMS) -> np.ndarray:
+    """Position in today's φ of every dim of a layout-1 φ (all of them still exist, with
+    the same meaning): bias … same family in place, arm k's 8 values at the start of its
+    new block. The dims not listed (lineage) are the ones layout 1 did not have."""
+    arms = OFF_ARM + ARM_FEATS * np.arange(n_arms)[:, None] + np.arange(V1_ARM_FEATS)
+    return np.concatenate([np.arange(OFF_LIN), arms.ravel()])
 
 
 def _entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -135,15 +167,25 @@ def batch_context(
     X[:, OFF_LACK] = lack
     X[:, OFF_GAP] = pt[:, PASS1] - ps[:, PASS1]
     X[:, OFF_SAME] = (pt[:, FAMILY] * ps[:, FAMILY]).sum(axis=1)
-    Z = arm_block(lack, X[:, OFF_SAME], X[:, OFF_GAP], pt[:, PASS1], ps[:, PASS1])
+    X[:, OFF_LIN] = same_lineage(pt[:, FAMILY], ps[:, FAMILY])
+    Z = arm_block(lack, X[:, OFF_SAME], X[:, OFF_GAP], pt[:, PASS1], ps[:, PASS1], X[:, OFF_LIN])
     cols = OFF_ARM + ARM_FEATS * k_idx[:, None] + np.arange(ARM_FEATS)
     X[np.arange(M)[:, None], cols] = Z
     return X
 
 
-def arm_block(lack: np.ndarray, same: np.ndarray, gap: np.ndarray, pi_t: np.ndarray, pi_s: np.ndarray) -> np.ndarray:
-    """The 8 values placed in the chosen arm's block → (M, ARM_FEATS)."""
-    return np.stack([np.ones_like(lack), lack, same, gap, lack * same, gap * same, lack * pi_t, lack * pi_s], axis=1)
+def same_lineage(fam_t: np.ndarray, fam_s: np.ndarray) -> np.ndarray:
+    """Σ lineage(f_t)·lineage(f_s) for family one-hot rows: 1 when both families belong to
+    the same lineage (``FAMILY_LINEAGE``), bilinear in the one-hots."""
+    return np.einsum("ij,ij->i", np.asarray(fam_t, dtype=float) @ LINEAGE_ONEHOT,
+                     np.asarray(fam_s, dtype=float) @ LINEAGE_ONEHOT)
+
+
+def arm_block(lack: np.ndarray, same: np.ndarray, gap: np.ndarray, pi_t: np.ndarray, pi_s: np.ndarray,
+              lin: np.ndarray) -> np.ndarray:
+    """The 10 values placed in the chosen arm's block → (M, ARM_FEATS)."""
+    return np.stack([np.ones_like(lack), lack, same, gap, lack * same, gap * same, lack * pi_t, lack * pi_s,
+                     lin, gap * lin], axis=1)
 
 
 def pair_context(p_t: np.ndarray, p_s: np.ndarray, arm: int, n_arms: int = DEFAULT_N_ARMS) -> np.ndarray:

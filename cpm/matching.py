@@ -17,11 +17,12 @@ Three implementations share the exact scoring code path:
   1. **Prefilter (approximate).** The mean term θᵀφ of arm k is decomposed into a
      bilinear form L[k, t]·R[s] (rank 43, R shared by the arms). Exact in this
      decomposition: bias, p_t, p_s, pass@1 gap, lack = 1 − h_t·h_s, same-family,
-     gap·same, lack·π_t, lack·π_s. Approximated: |x − y| ≈ x + y − 2xy on the histogram
-     (exact when x or y ∈ {0, 1}), JS(h_t, h_s) ≈ 1 − h_t·h_s (equal at disjoint and at
-     identical one-hot histograms), lack·same ≈ L̄·same (L̄ = mean lack of random
-     pairs). Stage 1, over all N² pairs, one float32 product per block of 64 rows: the
-     arm-averaged surrogate, top ``widen·topk`` partners per row by group maxima.
+     same-lineage, gap·same, gap·lineage, lack·π_t, lack·π_s. Approximated:
+     |x − y| ≈ x + y − 2xy on the histogram (exact when x or y ∈ {0, 1}),
+     JS(h_t, h_s) ≈ 1 − h_t·h_s (equal at disjoint and at identical one-hot
+     histograms), lack·same ≈ L̄·same (L̄ = mean lack of random pairs). Stage 1, over
+     all N² pairs, one float32 product per block of 64 rows: the arm-averaged
+     surrogate, top ``widen·topk`` partners per row by group maxima.
      Stage 2, on those only: best-arm surrogate max_k L[k, t]·R[s] plus the exploration
      width β·√(q_t + q_s + 2c_t·p_s + q̄), whose per-agent part is exact (bilinear) and
      whose pair-dependent part is replaced by its median q̄ over a fixed sample.
@@ -31,8 +32,8 @@ Three implementations share the exact scoring code path:
      shortlist from collapsing onto a few "hub" agents that every row prefers.
   3. **Exact scoring** of every shortlisted pair for every arm (``_PairScorer``, float64):
      the per-agent parts of θᵀφ and φᵀA⁻¹φ are precomputed once, so a pair costs only
-     its 24 pair-dependent features (|h_t − h_s|, JS, lack, gap, same, arm block), not a
-     full d-dim φ and a d×d quadratic form. Equal to ``bandit.ucb(batch_context(…))`` to
+     its 27 pair-dependent features (|h_t − h_s|, JS, lack, gap, same, lineage, arm
+     block), not a full d-dim φ and a d×d quadratic form. Equal to ``bandit.ucb(batch_context(…))`` to
      round-off (tested).
   4. **Greedy** over the shortlist: best arm per pair, sort once, walk with a used-mask.
   5. **Refill.** If fewer than K_p pairs were formed and ≥ 2 agents are unmatched, the
@@ -116,15 +117,15 @@ class _PairScorer:
     """Exact UCB of (t, s, k) without materialising φ.
 
     φ = x_t + y_s + r_k(t, s): x_t = [1, p_t] (dims 0..32) depends on the teacher only,
-    y_s = p_s (33..64) on the student only, and r_k holds the 16 pair dims (65..80) and
-    arm k's 8-dim block. Hence, with A = A⁻¹ and idx_k the 24 dims of r_k::
+    y_s = p_s (33..64) on the student only, and r_k holds the 17 pair dims (65..81) and
+    arm k's 10-dim block. Hence, with A = A⁻¹ and idx_k the 27 dims of r_k::
 
         θᵀφ    = θ_T·x_t + θ_S·p_s + θ[idx_k]·r
         φᵀAφ   = x_tᵀA_TT x_t + p_sᵀA_SS p_s + 2 (A_ST x_t)·p_s
                  + 2 (A_RT x_t + A_RS p_s)[idx_k]·r + rᵀ A[idx_k, idx_k] r
 
     All per-agent terms are computed once per call (O(N·d²)); a pair then costs
-    O(24² + 32) instead of building a 105-dim φ and an O(d²) quadratic form.
+    O(27² + 32) instead of building a 112-dim φ and an O(d²) quadratic form.
     """
 
     def __init__(self, P: np.ndarray, bandit: LinUCB, n_arms: int, beta: float) -> None:
@@ -146,7 +147,7 @@ class _PairScorer:
         self.c_t = X @ A[np.ix_(T, S)]  # cross term 2·c_t·p_s
         self.e_t = X @ A[np.ix_(T, Rd)]
         self.e_s = P @ A[np.ix_(S, Rd)]
-        nw = F.OFF_ARM - F.OFF_ABS  # 16
+        nw = F.OFF_ARM - F.OFF_ABS  # 17
         self.nw = nw
         W = np.arange(F.OFF_ABS, F.OFF_ARM)
         Z = np.arange(F.OFF_ARM, d)
@@ -162,6 +163,7 @@ class _PairScorer:
         self.ent = F._entropy_bits(self.hn)
         self.pi = P[:, F.PASS1]
         self.fam = P[:, F.FAMILY]
+        self.lin = self.fam @ F.LINEAGE_ONEHOT
 
     def width_factors(self, sample: int = 4096) -> tuple[np.ndarray, np.ndarray, float]:
         """Per-agent part of φᵀA⁻¹φ as a bilinear form Wt[t]·Ws[s] = q_t + q_s + 2 c_t·p_s
@@ -178,8 +180,8 @@ class _PairScorer:
         return Wt, Ws, float(np.median(full.max(axis=1) - q_bil))
 
     def pair_dims(self, t: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The 16 pair dims (|h_t − h_s|, JS, lack, gap, same) and the 8 arm-block values,
-        computed as in ``features.batch_context``."""
+        """The 17 pair dims (|h_t − h_s|, JS, lack, gap, same, lineage) and the 10 arm-block
+        values, computed as in ``features.batch_context``."""
         ht, hs = self.h[t], self.h[s]
         M = t.shape[0]
         w = np.empty((M, self.nw))
@@ -193,7 +195,9 @@ class _PairScorer:
         w[:, F.N_ABS + 1] = lack
         w[:, F.N_ABS + 2] = pit - pis
         w[:, F.N_ABS + 3] = same
-        return w, F.arm_block(lack, same, pit - pis, pit, pis)
+        lin = np.einsum("ij,ij->i", self.lin[t], self.lin[s])
+        w[:, F.N_ABS + 4] = lin
+        return w, F.arm_block(lack, same, pit - pis, pit, pis, lin)
 
     def scores(self, t: np.ndarray, s: np.ndarray, quad_only: bool = False) -> np.ndarray:
         """Exact UCB for every arm → (M, K) float64 (φᵀA⁻¹φ instead if ``quad_only``)."""
@@ -348,7 +352,8 @@ def _arm_surrogates(P: np.ndarray, theta: np.ndarray, n_arms: int) -> tuple[np.n
 
     R is shared by all arms, so the arm-averaged surrogate is mean_k(L[k])·R and the
     best-arm surrogate max_k L[k, t]·R[s] is cheap to evaluate on a few candidates.
-    Exact here: bias, p_t, p_s, lack, gap, same, gap·same, lack·π_t, lack·π_s.
+    Exact here: bias, p_t, p_s, lack, gap, same, lineage (= f_t·G f_s with G the
+    same-lineage matrix of the family slots), gap·same, gap·lineage, lack·π_t, lack·π_s.
     Approximate: |x − y| ≈ x + y − 2xy, JS ≈ 1 − h_t·h_s, lack·same ≈ L̄·same with
     L̄ = 1 − h̄·h̄ (mean histogram h̄). Returns L (K, N, 43) and R (N, 43).
     """
@@ -358,6 +363,7 @@ def _arm_surrogates(P: np.ndarray, theta: np.ndarray, n_arms: int) -> tuple[np.n
     h = P[:, F.HIST]
     pi = P[:, F.PASS1]
     fam = P[:, F.FAMILY]
+    famg = fam @ (F.LINEAGE_ONEHOT @ F.LINEAGE_ONEHOT.T)  # f_t·G: same-lineage as a form in f_s
     n = P.shape[0]
     hbar = h.mean(axis=0) if n else np.zeros(F.N_CATS)
     lbar = 1.0 - float(hbar @ hbar)
@@ -365,18 +371,20 @@ def _arm_surrogates(P: np.ndarray, theta: np.ndarray, n_arms: int) -> tuple[np.n
     R = np.hstack([np.ones((n, 1)), pi[:, None], v0[:, None], h, fam, h * pi[:, None], fam * pi[:, None]])
     Ls = []
     for k in range(n_arms):
-        c1, cL, cS, cG, cLS, cGS, cLPt, cLPs = theta[F.OFF_ARM + F.ARM_FEATS * k : F.OFF_ARM + F.ARM_FEATS * (k + 1)]
+        c1, cL, cS, cG, cLS, cGS, cLPt, cLPs, cN, cGN = theta[F.OFF_ARM + F.ARM_FEATS * k :
+                                                               F.OFF_ARM + F.ARM_FEATS * (k + 1)]
         lack_coef = theta[F.OFF_JS] + theta[F.OFF_LACK] + cL  # all multiply 1 − h_t·h_s
         gap_coef = theta[F.OFF_GAP] + cG
         u = P @ thT + h @ thD + gap_coef * pi + cLPt * pi
         const = theta[F.OFF_BIAS] + c1 + lack_coef
         same_coef = theta[F.OFF_SAME] + cS + cLS * lbar
+        lin_coef = theta[F.OFF_LIN] + cN
         Ls.append(np.hstack([
             (const + u)[:, None], np.full((n, 1), cLPs - cG), np.ones((n, 1)),
             h * (-2.0 * thD - lack_coef - cLPt * pi[:, None]),
-            fam * (same_coef + cGS * pi[:, None]),
+            fam * (same_coef + cGS * pi[:, None]) + famg * (lin_coef + cGN * pi[:, None]),
             h * (-cLPs),
-            fam * (-cGS),
+            fam * (-cGS) + famg * (-cGN),
         ]))
     return np.stack(Ls).astype(np.float32), R.astype(np.float32)
 

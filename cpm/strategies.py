@@ -24,6 +24,7 @@ from cpm import features as F
 from cpm.bandit import LinUCB
 from cpm.matching import MatchResult, exact_match, fast_match, greedy_disjoint
 from knexad.agent_api import ProtocolArm
+from protocol.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +94,18 @@ class _Stateless:
         """Nothing to restore."""
 
 
+class StrategyStateError(ConfigError):
+    """Saved strategy state that this code cannot use (a context layout it does not know).
+
+    A ``ConfigError`` (exit 3): loading it anyway would either fail at the first match or
+    score every pair with weights meant for other features. The operator chooses: keep
+    the older release, or start the strategy afresh (another store, or another
+    ``strategy`` and back)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("strategy_state", message)
+
+
 class LinUCBStrategy:
     name = "linucb"
     centralized = False
@@ -119,18 +132,43 @@ class LinUCBStrategy:
     def update(self, pair: Pair, feedback: Feedback | float) -> None:
         if pair.context is None:
             raise ValueError("linucb needs the pair context it selected")
+        context = np.asarray(pair.context, dtype=float).reshape(-1)
+        if context.shape[0] == F.v1_context_dim(self.n_arms) != self.bandit.d:
+            # a directive issued before an upgrade (its context is stored with it): φ is
+            # rebuilt exactly from the two profiles it carries, for the arm it chose
+            context = F.pair_context(context[F.OFF_T : F.OFF_S], context[F.OFF_S : F.OFF_ABS], pair.arm, self.n_arms)
+            log.info("cpm.strategy.context_upgraded", teacher=pair.teacher, student=pair.student)
         if isinstance(feedback, Feedback):
-            self.bandit.update_feedback(pair.context, feedback.loss_pre, feedback.loss_post, feedback.kb)
+            self.bandit.update_feedback(context, feedback.loss_pre, feedback.loss_post, feedback.kb)
         else:
-            self.bandit.update(pair.context, float(feedback))
+            self.bandit.update(context, float(feedback))
 
     def to_state(self) -> dict[str, Any]:
-        return {"name": self.name, "n_arms": self.n_arms, "topk": self.topk, "bandit": self.bandit.to_state()}
+        return {"name": self.name, "n_arms": self.n_arms, "topk": self.topk, "layout": F.LAYOUT,
+                "bandit": self.bandit.to_state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.n_arms = int(state["n_arms"])
+        """Restore a saved state; one saved with the pre-lineage layout 1 (d = 81 + 8K,
+        e.g. 105) is migrated exactly (``LinUCB.embed``: what it learnt is kept, the
+        lineage dims start at the prior). Anything else raises ``StrategyStateError``."""
+        n_arms = int(state["n_arms"])
+        bandit = LinUCB.from_state(state["bandit"])
+        layout = int(state.get("layout", 0))  # 0: saved before layouts were numbered
+        want = F.context_dim(n_arms)
+        if layout in (0, F.LAYOUT) and bandit.d == want:
+            pass
+        elif layout in (0, 1) and bandit.d == F.v1_context_dim(n_arms):
+            bandit = bandit.embed(F.v1_dims(n_arms), want)
+            log.warning("cpm.strategy.state_migrated", from_layout=1, to_layout=F.LAYOUT, from_d=state["bandit"]["d"],
+                        to_d=want, updates=bandit.t)
+        else:
+            log.error("cpm.strategy.state_refused", layout=layout, d=bandit.d, expected_d=want, n_arms=n_arms)
+            raise StrategyStateError(f"saved LinUCB state has layout {layout} and d={bandit.d}; this version "
+                                     f"reads layout {F.LAYOUT} (d={want}) and migrates layout 1 "
+                                     f"(d={F.v1_context_dim(n_arms)}) for {n_arms} arms")
+        self.n_arms = n_arms
         self.topk = int(state["topk"])
-        self.bandit = LinUCB.from_state(state["bandit"])
+        self.bandit = bandit
 
 
 class RandomStrategy(_Stateless):

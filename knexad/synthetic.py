@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from knexad.agent.profile import FAMILIES as PROFILE_FAMILIES  # plain Python, no torch
 from knexad.agent_api import (
     N_CATEGORIES,
     KnowledgeItem,
@@ -50,11 +51,19 @@ from knexad.agent_api import (
 
 log = structlog.get_logger(__name__)
 
-FAMILIES = ("qwen2", "gpt2", "gpt_neox", "bloom", "llama", "mistral", "phi", "other")
+# The family index of an agent is its slot in the profile's one-hot, so the world uses the
+# profile's order (an own copy once had mistral and phi swapped: a synthetic "mistral"
+# advertised the "phi" slot). Group and capacity are given by name for the same reason.
+FAMILIES = PROFILE_FAMILIES
 # Lineage groups (shared tokenizer style / architecture): same family 1.0, same group
 # 0.8, otherwise 0.5 — text KD across tokenizers loses some signal.
-FAMILY_GROUP = (0, 1, 1, 1, 0, 0, 2, 2)
-FAMILY_CAPACITY = (0.95, 0.75, 0.8, 0.75, 0.95, 0.9, 0.85, 0.7)
+_GROUP = {"qwen2": 0, "llama": 0, "mistral": 0, "gpt2": 1, "gpt_neox": 1, "bloom": 1, "phi": 2, "other": 2}
+_CAPACITY = {"qwen2": 0.95, "gpt2": 0.75, "gpt_neox": 0.8, "bloom": 0.75, "llama": 0.95, "mistral": 0.9,
+             "phi": 0.85, "other": 0.7}
+FAMILY_GROUP = tuple(_GROUP[f] for f in FAMILIES)
+FAMILY_CAPACITY = tuple(_CAPACITY[f] for f in FAMILIES)
+# Family order of states saved before the fix (no "family_name" key): read them by name.
+_V1_FAMILIES = ("qwen2", "gpt2", "gpt_neox", "bloom", "llama", "mistral", "phi", "other")
 STATE_FILE = "synthetic_agent.json"
 TRANSFER_SET_SIZE = 128  # the paper's transfer-set size; also the CPM's default transfer_size
 
@@ -110,7 +119,8 @@ class AgentState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "family": self.family, "hist": self.hist.tolist(), "n_data": self.n_data,
+            "family": self.family, "family_name": FAMILIES[self.family], "hist": self.hist.tolist(),
+            "n_data": self.n_data,
             "capacity": self.capacity, "skill": self.skill.tolist(), "poisoned": self.poisoned,
             "prev_pass1": self.prev_pass1, "prev_own": self.prev_own, "prev_ppl": self.prev_ppl,
             "rounds": self.rounds, "kd_rounds": self.kd_rounds, "gain_ema": self.gain_ema,
@@ -119,8 +129,11 @@ class AgentState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AgentState:
+        """A state without ``family_name`` was saved with the old slot order: its index
+        is looked up there, so a saved mistral stays mistral."""
+        name = d["family_name"] if "family_name" in d else _V1_FAMILIES[int(d["family"])]
         return cls(
-            family=int(d["family"]), hist=np.asarray(d["hist"], dtype=float), n_data=int(d["n_data"]),
+            family=FAMILIES.index(str(name)), hist=np.asarray(d["hist"], dtype=float), n_data=int(d["n_data"]),
             capacity=float(d["capacity"]), skill=np.asarray(d["skill"], dtype=float),
             poisoned=bool(d["poisoned"]), prev_pass1=float(d["prev_pass1"]), prev_own=float(d["prev_own"]),
             prev_ppl=float(d["prev_ppl"]), rounds=int(d["rounds"]), kd_rounds=int(d["kd_rounds"]),
@@ -327,7 +340,7 @@ class SyntheticAgent:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        doc = {"version": 1, "agent_id": self.agent_id, "state": self.state.to_dict(),
+        doc = {"version": 2, "agent_id": self.agent_id, "state": self.state.to_dict(),
                "params": {k: getattr(self.params, k) for k in WorldParams.__dataclass_fields__},
                "rng": self.rng.bit_generator.state, "transfer_size": len(self._prompts)}
         tmp = directory / (STATE_FILE + ".tmp")

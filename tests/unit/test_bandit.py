@@ -36,6 +36,33 @@ def test_sherman_morrison_matches_direct_inverse(reinvert_every: int) -> None:
     np.testing.assert_allclose(b.ucb(Q), ref, rtol=1e-8)
 
 
+@pytest.mark.parametrize("discount", [1.0, 0.9])
+def test_embed_equals_training_with_the_new_dims_at_zero(discount: float) -> None:
+    """``embed`` (migrating a saved bandit to a larger context layout) is exact: the same
+    A, b, θ and widths as a bandit of the new size fed the same contexts with zeros in
+    the added dims, and the same later updates."""
+    X, r = _updates(6, 80, 4)
+    index = np.array([0, 1, 3, 4, 6, 7])  # new dims 2 and 5 did not exist
+    small = LinUCB(6, lam=0.4, discount=discount)
+    big = LinUCB(8, lam=0.4, discount=discount)
+    for x, ri in zip(X, r):
+        small.update(x, float(ri))
+        xb = np.zeros(8)
+        xb[index] = x
+        big.update(xb, float(ri))
+    moved = small.embed(index, 8)
+    np.testing.assert_allclose(moved.A, big.A, atol=1e-12)
+    np.testing.assert_allclose(moved.theta, big.theta, atol=1e-9)
+    Q = np.random.default_rng(5).standard_normal((10, 8))
+    np.testing.assert_allclose(moved.ucb(Q), big.ucb(Q), rtol=1e-9)
+    moved.update(Q[0], 0.3)
+    big.update(Q[0], 0.3)
+    np.testing.assert_allclose(moved.theta, big.theta, atol=1e-9)
+    assert moved.t == big.t and moved.discount == discount
+    with pytest.raises(ValueError):
+        small.embed(np.array([0, 1, 1, 4, 6, 7]), 8)  # two old dims on one new dim
+
+
 def test_discounted_update_has_documented_form() -> None:
     d, lam, g = 6, 2.0, 0.9
     X, r = _updates(d, 50, 3)

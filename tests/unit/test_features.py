@@ -19,7 +19,7 @@ def _profiles(n: int, seed: int, alpha: float = 0.3) -> np.ndarray:
 
 
 def test_dimension_and_layout() -> None:
-    assert F.context_dim(3) == 105 and F.context_dim(1) == 89
+    assert F.context_dim(3) == 112 and F.context_dim(1) == 92
     P = _profiles(2, 0)
     P[1, :8] = P[0, :8]
     x = F.pair_context(P[0], P[1], 2)
@@ -27,13 +27,14 @@ def test_dimension_and_layout() -> None:
     np.testing.assert_array_equal(x[F.OFF_T : F.OFF_T + 32], P[0])
     np.testing.assert_array_equal(x[F.OFF_S : F.OFF_S + 32], P[1])
     np.testing.assert_allclose(x[F.OFF_ABS : F.OFF_ABS + 12], np.abs(P[0, 20:32] - P[1, 20:32]))
-    assert x[F.OFF_SAME] == 1.0
+    assert x[F.OFF_SAME] == 1.0 and x[F.OFF_LIN] == 1.0  # same family ⇒ same lineage
     assert math.isclose(x[F.OFF_GAP], P[0, 8] - P[1, 8])
     lack = float(np.sum(P[0, 20:32] * (1 - P[1, 20:32])))
     assert math.isclose(x[F.OFF_LACK], lack)
     blocks = x[F.OFF_ARM :].reshape(3, F.ARM_FEATS)
     assert not blocks[0].any() and not blocks[1].any()
-    np.testing.assert_allclose(blocks[2], [1, lack, 1, x[F.OFF_GAP], lack, x[F.OFF_GAP], lack * P[0, 8], lack * P[1, 8]])
+    g = x[F.OFF_GAP]
+    np.testing.assert_allclose(blocks[2], [1, lack, 1, g, lack, g, lack * P[0, 8], lack * P[1, 8], 1, g])
 
 
 def test_batch_equals_single() -> None:
@@ -102,3 +103,23 @@ def test_concat_context_cannot_rank_pairs_but_phi_can() -> None:
     assert top_p > 0.5  # chance is 1/39
     assert row_c < 0.3 and top_c < 0.2
     assert rho_p - rho_c > 0.3
+
+
+def test_lineage_flag_follows_the_profile_family_slots() -> None:
+    """qwen2/llama/mistral and gpt2/gpt_neox/bloom are lineages; phi and other the third.
+    The table is indexed like the profile's family one-hot (knexad/agent/profile.py)."""
+    from knexad.agent.profile import FAMILIES
+
+    lineage = dict(zip(FAMILIES, F.FAMILY_LINEAGE))
+    assert lineage["qwen2"] == lineage["llama"] == lineage["mistral"]
+    assert lineage["gpt2"] == lineage["gpt_neox"] == lineage["bloom"] != lineage["qwen2"]
+    assert lineage["phi"] == lineage["other"] not in (lineage["qwen2"], lineage["gpt2"])
+    eye = np.eye(8)
+    P = np.zeros((8, 32))
+    P[:, :8] = eye
+    P[:, 20] = 1.0
+    t, s = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    X = F.batch_context(P, t.ravel(), s.ravel(), np.zeros(64, dtype=np.int64))
+    expect = np.array([[float(F.FAMILY_LINEAGE[i] == F.FAMILY_LINEAGE[j]) for j in range(8)] for i in range(8)])
+    np.testing.assert_array_equal(X[:, F.OFF_LIN].reshape(8, 8), expect)
+    np.testing.assert_array_equal(X[:, F.OFF_ARM + 8].reshape(8, 8), expect)  # arm 0's lineage term

@@ -6,17 +6,22 @@ import json
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from cpm import features as F
+from cpm.bandit import LinUCB
 from cpm.strategies import (
     DEFAULT_ARMS,
     STRATEGIES,
     Feedback,
+    LinUCBStrategy,
     OracleStrategy,
     Pair,
     Strategy,
+    StrategyStateError,
     make_strategy,
 )
+from protocol.errors import ConfigError
 
 
 def _profiles(n: int, seed: int) -> np.ndarray:
@@ -114,3 +119,100 @@ def test_registry() -> None:
         make_strategy("fedavg")
     with pytest.raises(ValueError):
         make_strategy("random").select(np.zeros((3, 31)), IDS[:3], 0, 1, np.random.default_rng(0))
+
+
+def _v1_phi(pt: np.ndarray, ps: np.ndarray, arm: int) -> np.ndarray:
+    """φ in the layout before the lineage flag (d = 81 + 8·3 = 105), written out from its
+    definition: bias, p_t, p_s, |h_t − h_s|, JS, lack, gap, same family, then per arm
+    [1, lack, same, gap, lack·same, gap·same, lack·π_t, lack·π_s] (zero but arm k's)."""
+    ht, hs = pt[20:32], ps[20:32]
+    lack, gap, same = float(ht @ (1.0 - hs)), pt[8] - ps[8], float(pt[:8] @ ps[:8])
+    blocks = np.zeros((3, 8))
+    blocks[arm] = [1.0, lack, same, gap, lack * same, gap * same, lack * pt[8], lack * ps[8]]
+    js = float(F.js_divergence(ht, hs))
+    return np.concatenate([[1.0], pt, ps, np.abs(ht - hs), [js, lack, gap, same], blocks.ravel()])
+
+
+def _v1_saved_state(seed: int = 0) -> tuple[dict, LinUCB, np.ndarray]:
+    """What a CPM running the 105-dim layout saved: a trained LinUCB(105) inside the
+    strategy state (no ``layout`` key then), through JSON as the store keeps it."""
+    rng = np.random.default_rng(seed)
+    P = _profiles(30, seed + 1)
+    old = LinUCB(105)
+    for _ in range(300):
+        t, s = rng.choice(30, 2, replace=False)
+        k = int(rng.integers(3))
+        x = _v1_phi(P[t], P[s], k)
+        old.update_feedback(x, 1.0, 1.0 - 0.01 * (x[78] + 0.3 * x[80] + 0.1 * k) + 0.002 * rng.standard_normal(), 3.0)
+    state = json.loads(json.dumps({"name": "linucb", "n_arms": 3, "topk": 8, "bandit": old.to_state()}))
+    return state, old, P
+
+
+def test_linucb_migrates_a_state_saved_with_the_105_dim_layout() -> None:
+    """Exact migration: θ and the widths are what the old bandit had on the old dims,
+    and the new lineage dims start at the prior (θ = 0, variance 1/λ)."""
+    state, old, P = _v1_saved_state()
+    strat = LinUCBStrategy()
+    with capture_logs() as logs:
+        strat.load_state(state)
+    assert any(e["event"] == "cpm.strategy.state_migrated" and e["from_d"] == 105 for e in logs)
+    new = strat.bandit
+    assert new.d == F.context_dim(3) == 112 and new.t == old.t == 300
+    assert (new.z.n, new.z.mean, new.z.m2) == (old.z.n, old.z.mean, old.z.m2)
+    rng = np.random.default_rng(9)
+    t = rng.integers(0, 30, 40)
+    s = (t + rng.integers(1, 30, 40)) % 30
+    k = rng.integers(0, 3, 40)
+    X = F.batch_context(P, t, s, k)
+    X_old = np.stack([_v1_phi(P[a], P[b], c) for a, b, c in zip(t, s, k)])
+    np.testing.assert_allclose(X[:, F.v1_dims(3)], X_old, atol=1e-12)  # the layouts line up
+    added = np.setdiff1d(np.arange(new.d), F.v1_dims(3))
+    assert X[:, added].any()  # the lineage dims are not all zero on these pairs
+    np.testing.assert_allclose(new.mean(X), old.mean(X_old), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(new.width(X) ** 2, old.width(X_old) ** 2 + (X[:, added] ** 2).sum(axis=1) / new.lam,
+                               rtol=1e-9)
+    pairs = strat.select(P[:10], IDS, 0, 5, np.random.default_rng(0))
+    assert len(pairs) == 5 and all(p.context.shape == (112,) for p in pairs)
+    # a directive issued before the upgrade comes back with its stored 105-dim context
+    twin = LinUCBStrategy()
+    twin.load_state(state)
+    p = pairs[0]
+    ti, si = IDS.index(p.teacher), IDS.index(p.student)
+    strat.update(Pair(p.teacher, p.student, p.arm, 0.0, _v1_phi(P[ti], P[si], p.arm)), Feedback(1.0, 0.98, 3.0))
+    twin.update(p, Feedback(1.0, 0.98, 3.0))
+    np.testing.assert_allclose(strat.bandit.A, twin.bandit.A, atol=1e-12)
+    np.testing.assert_allclose(strat.bandit.b, twin.bandit.b, atol=1e-12)
+    assert json.loads(json.dumps(strat.to_state()))["layout"] == F.LAYOUT
+
+
+@pytest.mark.parametrize("d, layout", [(99, None), (105, 2), (112, 1), (112, 7)])
+def test_linucb_refuses_a_state_of_an_unknown_layout(d: int, layout: int | None) -> None:
+    state = {"name": "linucb", "n_arms": 3, "topk": 8, "bandit": LinUCB(d).to_state()}
+    if layout is not None:
+        state["layout"] = layout
+    strat = LinUCBStrategy()
+    with capture_logs() as logs, pytest.raises(StrategyStateError, match="strategy_state") as err:
+        strat.load_state(state)
+    assert isinstance(err.value, ConfigError)
+    assert any(e["event"] == "cpm.strategy.state_refused" and e["d"] == d for e in logs)
+    assert strat.bandit.d == 112 and strat.bandit.t == 0  # left as it was
+
+
+def test_cpm_restart_on_a_store_saved_by_the_105_dim_release(tmp_path) -> None:
+    """The real restore path (``RoundEngine`` reads ``Store.load_bandit_state``): a state
+    saved by the 105-dim release is migrated; one of an unknown layout stops the node
+    with the typed error (the CLI's exit 3) instead of failing at the first match."""
+    from cpm.config import CpmConfig
+    from cpm.rounds import RoundEngine
+    from cpm.store import Store
+    from protocol.envelope import Identity
+
+    state, old, _ = _v1_saved_state()
+    store = Store(tmp_path / "cpm.db")
+    store.save_bandit_state("linucb", {"strategy": state}, 0)
+    engine = RoundEngine(store, CpmConfig(strategy="linucb"), Identity.generate())
+    assert engine.strategy.bandit.d == 112 and engine.strategy.bandit.t == old.t
+    store.save_bandit_state("linucb", {"strategy": {**state, "bandit": LinUCB(99).to_state()}}, 0)
+    with pytest.raises(StrategyStateError):
+        RoundEngine(store, CpmConfig(strategy="linucb"), Identity.generate())
+    store.close()

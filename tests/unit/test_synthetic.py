@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from knexad.agent import profile
 from knexad.agent_api import Agent, KnowledgeItem, KnowledgePackage, ProtocolArm, TeachRequest
 from knexad.synthetic import (
+    COMPAT,
+    FAMILY_CAPACITY,
     STATE_FILE,
     AgentState,
     SyntheticAgent,
@@ -145,7 +148,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert not SyntheticAgent.random(0).load(tmp_path / "nothing")
     a.save(tmp_path)
     doc = json.loads((tmp_path / STATE_FILE).read_text())
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     b = SyntheticAgent.random(99)
     assert b.load(tmp_path)
     assert b.profile() == a.profile() and b.agent_id == a.agent_id
@@ -157,3 +160,39 @@ def test_transfer_set_hash() -> None:
     h = SyntheticAgent.random(1).transfer_set_hash()
     assert len(h) == 64 and int(h, 16) >= 0
     assert h == SyntheticAgent.random(2).transfer_set_hash()
+
+
+def test_family_one_hot_uses_the_profile_slots() -> None:
+    """The CPM reads the family one-hot with the profile's layout (knexad/agent/profile.py):
+    a synthetic mistral must set the slot ``family_index("mistral")`` names — the world
+    once kept its own order with mistral and phi swapped."""
+    for name in profile.FAMILIES:
+        a = SyntheticAgent.random(3, family=profile.family_index(name))
+        assert a.family == name
+        assert a.profile()[:8] == [float(i == profile.family_index(name)) for i in range(8)]
+    mistral = SyntheticAgent.random(3, family=profile.family_index("mistral"))
+    assert mistral.profile()[profile.INDEX_MAP["family.mistral"]] == 1.0
+
+
+def test_family_groups_and_capacities_follow_the_names() -> None:
+    """Same lineage 0.8: {qwen2, llama, mistral}, {gpt2, gpt_neox, bloom}, {phi, other}."""
+    i = profile.family_index
+    assert COMPAT[i("mistral"), i("llama")] == COMPAT[i("qwen2"), i("mistral")] == 0.8
+    assert COMPAT[i("phi"), i("other")] == COMPAT[i("gpt2"), i("bloom")] == 0.8
+    assert COMPAT[i("phi"), i("mistral")] == COMPAT[i("phi"), i("qwen2")] == 0.5
+    assert COMPAT[i("phi"), i("phi")] == 1.0
+    assert FAMILY_CAPACITY[i("mistral")] == 0.9 and FAMILY_CAPACITY[i("phi")] == 0.85
+
+
+def test_state_saved_with_the_old_family_order_keeps_its_family(tmp_path: Path) -> None:
+    """A state saved before the fix has no ``family_name``; index 5 was mistral then."""
+    a = SyntheticAgent.random(4, family=profile.family_index("mistral"))
+    a.save(tmp_path)
+    doc = json.loads((tmp_path / STATE_FILE).read_text())
+    del doc["state"]["family_name"]
+    doc["version"] = 1
+    doc["state"]["family"] = 5  # mistral's slot in the old order
+    (tmp_path / STATE_FILE).write_text(json.dumps(doc))
+    b = SyntheticAgent.random(0)
+    assert b.load(tmp_path)
+    assert b.family == "mistral" and b.profile() == a.profile()
