@@ -25,7 +25,16 @@ Modes (W = requests each agent has in flight):
   each request with a stored Ack — no verification, engine or SQLite: the transport's
   own ceiling, W = 1;
 * ``group_pipelined`` / ``echo_pipelined``: the same with W = ``--pipeline`` requests
-  sent in one write (the node answers a burst with one commit and one write).
+  sent in one write (the node answers a burst with one commit and one write, and
+  verifies the burst's signatures on a worker thread);
+* ``group_pipelined_inline``: as ``group_pipelined`` with the signatures verified on the
+  event loop (``CpmService(verify_in_thread=False)``), what the worker thread buys.
+
+``--registered N`` adds N more admitted, registered agents, each with a profile in the
+open round, before the clients start (written straight into the database; they send
+nothing): the engine's per-request work must not grow with the number of agents, or a
+round of N agents costs O(N²) to ingest. Compare ``--registered 0`` with
+``--registered 10000``.
 
 Plus ``verify`` (the envelope check alone: ``open_envelope``, decode + Ed25519 verify,
 one thread) and ``commit_ms`` (one standalone ``BEGIN IMMEDIATE … COMMIT`` with
@@ -63,6 +72,7 @@ MODES: dict[str, tuple[str, bool, bool, bool]] = {
     "group_new_stream": ("cpm", True, True, False),
     "echo": ("echo", False, False, False),
     "group_pipelined": ("cpm", True, False, True),
+    "group_pipelined_inline": ("cpm_inline", True, False, True),
     "echo_pipelined": ("echo", False, False, True),
 }
 ECHO_PROTOCOL = "/knexa-bench/echo/1.0.0"
@@ -270,14 +280,27 @@ async def _drive_against(server: Any, mode: str, profiles: int, clients: int, pi
     return res, cpu
 
 
+def add_background_agents(store: Any, n: int, now: int) -> None:
+    """``n`` admitted, registered, active agents with a profile in round 1 (SQL only)."""
+    vector = json.dumps([0.25] * 32)
+    with store.transaction() as db:
+        for i in range(n):
+            peer = f"background-{i:06d}"
+            db.execute("INSERT INTO agents (peer_id, org, admitted, revoked, admitted_at, registered_at, last_seen) "
+                       "VALUES (?, 'background', 1, 0, ?, ?, ?)", (peer, now, now, now))
+            db.execute("INSERT INTO profiles (peer_id, round, vector, transfer_hash, received_at) "
+                       "VALUES (?, 1, ?, 'background', ?)", (peer, vector, now))
+
+
 async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home: Path,
-                    window_s: float) -> dict[str, Any]:
+                    window_s: float, registered: int = 0) -> dict[str, Any]:
     from cpm.config import CpmConfig
     from cpm.service import CpmService
     from cpm.store import Store
     from protocol.envelope import Identity
 
-    cfg = CpmConfig(strategy="random", min_agents=clients + 1, round_timer_s=86_400.0, request_timeout_s=60.0,
+    cfg = CpmConfig(strategy="random", min_agents=clients + registered + 1, round_timer_s=86_400.0,
+                    request_timeout_s=60.0,
                     active_window_s=86_400.0,  # the round never matches: every profile is ingest
                     rate_limit_per_s=0.0)  # a few clients stand in for many agents: no per-peer cap
     kind, group_commit, _new_stream, pipelined = MODES[mode]
@@ -291,7 +314,11 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
         store = Store(home / "cpm.db")
         for i in range(clients):
             store.admit(Identity(client_seed(i)).peer_id, "bench", 1)
+        from protocol.envelope import now_ms
+
+        add_background_agents(store, registered, now_ms())
         service = CpmService(cfg, Identity.generate(), store, group_commit=group_commit,
+                             verify_in_thread=kind != "cpm_inline",
                              commit_window_s=window_s)
         try:
             res, cpu = await _drive_against(service, mode, profiles, clients, pipeline, cfg.transfer_hash)
@@ -299,7 +326,8 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
             store.close()
         # verify on the database reopened from disk: every client's last acked profile is stored
         check = Store(home / "cpm.db")
-        stored = {row["peer_id"]: row["vector"] for row in check.list_profiles(1)}
+        stored = {row["peer_id"]: row["vector"] for row in check.list_profiles(1)
+                  if not row["peer_id"].startswith("background-")}
         check.close()
         lost = sum(1 for k, seq in res["last_acked"].items()
                    if stored.get(Identity(client_seed(int(k))).peer_id, [0, -1])[1:2] != [float(seq)])
@@ -351,12 +379,12 @@ def commit_ms(n: int = 40) -> float:
 
 
 def run(profiles: int = 1000, clients: int = 16, modes: tuple[str, ...] = tuple(MODES),
-        window_s: float = 0.002, pipeline: int = 16) -> dict[str, Any]:
+        window_s: float = 0.002, pipeline: int = 16, registered: int = 0) -> dict[str, Any]:
     import trio
 
     from p2p.logs import configure_logging
 
-    out: dict[str, Any] = {"profiles": profiles, "clients": clients, "pipeline": pipeline,
+    out: dict[str, Any] = {"profiles": profiles, "clients": clients, "pipeline": pipeline, "registered": registered,
                            "target_per_s": TARGET_PER_S, "commit_window_ms": window_s * 1000,
                            "load_avg": os.getloadavg(), "verify": verify_ceiling(), "commit_ms": commit_ms()}
     with tempfile.TemporaryDirectory(prefix="knexa-ingest-") as tmp:
@@ -366,7 +394,7 @@ def run(profiles: int = 1000, clients: int = 16, modes: tuple[str, ...] = tuple(
                 home = Path(tmp) / mode
                 home.mkdir()
                 disk = commit_ms(20)  # fsync latency drifts on shared disks: sample it per mode
-                out[mode] = trio.run(_run_mode, mode, profiles, clients, pipeline, home, window_s)
+                out[mode] = trio.run(_run_mode, mode, profiles, clients, pipeline, home, window_s, registered)
                 out[mode]["commit_ms_before"] = disk
     rate = {m: out[m]["profiles_per_s"] for m in modes}
     if rate.get("group") and rate.get("per_message"):
@@ -385,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     ap.add_argument("--pipeline", type=int, default=16, help="requests in flight per agent in the *_pipelined modes")
     ap.add_argument("--window-ms", type=float, default=2.0, help="group-commit window")
+    ap.add_argument("--registered", type=int, default=0,
+                    help="extra admitted agents with a profile in the open round (they send nothing)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cpm", help=argparse.SUPPRESS)
@@ -395,14 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.driver:
         return driver_main(args)
     modes = tuple(m for m in args.modes.split(",") if m)
-    if any(m not in MODES for m in modes) or args.pipeline < 1 or args.clients < 1 or args.profiles < 1:
+    if (any(m not in MODES for m in modes) or args.pipeline < 1 or args.clients < 1 or args.profiles < 1
+            or args.registered < 0):
         ap.error(f"--modes must be a subset of {','.join(MODES)}; counts must be ≥ 1")
-    res = run(args.profiles, args.clients, modes, args.window_ms / 1000, args.pipeline)
+    res = run(args.profiles, args.clients, modes, args.window_ms / 1000, args.pipeline, args.registered)
     ok = all(res[m]["verified"] for m in modes)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0 if ok else 1
-    print(f"ingest: {args.clients} agents, {args.profiles} profiles per mode, load avg {res['load_avg'][0]:.2f}")
+    print(f"ingest: {args.clients} agents (+{args.registered} registered, silent), {args.profiles} profiles per mode, "
+          f"load avg {res['load_avg'][0]:.2f}")
     print(f"{'mode':17} {'in flight':>9} {'profiles/s':>11} {'CPM CPU µs/profile':>19} {'CPM-CPU bound/s':>16} "
           f"{'mean batch':>11} {'fsync ms':>9}  verified")
     for m in modes:

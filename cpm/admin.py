@@ -5,18 +5,26 @@ Why one module: the local CLI (acting on the SQLite file) and the remote admin p
 must produce the same rows, so both call ``query_rows``. Only peers listed in the
 config's ``admins`` may use the admin protocol; everyone else gets ``unauthorized``
 before their frame is even read.
+
+Releasing a quarantined teacher (``AdminRelease``) is the one admin operation that acts
+on the running node's memory, not just on the database: the round engine holds the
+reputation and saves all of it with every feedback, so a release written to the file
+behind its back would be overwritten. Over the admin protocol it therefore goes through
+the engine (``RoundEngine.release_teacher``); ``release_offline`` edits the file of a
+node that is not running.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from cpm.config import CpmConfig, validate_peer_id
+from cpm.reputation import TeacherRecord, reputation_from_saved
 from cpm.store import Store
 from protocol.envelope import Identity, now_ms, open_envelope, seal
 from protocol.errors import (
@@ -24,18 +32,22 @@ from protocol.errors import (
     FrameTooLarge,
     KnexaError,
     MalformedFrame,
+    NotQuarantined,
     PeerUnavailable,
     Unauthorized,
     error_from_code,
 )
 from protocol.ids import ADMIN_PROTOCOL, MAX_FRAME_ADMIN
-from protocol.messages import Ack, AdminAdmit, AdminQuery, AdminResult, AdminRevoke, Error
+from protocol.messages import Ack, AdminAdmit, AdminQuery, AdminRelease, AdminResult, AdminRevoke, Error
 from protocol.replay import ReplayGuard
+
+if TYPE_CHECKING:
+    from cpm.rounds import RoundEngine
 
 log = structlog.get_logger(__name__)
 
-QUERIES = ("agents", "rounds", "pairs", "stats")
-ADMIN_REQUESTS = (AdminAdmit, AdminRevoke, AdminQuery)
+QUERIES = ("agents", "rounds", "pairs", "stats", "quarantine")
+ADMIN_REQUESTS = (AdminAdmit, AdminRevoke, AdminRelease, AdminQuery)
 
 
 # --- listings ---------------------------------------------------------------------------
@@ -87,7 +99,41 @@ def query_rows(store: Store, what: str, round_: int = -1, *, max_rounds: int = 0
             "mean_reward": (sum(rewards) / len(rewards)) if rewards else None,
             "schema_version": store.schema_version(),
         }]
+    if what == "quarantine":
+        return quarantine_rows(store)
     raise MalformedFrame(f"unknown admin query {what!r} (one of {', '.join(QUERIES)})")
+
+
+def quarantine_rows(store: Store) -> list[dict[str, Any]]:
+    """One row per quarantined teacher: its org and the evidence that tipped it (the
+    committed reputation, which the engine saves with every feedback that changes it)."""
+    out = []
+    for row in reputation_from_saved(store.load_bandit_state()).rows():
+        if not row.pop("quarantined"):
+            continue
+        agent = store.get_agent(row["teacher"])
+        out.append({"teacher": row.pop("teacher"), "org": agent.org if agent else None, **row})
+    return out
+
+
+def release_offline(store: Store, peer_id: str, now_ms_: int, *, admin: str = "local") -> TeacherRecord:
+    """Release on the database of a CPM that is **not running** (``knexa-cpm release
+    --offline``): read-modify-write of the reputation inside the saved state, in one
+    transaction; the strategy state is kept byte for byte (whatever strategy saved it).
+    A running node would overwrite this with its next save: use ``AdminRelease`` there."""
+    with store.transaction():
+        saved = store.load_bandit_state()
+        rep = reputation_from_saved(saved)
+        cleared = rep.release(peer_id, now_ms_)
+        if saved is None or cleared is None:
+            raise NotQuarantined(f"{peer_id} is not a quarantined teacher")
+        name, state = saved
+        state["reputation"] = rep.to_state()
+        store.save_bandit_state(name, state, now_ms_)
+    log.info("cpm.teacher.released", teacher=peer_id, admin=admin, round=cleared.quarantined_round,
+             reason=cleared.reason, deliveries=cleared.deliveries, harmful=cleared.harmful,
+             mean_gain=cleared.mean_gain)
+    return cleared
 
 
 def to_wire_rows(rows: list[dict[str, Any]]) -> tuple[tuple[tuple[str, Any], ...], ...]:
@@ -114,7 +160,12 @@ class AdminHandler:
         clock: Callable[[], int] = now_ms,
         on_change: Callable[[], None] = lambda: None,
         on_reject: Callable[[str], None] = lambda code: None,
+        engine: Callable[[], RoundEngine] | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``engine`` returns the node's current round engine (a getter: the service
+        rebuilds it after a failed commit); without it ``AdminRelease`` is refused.
+        ``gate`` waits until no group COMMIT runs, before the engine is touched."""
         self.store = store
         self.config = config
         self.identity = identity
@@ -122,6 +173,8 @@ class AdminHandler:
         self.clock = clock
         self.on_change = on_change
         self.on_reject = on_reject
+        self.engine = engine
+        self.gate = gate
 
     async def handle(self, stream: Any) -> None:
         from p2p.streams import FramedStream
@@ -138,7 +191,7 @@ class AdminHandler:
                 return
             env, msg = open_envelope(frame, expected_sender=peer, allowed=ADMIN_REQUESTS)
             self.replay.check(env, self.clock())
-            response = self._dispatch(peer, env.nonce, msg)
+            response = await self._dispatch(peer, env.nonce, msg)
             with trio.fail_after(self.config.request_timeout_s):
                 await framed.write_frame(seal(response, self.identity))
             log.info("cpm.admin.request", peer=peer, type=type(msg).__name__,
@@ -155,7 +208,9 @@ class AdminHandler:
         finally:
             await framed.close()
 
-    def _dispatch(self, peer: str, nonce: bytes, msg: Any) -> Any:
+    async def _dispatch(self, peer: str, nonce: bytes, msg: Any) -> Any:
+        if isinstance(msg, AdminRelease):
+            return await self._release(peer, nonce, msg)
         now = self.clock()
         if isinstance(msg, AdminAdmit):
             _peer_arg(msg.peer_id)
@@ -172,6 +227,18 @@ class AdminHandler:
         assert isinstance(msg, AdminQuery)
         rows = query_rows(self.store, msg.what, msg.round, max_rounds=self.config.max_rounds)
         return AdminResult(rows=to_wire_rows(rows))
+
+    async def _release(self, admin: str, nonce: bytes, msg: AdminRelease) -> Ack:
+        _peer_arg(msg.peer_id)
+        if self.engine is None:
+            raise KnexaError("this admin endpoint has no round engine to release teachers in")
+        if self.gate is not None:
+            await self.gate()
+        # no await from here on: the engine is touched by one task at a time
+        if self.engine().release_teacher(msg.peer_id, self.clock(), admin=admin) is None:
+            raise NotQuarantined(f"{msg.peer_id} is not a quarantined teacher")
+        self.on_change()
+        return Ack(ref=nonce)
 
     async def _refuse(self, framed: Any, peer: str, exc: KnexaError) -> None:
         self.on_reject(exc.code)

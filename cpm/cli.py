@@ -13,7 +13,10 @@ Exit codes (every command; docs/cpm.md):
 
 Admin commands act on the home's SQLite file (WAL), which the running node re-reads per
 request, so ``admit``/``revoke`` take effect without a restart. ``--remote MADDR --key
-FILE`` sends the same operation over ``/knexa/admin/1.0.0`` instead.
+FILE`` sends the same operation over ``/knexa/admin/1.0.0`` instead. ``release`` is the
+exception: the running node holds the teacher reputation in memory and would overwrite
+a release written to its file, so it needs ``--remote`` — or ``--offline``, the
+operator's statement that the node is stopped (cpm.admin).
 """
 
 from __future__ import annotations
@@ -272,6 +275,38 @@ def revoke(peer_id: str, home: Path, remote: str | None, key_file: Path | None) 
     click.echo(f"revoked {peer_id}")
 
 
+@cli.command()
+@click.argument("peer_id", callback=_peer_arg)
+@_home_option
+@_remote_options
+@click.option("--offline", is_flag=True,
+              help="The node is stopped: edit its database directly (a running node would overwrite it).")
+@handle_errors
+def release(peer_id: str, home: Path, remote: str | None, key_file: Path | None, offline: bool) -> None:
+    """Lift PEER_ID's teacher quarantine; its evidence starts afresh (docs/cpm.md).
+    Exit 1 if it is not quarantined."""
+    from protocol.envelope import now_ms
+    from protocol.messages import AdminRelease
+
+    _quiet_logs()
+    if remote and offline:
+        raise click.UsageError("--remote and --offline exclude each other")
+    if remote:
+        _remote(remote, key_file, AdminRelease(peer_id=peer_id))
+    elif offline:
+        from cpm.admin import release_offline
+
+        store = _open_store(home)
+        try:
+            release_offline(store, peer_id, now_ms())
+        finally:
+            store.close()
+    else:
+        raise click.UsageError("release changes the running node's memory: use --remote MADDR --key FILE "
+                               "(or --offline when the node is stopped)")
+    click.echo(f"released {peer_id}")
+
+
 def _listing(what: str, home: Path, as_json: bool, remote: str | None, key_file: Path | None,
              round_: int = -1) -> None:
     from cpm.admin import from_wire_rows, query_rows
@@ -294,7 +329,7 @@ def _listing(what: str, home: Path, as_json: bool, remote: str | None, key_file:
             click.echo(f"{key:20} {value}")
         return
     if not rows:
-        click.echo(f"(no {what})")
+        click.echo("(no quarantined teachers)" if what == "quarantine" else f"(no {what})")
         return
     cols = list(rows[0])
     widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
@@ -313,7 +348,8 @@ def _fmt(v: Any) -> str:
 
 for _what, _doc in (("agents", "List agents and their admission state."),
                     ("rounds", "List rounds with profile/pair/feedback counts."),
-                    ("stats", "Totals: current round and state, directives by state, mean reward.")):
+                    ("stats", "Totals: current round and state, directives by state, mean reward."),
+                    ("quarantine", "Quarantined teachers with the evidence that stopped them.")):
 
     def _make(what: str, doc: str) -> None:
         @cli.command(name=what, help=doc)

@@ -49,7 +49,7 @@ def check_database(home: Path) -> K.Check:
     except sqlite3.DatabaseError as exc:
         return K.fail("database", f"{path}: {exc}",
                       "restore the latest backup (docs/operations.md: backups)", K.EXIT_CONFIG)
-    from cpm.store import SCHEMA_VERSION
+    from cpm.schema import SCHEMA_VERSION
 
     if version is None or int(version[0]) != SCHEMA_VERSION:
         return K.fail("database", f"{path}: schema version {version[0] if version else '?'}, this build "

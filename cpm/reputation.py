@@ -40,9 +40,20 @@ chance of a false quarantine within n deliveries is computed exactly by
 in tests/unit/test_reputation.py; a teacher whose effect is truly ≤ 0 on average *should*
 be stopped — quarantine means "its teaching harms", not "it is malicious".
 
-Quarantine is permanent until an operator releases the peer (``release``), which also
-clears its evidence. The state is plain JSON, saved by the round engine inside the
-strategy-state row in the same transaction as the feedback that changed it.
+Quarantine is permanent until an operator releases the peer (``release``; the admin
+message ``AdminRelease`` / ``knexa-cpm release``). Release is a fresh start: the
+evidence is cleared, so the same old deliveries cannot re-quarantine it at once, and a
+teacher that still harms is stopped again within the same bound B (8 deliveries) as a
+newcomer — the operator vouched for it, the rule does not have to trust its history.
+Keeping the old counts would re-quarantine it after one more harmful delivery (the sign
+test already fires), which would make the release meaningless. The release time is
+kept per teacher: feedback that arrives after the release for a directive issued
+*before* it (late feedback, a student's durable outbox) is old evidence about the
+knowledge the operator overrode and is not counted (``predates_release``); a release
+is refused when the teacher is not quarantined, so it never wipes a record in progress.
+
+The state is plain JSON, saved by the round engine inside the strategy-state row in the
+same transaction as the feedback (or the release) that changed it.
 """
 
 from __future__ import annotations
@@ -161,6 +172,7 @@ class Reputation:
     def __init__(self, policy: ReputationPolicy | None = None) -> None:
         self.policy = policy or ReputationPolicy()
         self.teachers: dict[str, TeacherRecord] = {}
+        self.released: dict[str, int] = {}  # teacher → time (ms) of its latest release
 
     # ---- evidence ---------------------------------------------------------------------
     def record(self, teacher: str, gain: float, round_: int) -> Verdict | None:
@@ -197,27 +209,45 @@ class Reputation:
     def quarantined(self) -> dict[str, TeacherRecord]:
         return {t: r for t, r in self.teachers.items() if r.quarantined}
 
-    def release(self, teacher: str) -> bool:
-        """Operator decision: lift the quarantine and forget the evidence (fresh start).
-        True if the teacher was quarantined."""
-        rec = self.teachers.pop(teacher, None)
-        return rec is not None and rec.quarantined
+    def release(self, teacher: str, at_ms: int) -> TeacherRecord | None:
+        """Operator decision: lift the quarantine and start the evidence afresh (module
+        docstring). Returns the record it cleared, or None — and changes nothing — when
+        the teacher is not quarantined (unknown, or evidence still being gathered)."""
+        rec = self.teachers.get(teacher)
+        if rec is None or not rec.quarantined:
+            return None
+        del self.teachers[teacher]
+        self.released[teacher] = int(at_ms)
+        return rec
+
+    def predates_release(self, teacher: str, issued_at_ms: int) -> bool:
+        """True for a delivery whose directive was issued no later than the teacher's
+        latest release: evidence about knowledge the operator already overrode."""
+        released = self.released.get(teacher)
+        return released is not None and issued_at_ms <= released
 
     # ---- state ------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "teachers": {t: r.to_list() for t, r in self.teachers.items()}}
+        return {"version": STATE_VERSION, "teachers": {t: r.to_list() for t, r in self.teachers.items()},
+                "released": dict(self.released)}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """``released`` is optional: states saved before releases existed have none."""
         if int(state.get("version", 0)) != STATE_VERSION:
             raise ValueError(f"unknown reputation state version {state.get('version')!r}")
         self.teachers = {str(t): TeacherRecord.from_list(v) for t, v in dict(state["teachers"]).items()}
+        self.released = {str(t): int(ms) for t, ms in dict(state.get("released", {})).items()}
 
     def rows(self) -> list[dict[str, Any]]:
-        """Scalar rows per teacher for operators (admin ``agents`` / ``export``)."""
+        """Scalar rows per teacher with evidence, for operators (the admin ``quarantine``
+        listing shows the quarantined ones). ``p_value`` = P[Bin(n, ½) ≥ harmful], the
+        sign test of rule 1; ``harmful_run`` = harmful deliveries since the last harmless
+        one (rule 2); ``released_at`` = the teacher's previous release (ms), if any."""
         return [
-            {"teacher": t, "deliveries": r.deliveries, "harmful": r.harmful, "mean_gain": r.mean_gain,
-             "quarantined": r.quarantined, "quarantined_round": r.quarantined_round or None,
-             "reason": r.reason or None}
+            {"teacher": t, "quarantined": r.quarantined, "quarantined_round": r.quarantined_round or None,
+             "reason": r.reason or None, "deliveries": r.deliveries, "harmful": r.harmful,
+             "mean_gain": r.mean_gain, "p_value": binomial_tail_half(r.deliveries, r.harmful),
+             "harmful_run": r.run, "released_at": self.released.get(t)}
             for t, r in sorted(self.teachers.items())
         ]
 

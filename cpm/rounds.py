@@ -25,7 +25,8 @@ transaction, so a crash cannot count a reward twice or lose it.
 Teacher quarantine (``cpm.reputation``), whatever the strategy: every ok feedback is
 evidence about its teacher; once a teacher is quarantined, matching never assigns it
 as a teacher (``_select``). Its evidence is saved in the same strategy-state row and
-transaction, so a restart neither forgets a quarantine nor counts a delivery twice.
+transaction, so a restart neither forgets a quarantine nor counts a delivery twice. Only
+an operator lifts it (``release_teacher``, reached through ``AdminRelease``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import structlog
 from cpm.config import Arm, CpmConfig
 from cpm.store import DirectiveRow, FeedbackRow, RoundRow, Store
 from cpm.bandit import LinUCB, RunningZ
-from cpm.reputation import Reputation
+from cpm.reputation import Reputation, TeacherRecord
 from cpm.strategies import STRATEGIES as STRATEGY_CLASSES
 from cpm.strategies import Pair, Strategy, make_strategy
 from protocol.envelope import Identity, seal
@@ -157,8 +158,9 @@ class RoundEngine:
         row = self.store.latest_round()
         return row.round if row is not None else 1
 
-    def finished(self) -> bool:
-        row = self.store.latest_round()
+    def finished(self, row: RoundRow | None = None) -> bool:
+        """Whether the last round (``row`` if the caller just read it) closed at ``max_rounds``."""
+        row = self.store.latest_round() if row is None else row
         cap = self.config.max_rounds
         return bool(cap and row is not None and row.round >= cap and row.state == "closed")
 
@@ -185,7 +187,7 @@ class RoundEngine:
             if row is None:
                 self._open(1, now_ms)
                 continue
-            if self.finished():
+            if self.finished(row):
                 return None
             if row.state == "closed":
                 self._open(row.round + 1, now_ms)
@@ -366,10 +368,10 @@ class RoundEngine:
         if msg.transfer_hash != self.config.transfer_hash:
             raise ProtocolError("transfer_hash differs from the CPM's transfer set")
         self.tick(now_ms)
-        if self.finished():
-            return NoDirective(round=self.current_round(), reason="finished", retry_after_ms=0)
         row = self.store.latest_round()
-        assert row is not None  # tick() always opens a round unless finished
+        assert row is not None  # tick() always opens a round (a finished one stays the latest)
+        if self.finished(row):
+            return NoDirective(round=row.round, reason="finished", retry_after_ms=0)
         if msg.round < row.round:
             return NoDirective(round=row.round, reason="advance", retry_after_ms=0)
         if msg.round > row.round:
@@ -430,13 +432,17 @@ class RoundEngine:
                 return False
             self.store.set_directive_state(msg.directive_id, "used" if msg.ok else "failed")
             self._update(d, reward)
-            if msg.ok:  # a delivery: evidence about the teacher (cpm.reputation)
+            stale = msg.ok and self.reputation.predates_release(d.teacher, d.issued_at)
+            if msg.ok and not stale:  # a delivery: evidence about the teacher (cpm.reputation)
                 verdict = self.reputation.record(d.teacher, msg.loss_pre - msg.loss_post, d.round)
             self.store.save_bandit_state(self.config.strategy, self._state(), now_ms)
         self.counters["feedback"] += 1
         self.counters["directives_used" if msg.ok else "directives_failed"] += 1
         log.info("cpm.feedback.recorded", peer=peer, directive=msg.directive_id, round=d.round,
                  ok=msg.ok, raw_reward=raw, reward=reward, late=d.state == "expired")
+        if stale:
+            log.info("cpm.reputation.pre_release_delivery", teacher=d.teacher, directive=msg.directive_id,
+                     round=d.round)
         if verdict is not None:
             log.warning("cpm.teacher.quarantined", teacher=verdict.teacher, round=verdict.round,
                         directive=msg.directive_id, reason=verdict.reason, deliveries=verdict.deliveries,
@@ -464,10 +470,25 @@ class RoundEngine:
             "quarantined_teachers": len(self.reputation.quarantined()),
         }
 
-    def release_teacher(self, peer: str, now_ms: int) -> bool:
-        """Operator: lift ``peer``'s teacher quarantine (and clear its evidence), durably."""
-        released = self.reputation.release(peer)
-        with self.store.transaction():
-            self.store.save_bandit_state(self.config.strategy, self._state(), now_ms)
-        log.info("cpm.teacher.released", teacher=peer, was_quarantined=released)
-        return released
+    def release_teacher(self, peer: str, now_ms: int, *, admin: str = "") -> TeacherRecord | None:
+        """Operator: lift ``peer``'s teacher quarantine and clear its evidence (see
+        ``cpm.reputation``) in one transaction (committed before it returns unless the
+        caller groups it, as the admin handler does not). Returns the cleared record, or
+        None when ``peer`` is not quarantined: nothing changes, nothing is written. If
+        the write fails the in-memory reputation is put back (memory never runs ahead
+        of the database)."""
+        if not self.reputation.is_quarantined(peer):
+            return None
+        before = self.reputation.to_state()
+        cleared = self.reputation.release(peer, now_ms)
+        assert cleared is not None
+        try:
+            with self.store.transaction():
+                self.store.save_bandit_state(self.config.strategy, self._state(), now_ms)
+        except BaseException:
+            self.reputation.load_state(before)
+            raise
+        log.info("cpm.teacher.released", teacher=peer, admin=admin, round=cleared.quarantined_round,
+                 reason=cleared.reason, deliveries=cleared.deliveries, harmful=cleared.harmful,
+                 mean_gain=cleared.mean_gain)
+        return cleared

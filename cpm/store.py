@@ -28,75 +28,9 @@ from typing import Any
 import structlog
 
 from cpm.batchdb import BatchDb
+from cpm.schema import ACTIVITY_BUCKET_MS, SchemaError, migrate
 
 log = structlog.get_logger(__name__)
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS agents (
-    peer_id TEXT PRIMARY KEY,
-    org TEXT NOT NULL DEFAULT '',
-    admitted INTEGER NOT NULL DEFAULT 0,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    admitted_at INTEGER,
-    registered_at INTEGER,
-    last_seen INTEGER,
-    family TEXT NOT NULL DEFAULT '',
-    listen_addrs TEXT NOT NULL DEFAULT '[]',
-    agent_version TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS profiles (
-    peer_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    vector TEXT NOT NULL,
-    transfer_hash TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    PRIMARY KEY (peer_id, round)
-);
-CREATE INDEX IF NOT EXISTS profiles_round ON profiles (round);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('open', 'matched', 'closed')),
-    opened_at INTEGER NOT NULL,
-    matched_at INTEGER,
-    closed_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS directives (
-    directive_id TEXT PRIMARY KEY,
-    round INTEGER NOT NULL,
-    teacher TEXT NOT NULL,
-    student TEXT NOT NULL,
-    arm INTEGER NOT NULL,
-    params TEXT NOT NULL,
-    score REAL NOT NULL DEFAULT 0,
-    context TEXT NOT NULL DEFAULT '[]',
-    state TEXT NOT NULL CHECK (state IN ('issued', 'used', 'expired', 'failed')),
-    issued_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    envelope BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS directives_round ON directives (round);
-CREATE TABLE IF NOT EXISTS feedback (
-    directive_id TEXT NOT NULL UNIQUE,
-    round INTEGER NOT NULL,
-    loss_pre REAL NOT NULL,
-    loss_post REAL NOT NULL,
-    kb REAL NOT NULL,
-    ok INTEGER NOT NULL,
-    failure TEXT NOT NULL DEFAULT '',
-    raw_reward REAL,
-    reward REAL,
-    received_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bandit_state (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    strategy TEXT NOT NULL,
-    state TEXT NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,14 +128,10 @@ class Store:
 
     def _migrate(self) -> None:
         with self.transaction() as db:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise StoreError(f"schema version {row[0]} is not supported (this build: {SCHEMA_VERSION})")
+            try:
+                migrate(db)
+            except SchemaError as exc:
+                raise StoreError(str(exc)) from None
 
     def schema_version(self) -> int:
         return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
@@ -240,6 +170,11 @@ class Store:
     def is_revoked(self, peer_id: str) -> bool:
         row = self._db.execute("SELECT revoked FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
         return bool(row is not None and row["revoked"])
+
+    def admission(self, peer_id: str) -> tuple[bool, bool]:
+        """(admitted, revoked) in one query — the check every request makes."""
+        row = self._db.execute("SELECT admitted, revoked FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
+        return (False, False) if row is None else (bool(row["admitted"]), bool(row["revoked"]))
 
     def register(
         self,
@@ -280,15 +215,17 @@ class Store:
         return [_agent(r) for r in self._db.execute("SELECT * FROM agents ORDER BY peer_id")]
 
     def count_active(self, since_ms: int) -> int:
-        """Admitted, registered agents seen since ``since_ms`` (the quorum denominator)."""
+        """Admitted, registered agents seen since ``since_ms`` (the quorum denominator).
+        Asked on every request, so it is O(active window in seconds), not O(agents):
+        whole seconds after ``since_ms`` come from ``activity_tally`` (``cpm.schema``),
+        the second that holds ``since_ms`` is counted exactly along ``agents_active``."""
+        bucket = since_ms // ACTIVITY_BUCKET_MS
         row = self._db.execute(
-            "SELECT COUNT(*) FROM agents WHERE admitted = 1 AND revoked = 0 AND registered_at IS NOT NULL "
-            "AND last_seen >= ?",
-            (since_ms,),
-        ).fetchone()
+            "SELECT (SELECT COALESCE(SUM(agents), 0) FROM activity_tally WHERE bucket > ?) + "
+            "(SELECT COUNT(*) FROM agents WHERE admitted = 1 AND revoked = 0 AND registered_at IS NOT NULL "
+            "AND last_seen >= ? AND last_seen < ?)", (bucket, since_ms, (bucket + 1) * ACTIVITY_BUCKET_MS)).fetchone()
         return int(row[0])
 
-    # ---- profiles ---------------------------------------------------------------
     def put_profile(self, peer_id: str, round_: int, vector: Sequence[float], transfer_hash: str, now_ms: int) -> None:
         """Latest profile per (agent, round) wins; also refreshes ``last_seen``."""
         with self.transaction() as db:
@@ -310,14 +247,11 @@ class Store:
         return [(r["peer_id"], json.loads(r["vector"])) for r in rows]
 
     def count_fresh(self, round_: int) -> int:
-        """``len(fresh_profiles(round_))`` without loading and decoding every vector:
-        the engine asks on every request, and decoding made each profile cost O(agents)."""
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM profiles p JOIN agents a ON a.peer_id = p.peer_id "
-            "WHERE p.round = ? AND a.admitted = 1 AND a.revoked = 0",
-            (round_,),
-        ).fetchone()
-        return int(row[0])
+        """``len(fresh_profiles(round_))`` in O(log n): read from ``round_tally``, which
+        triggers keep equal to that join count (``cpm.schema``). The engine asks on every
+        request; counting the join made ingesting a round of N agents cost O(N²)."""
+        row = self._db.execute("SELECT fresh FROM round_tally WHERE round = ?", (round_,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def first_profile_at(self, round_: int) -> int | None:
         row = self._db.execute("SELECT MIN(received_at) FROM profiles WHERE round = ?", (round_,)).fetchone()

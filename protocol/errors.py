@@ -92,6 +92,14 @@ class RateLimited(PeerUnavailable):
     code = "rate_limited"
 
 
+class NotQuarantined(KnexaError):
+    """Admin protocol: ``AdminRelease`` for a peer that is not a quarantined teacher
+    (unknown, never quarantined, or already released); nothing changed. Neither a
+    protocol violation nor transient: the operator named the wrong peer."""
+
+    code = "not_quarantined"
+
+
 class ConfigError(KnexaError):
     """Invalid local configuration; ``key`` names the offending setting."""
 
@@ -117,6 +125,7 @@ ERROR_CODES: dict[str, type[KnexaError]] = {
         Unauthorized,
         PeerUnavailable,
         RateLimited,
+        NotQuarantined,
     )
 }
 ERROR_CODES["internal"] = KnexaError

@@ -119,7 +119,8 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Error:
-    """Typed refusal; ``code`` is one of protocol.errors.ERROR_CODES."""
+    """Typed refusal; ``code`` is one of protocol.errors.ERROR_CODES (or, on the admin
+    protocol only, ``not_quarantined``: docs/protocol.md §5)."""
 
     code: str
     message: str
@@ -171,8 +172,16 @@ class AdminRevoke:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminRelease:
+    """Lift the teacher quarantine of ``peer_id`` (an operator's decision the CPM cannot
+    take itself: its rule only ever quarantines). ``Ack``, or ``Error{not_quarantined}``."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class AdminQuery:
-    """``what``: agents | rounds | pairs | stats; ``round`` filters pairs (-1 = all)."""
+    """``what``: agents | rounds | pairs | stats | quarantine; ``round`` filters pairs (-1 = all)."""
 
     what: str
     round: int
@@ -202,6 +211,7 @@ MESSAGE_TYPES: dict[str, type] = {
         KnowledgeEnd,
         AdminAdmit,
         AdminRevoke,
+        AdminRelease,
         AdminQuery,
         AdminResult,
     )

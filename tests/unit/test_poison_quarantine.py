@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from structlog.testing import capture_logs
 
 from cpm.reputation import ReputationPolicy, TeacherRecord, binomial_tail_half, reputation_from_saved
 from tests.unit.quarantine_world import EngineWorld, WorldLog, strongest
+from tests.unit.test_rounds import World
 
 N = 16
 ROUNDS = 22
@@ -156,3 +158,73 @@ def test_no_strategy_gets_a_quarantined_teacher_through(strategy: str, db_dir: P
     assert min(per_round) >= (3 if strategy != "central-kd" else 1), per_round
     if strategy == "heuristic":  # it wanted the strongest as a teacher: the engine refused it
         assert any(e["event"] == "cpm.match.quarantine_applied" for e in logs)
+
+
+
+def _play(w: World, bad: str, *, until, hold_bad: bool = False):
+    """Rounds of 2 agents in which every delivery of ``bad`` harms its student and the
+    other teacher helps, until ``until(directive)`` holds after a round. With
+    ``hold_bad``, the first directive naming ``bad`` as teacher gets no feedback (it
+    expires) and is returned — what a student's outbox may still deliver much later."""
+    for _ in range(80):
+        r = w.engine.current_round()
+        w.now += 1000
+        w.profile(w.agents[0], round_=r)
+        w.profile(w.agents[1], round_=r, seed=1)
+        (d,) = w.store.directives_for_round(r)
+        if hold_bad and d.teacher == bad:
+            w.now += int(w.cfg.directive_ttl_s * 1000) + 1
+            w.engine.tick(w.now)  # expires it, closes the round
+            return d
+        w.feedback(d, pre=1.0, post=1.2 if d.teacher == bad else 0.8)
+        if until(d):
+            return d
+    raise AssertionError("did not happen")
+
+
+def test_release_is_durable_and_ignores_old_evidence(tmp_path: Path) -> None:
+    """A release survives a restart, and late feedback for a directive issued before it
+    does not count against the released teacher; deliveries after the release do."""
+    w = World(tmp_path, 2)
+    bad, good = w.agents
+    rep = lambda: w.engine.reputation  # noqa: E731 — the engine is rebuilt on restart
+    _play(w, bad, until=lambda d: bad in rep().teachers and rep().teachers[bad].deliveries == 7)
+    pending = _play(w, bad, until=lambda d: False, hold_bad=True)
+    _play(w, bad, until=lambda d: rep().is_quarantined(bad))
+    assert rep().teachers[bad].deliveries == 8 and not rep().is_quarantined(good)
+
+    saved = w.store.load_bandit_state()
+    assert w.engine.release_teacher(good, w.now) is None  # not quarantined: refused, nothing written
+    assert w.store.load_bandit_state() == saved and good in rep().teachers
+    w.now += 1000
+    with capture_logs() as logs:
+        cleared = w.engine.release_teacher(bad, w.now, admin="op")
+    assert cleared is not None and cleared.harmful == 8 and cleared.reason == "sign_test"
+    (event,) = [e for e in logs if e["event"] == "cpm.teacher.released"]
+    assert event["teacher"] == bad and event["admin"] == "op" and event["harmful"] == 8
+    w.restart()
+    assert not rep().is_quarantined(bad) and rep().released == {bad: w.now}
+
+    w.now += 1000
+    with capture_logs() as logs:
+        assert w.feedback(pending, pre=1.0, post=1.5)  # late, harmful, issued before the release
+    assert bad not in rep().teachers
+    assert any(e["event"] == "cpm.reputation.pre_release_delivery" and e["teacher"] == bad for e in logs)
+    # a teacher like any other again: it is matched, and its new deliveries count
+    _play(w, bad, until=lambda d: d.teacher == bad)
+    assert rep().teachers[bad].deliveries == 1 and not rep().is_quarantined(bad)
+
+
+def test_failed_release_write_leaves_the_quarantine_in_place(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    w = World(tmp_path, 2)
+    bad = w.agents[0]
+    _play(w, bad, until=lambda d: w.engine.reputation.is_quarantined(bad))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(w.store, "save_bandit_state", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        w.engine.release_teacher(bad, w.now)
+    assert w.engine.reputation.is_quarantined(bad) and w.engine.reputation.released == {}

@@ -123,13 +123,41 @@ def test_state_round_trip_release_and_operator_view() -> None:
     rows = {r["teacher"]: r for r in again.rows()}
     assert rows["bad"]["quarantined"] and rows["bad"]["quarantined_round"] == 8 and rows["bad"]["reason"] == "sign_test"
     assert rows["good"] == {"teacher": "good", "deliveries": 3, "harmful": 1, "mean_gain": pytest.approx(0.029 / 3),
-                            "quarantined": False, "quarantined_round": None, "reason": None}
+                            "quarantined": False, "quarantined_round": None, "reason": None,
+                            "p_value": pytest.approx(7 / 8), "harmful_run": 0, "released_at": None}
+    assert rows["bad"]["p_value"] == pytest.approx(2.0**-8) and rows["bad"]["harmful_run"] == 8
     assert not reputation_from_saved(None).teachers
     assert not reputation_from_saved(("linucb", {"strategy": {}})).teachers  # saved before reputations existed
-    assert again.release("bad") and not again.is_quarantined("bad") and "bad" not in again.teachers
-    assert not again.release("good")  # was not quarantined (its evidence is still cleared)
+    old = {"version": 1, "teachers": state["teachers"]}  # saved before releases existed
+    assert reputation_from_saved(("linucb", {"reputation": old})).released == {}
     with pytest.raises(ValueError):
         Reputation().load_state({"version": 99, "teachers": {}})
+
+
+def test_release_is_a_fresh_start_and_only_for_quarantined_teachers() -> None:
+    rep = Reputation()
+    _feed(rep, "bad", [-0.02] * 8)
+    _feed(rep, "good", [0.01, -0.001, 0.02])
+    good_before = rep.teachers["good"].to_list()
+    assert rep.release("good", at_ms=5_000) is None  # evidence in progress is kept, no release recorded
+    assert rep.release("nobody", at_ms=5_000) is None
+    assert rep.teachers["good"].to_list() == good_before and rep.released == {}
+    cleared = rep.release("bad", at_ms=5_000)
+    assert cleared is not None and cleared.deliveries == 8 and cleared.reason == "sign_test"
+    assert not rep.is_quarantined("bad") and "bad" not in rep.teachers and rep.released == {"bad": 5_000}
+    assert rep.release("bad", at_ms=6_000) is None  # already released
+    # the released record survives a save/load (the CPM restarts with it)
+    again = reputation_from_saved(("random", {"reputation": rep.to_state()}))
+    assert again.released == {"bad": 5_000} and not again.is_quarantined("bad")
+    # directives issued up to the release are old evidence; later ones count
+    assert again.predates_release("bad", 4_000) and again.predates_release("bad", 5_000)
+    assert not again.predates_release("bad", 5_001) and not again.predates_release("good", 0)
+    # fresh start: one harmful delivery does not re-quarantine it (with the old counts
+    # kept, the sign test would fire at once); a still-harmful teacher is stopped at B = 8
+    assert again.record("bad", -0.02, round_=20) is None
+    assert _feed(again, "bad", [-0.02] * 7) == 7  # 8th delivery since the release
+    rows = {r["teacher"]: r for r in again.rows()}
+    assert rows["bad"]["quarantined"] and rows["bad"]["released_at"] == 5_000  # a repeat offender shows
 
 
 def test_policy_validation_and_switching_off() -> None:

@@ -51,6 +51,7 @@ def sample_messages() -> dict[str, object]:
         m.KnowledgeEnd(directive_id="r7-3", chunks=1, total_bytes=8, sha256=bytes(32), items=4, dropped=1),
         m.AdminAdmit(peer_id=PEER_B, org="globex"),
         m.AdminRevoke(peer_id=PEER_B),
+        m.AdminRelease(peer_id=PEER_A),
         m.AdminQuery(what="pairs", round=7),
         m.AdminResult(rows=((("peer_id", PEER_A), ("admitted", True), ("reward", 0.5), ("note", None)),)),
     ]
