@@ -5,7 +5,8 @@
 
 The population is random (Dirichlet(0.3) histograms, random families and performance)
 and the bandit is "trained-ish": a few thousand updates on a compatibility-driven reward,
-so θ has realistic structure. The naive loop is timed in full when N ≤ ``--naive-full``;
+so θ has realistic structure (``--bandit fresh`` / ``once``: θ = 0, or one update — a
+new CPM's first rounds, where shortlists collapse without coverage passes). The naive loop is timed in full when N ≤ ``--naive-full``;
 above that it is timed on a subsample of teachers and extrapolated linearly in the
 number of teachers (its cost is exactly proportional to it), and the output says so.
 For N ≤ ``--exact-max`` the vectorized exact greedy also runs and the ratio of total
@@ -37,7 +38,8 @@ if __package__ in (None, ""):
 
 from cpm import features as F  # noqa: E402
 from cpm.bandit import LinUCB  # noqa: E402
-from cpm.matching import exact_match, fast_match, naive_match  # noqa: E402
+from cpm.matching import exact_match, fast_match  # noqa: E402
+from cpm.matching_naive import naive_match  # noqa: E402
 
 N_ARMS = 3
 
@@ -126,11 +128,27 @@ def bench_one(n: int, bandit: LinUCB, naive_full: int = 300, naive_teachers: int
     }
 
 
+def bandit_for(kind: str) -> LinUCB:
+    """``trained`` (the default, above), ``fresh`` (θ = 0: a new CPM's round 1) or
+    ``once`` (one noisy update: its round 2) — the last two are where prefiltered
+    shortlists collapse onto hub agents (docs/matchmaking.md, coverage passes)."""
+    if kind == "trained":
+        return trained_bandit()
+    b = LinUCB(F.context_dim(N_ARMS))
+    if kind == "once":
+        P = population(2, 5)
+        b.update(F.pair_context(P[0], P[1], 0, N_ARMS), 1.0)
+    elif kind != "fresh":
+        raise ValueError(f"unknown bandit {kind!r} (trained, fresh, once)")
+    return b
+
+
 def run(agents: list[int], naive_full: int = 300, naive_teachers: int = 20, repeat: int = 3,
-        exact_max: int = 2000) -> dict[str, Any]:
-    bandit = trained_bandit()
+        exact_max: int = 2000, bandit_kind: str = "trained") -> dict[str, Any]:
+    bandit = bandit_for(bandit_kind)
     rows = [bench_one(n, bandit, naive_full, naive_teachers, repeat=repeat, exact_max=exact_max) for n in agents]
-    return {"d": bandit.d, "arms": N_ARMS, "cpus": os.cpu_count(), "blas": _blas_info(), "results": rows}
+    return {"d": bandit.d, "arms": N_ARMS, "bandit": bandit_kind, "cpus": os.cpu_count(), "blas": _blas_info(),
+            "results": rows}
 
 
 def _blas_info() -> str:
@@ -151,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-teachers", type=int, default=20, help="teacher subsample for extrapolation")
     ap.add_argument("--repeat", type=int, default=3, help="fast_match runs per N (median reported)")
     ap.add_argument("--exact-max", type=int, default=2000, help="largest N also matched exactly (quality ratio)")
+    ap.add_argument("--bandit", choices=("trained", "fresh", "once"), default="trained",
+                    help="bandit state: trained (default), fresh (θ = 0) or once (one update)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if not structlog.is_configured():  # keep stdout for results (and pure JSON)
@@ -162,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--agents must be integers")
     if any(n < 2 for n in agents):
         ap.error("--agents must be ≥ 2")
-    out = run(agents, a.naive_full, a.naive_teachers, a.repeat, a.exact_max)
+    out = run(agents, a.naive_full, a.naive_teachers, a.repeat, a.exact_max, a.bandit)
     if a.json:
         print(json.dumps(out))
         return 0
-    print(f"LinUCB matching, d={out['d']}, K={out['arms']} arms, K_p = N/2, {out['cpus']} CPUs, BLAS: {out['blas']}")
+    print(f"LinUCB matching ({out['bandit']} bandit), d={out['d']}, K={out['arms']} arms, K_p = N/2, "
+          f"{out['cpus']} CPUs, BLAS: {out['blas']}")
     for r in out["results"]:
         q, qe = r["fast_total_over_naive_total"], r["fast_total_over_exact_total"]
         print(f"N={r['agents']:>6}: fast {r['fast_s']:.3f} s wall (min {r['fast_s_min']:.3f}), "

@@ -25,10 +25,7 @@ Modes (W = requests each agent has in flight):
   each request with a stored Ack — no verification, engine or SQLite: the transport's
   own ceiling, W = 1;
 * ``group_pipelined`` / ``echo_pipelined``: the same with W = ``--pipeline`` requests
-  sent in one write (the node answers a burst with one commit and one write, and
-  verifies the burst's signatures on a worker thread);
-* ``group_pipelined_inline``: as ``group_pipelined`` with the signatures verified on the
-  event loop (``CpmService(verify_in_thread=False)``), what the worker thread buys.
+  sent in one write (the node answers a burst with one commit and one write).
 
 ``--registered N`` adds N more admitted, registered agents, each with a profile in the
 open round, before the clients start (written straight into the database; they send
@@ -72,7 +69,6 @@ MODES: dict[str, tuple[str, bool, bool, bool]] = {
     "group_new_stream": ("cpm", True, True, False),
     "echo": ("echo", False, False, False),
     "group_pipelined": ("cpm", True, False, True),
-    "group_pipelined_inline": ("cpm_inline", True, False, True),
     "echo_pipelined": ("echo", False, False, True),
 }
 ECHO_PROTOCOL = "/knexa-bench/echo/1.0.0"
@@ -297,7 +293,7 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
     from cpm.config import CpmConfig
     from cpm.service import CpmService
     from cpm.store import Store
-    from protocol.envelope import Identity
+    from protocol.envelope import Identity, now_ms
 
     cfg = CpmConfig(strategy="random", min_agents=clients + registered + 1, round_timer_s=86_400.0,
                     request_timeout_s=60.0,
@@ -314,11 +310,8 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
         store = Store(home / "cpm.db")
         for i in range(clients):
             store.admit(Identity(client_seed(i)).peer_id, "bench", 1)
-        from protocol.envelope import now_ms
-
         add_background_agents(store, registered, now_ms())
         service = CpmService(cfg, Identity.generate(), store, group_commit=group_commit,
-                             verify_in_thread=kind != "cpm_inline",
                              commit_window_s=window_s)
         try:
             res, cpu = await _drive_against(service, mode, profiles, clients, pipeline, cfg.transfer_hash)

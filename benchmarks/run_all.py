@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from benchmarks import cpm_scale, ingest, load, stream
+from benchmarks import cpm_scale, feedback, ingest, load, stream
 from benchmarks import round as round_bench
 
 OUT = Path(__file__).with_name("results.json")
@@ -71,6 +71,14 @@ def _ingest(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]
     return res, rows
 
 
+def _feedback(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+    res = feedback.run(agents=500 if quick else 2000)
+    b, p = res["batched"], res["per_feedback"]
+    return res, [("CPM feedback (state once per batch)", f"{b['cpu_us_per_feedback']:.0f} µs CPU/feedback",
+                  "context", f"per-feedback/batched ×{res['ratio_per_feedback_over_batched']} "
+                             f"({p['cpu_us_per_feedback']:.0f} µs)")]
+
+
 def _round(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
     # --quick: SyntheticAgents (no torch) show the protocol phases; the target is for ML daemons
     agent = "synthetic" if quick else "ml"
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": os.getloadavg()}
     table: list[tuple[str, str, str, str]] = []
     for name, fn in (("cpm_scale", _scale), ("stream", _stream), ("load", _load), ("ingest", _ingest),
-                     ("round", _round)):
+                     ("feedback", _feedback), ("round", _round)):
         t0 = time.perf_counter()
         # re-applied each time: a benchmark may point logging at a file it has since closed
         structlog.reset_defaults()

@@ -72,11 +72,26 @@ class BatchDb:
         # hooks for the committer; called on the thread that caused the event (the loop)
         self.on_batch_open: Callable[[int], None] | None = None
         self.on_batch_end: Callable[[int, BaseException | None], None] | None = None
+        self._before_commit: dict[str, Callable[[], None]] = {}
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Result:
         with self.lock:
             cur = self.conn.execute(sql, args)
             return Result(cur.fetchall(), cur.rowcount)
+
+    def defer_until_commit(self, key: str, write: Callable[[], None]) -> bool:
+        """In an open batch: run ``write`` right before the batch's COMMIT, once per
+        ``key`` (a later registration replaces an earlier one), on whichever thread
+        commits. For a write whose latest value is all that matters — the strategy state,
+        tens of KiB of JSON — so a batch of N messages serialises it once, not N times.
+        ``write`` must use ``execute`` only (no ``transaction``) and read nothing the
+        event loop may be changing (the engine is gated while a batch commits). Returns
+        False outside a batch: the caller writes now."""
+        with self.lock:
+            if self._batch is None:
+                return False
+            self._before_commit[key] = write
+            return True
 
     @property
     def open_batch(self) -> int | None:
@@ -162,8 +177,11 @@ class BatchDb:
             if batch is None:
                 return None
             try:
+                writes, self._before_commit = list(self._before_commit.values()), {}
+                for write in writes:  # the batch's last statements (defer_until_commit)
+                    write()
                 self.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except Exception as exc:  # a failed deferred write fails the batch like a failed COMMIT
                 if self.conn.in_transaction:
                     try:
                         self.execute("ROLLBACK")
@@ -172,6 +190,7 @@ class BatchDb:
                 raise BatchCommitError(batch, exc) from exc
             finally:
                 self._batch = None
+                self._before_commit = {}
             return batch
 
     def close(self) -> None:

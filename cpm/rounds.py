@@ -20,7 +20,11 @@ statistics, then ``strategy.update``. A *failed* exchange (``ok = false``) is re
 and counts as "nothing learned": raw r = −δ·KB, and its z-score is clipped at 0 so a
 failure can never look like a success to the bandit — repeated failures of a pairing
 push its estimate down. Feedback, directive state and bandit state commit in one
-transaction, so a crash cannot count a reward twice or lose it.
+transaction, so a crash cannot count a reward twice or lose it. In a group-commit
+batch the bandit state is written once, as the batch's last statement
+(``Store.save_bandit_state_at_commit``): it is tens of KiB of JSON plus the reputation,
+which grows with the teachers, and rewriting it for every feedback made the cost of a
+feedback grow with the federation.
 
 Teacher quarantine (``cpm.reputation``), whatever the strategy: every ok feedback is
 evidence about its teacher; once a teacher is quarantined, matching never assigns it
@@ -210,7 +214,7 @@ class RoundEngine:
                 self.counters["directives_expired"] += 1
                 log.info("cpm.directive.expired", round=d.round, directive=d.directive_id,
                          teacher=d.teacher, student=d.student)
-            if self.store.count_issued(row.round) == 0:
+            if not self.store.has_issued(row.round):
                 self.store.set_round_closed(row.round, now_ms)
                 self.epoch += 1
                 log.info("cpm.round.closed", round=row.round)
@@ -257,7 +261,7 @@ class RoundEngine:
             for d in rows:
                 self.store.add_directive(d)
             self.store.set_round_matched(round_, now_ms)
-            self.store.save_bandit_state(self.config.strategy, self._state(), now_ms)
+            self.store.save_bandit_state_at_commit(self.config.strategy, self._state, now_ms)
         self.counters["directives_issued"] += len(rows)
         self.epoch += 1
         log.info("cpm.round.matched", round=round_, trigger=trigger, agents=len(ids), pairs=len(rows))
@@ -435,7 +439,8 @@ class RoundEngine:
             stale = msg.ok and self.reputation.predates_release(d.teacher, d.issued_at)
             if msg.ok and not stale:  # a delivery: evidence about the teacher (cpm.reputation)
                 verdict = self.reputation.record(d.teacher, msg.loss_pre - msg.loss_post, d.round)
-            self.store.save_bandit_state(self.config.strategy, self._state(), now_ms)
+            # in a group-commit batch: written once, as the batch's last statement
+            self.store.save_bandit_state_at_commit(self.config.strategy, self._state, now_ms)
         self.counters["feedback"] += 1
         self.counters["directives_used" if msg.ok else "directives_failed"] += 1
         log.info("cpm.feedback.recorded", peer=peer, directive=msg.directive_id, round=d.round,

@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS directives (
     envelope BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS directives_round ON directives (round);
+-- a matched round's open directives: is any left, which expire next (Store.has_issued, expirable)
+CREATE INDEX IF NOT EXISTS directives_issued ON directives (round, expires_at) WHERE state = 'issued';
 CREATE TABLE IF NOT EXISTS feedback (
     directive_id TEXT NOT NULL UNIQUE,
     round INTEGER NOT NULL,
@@ -125,7 +127,7 @@ BEGIN
         ON CONFLICT(round) DO UPDATE SET fresh = fresh + 1;
 END""",
     # admit / revoke / re-admit: every round the agent has a profile in moves by ±1
-    f"""CREATE TRIGGER IF NOT EXISTS tally_agent_update AFTER UPDATE OF admitted, revoked ON agents
+    """CREATE TRIGGER IF NOT EXISTS tally_agent_update AFTER UPDATE OF admitted, revoked ON agents
 WHEN (OLD.admitted = 1 AND OLD.revoked = 0) != (NEW.admitted = 1 AND NEW.revoked = 0)
 BEGIN
     INSERT INTO round_tally (round, fresh)

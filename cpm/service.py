@@ -73,8 +73,6 @@ CPM_REQUESTS = (Register, Profile, DirectiveRequest, PeerLookup, Feedback)
 RECHECK_S = 1.0  # the ticker re-reads the DB at least this often (admin CLI changes)
 # one connection per agent; py-libp2p's default cap is 256 inbound (docs/reliability.md)
 MAX_INBOUND_CONNECTIONS = 10_000
-# bursts at least this long are verified on a worker thread (a thread hop costs ~2 verifies)
-VERIFY_THREAD_MIN_BURST = 4
 
 
 class _CpmStream(FramedStream):
@@ -166,10 +164,8 @@ class CpmService:
         commit_window_s: float = COMMIT_WINDOW_S,
         commit_max_batch: int = COMMIT_MAX_BATCH,
         commit_in_thread: bool = True,
-        verify_in_thread: bool = True,
     ) -> None:
         self.config = config
-        self.verify_in_thread = verify_in_thread
         self.identity = identity
         self.store = store
         self.engine = engine or RoundEngine(store, config, identity)
@@ -303,15 +299,11 @@ class CpmService:
                     frame = await framed.read_frame()
                 if idle.cancelled_caught:
                     return False
-            if frame is None:
-                return False
-            burst, stop = self._take_burst(framed, peer, frame, first)
-            opened = await self._open_burst(burst, peer)
-            for result in opened:
+            while frame is not None:
                 started = time.monotonic()
-                if isinstance(result, KnexaError):
-                    raise result
-                env, msg = result
+                if not first:
+                    self.limiter.check(peer)  # each further request on a kept-open stream
+                env, msg = open_envelope(frame, expected_sender=peer, allowed=CPM_REQUESTS)
                 kind = type(msg).__name__
                 if not first:
                     await self._check_admitted(peer)  # a revocation applies to open streams too
@@ -323,8 +315,7 @@ class CpmService:
                 else:
                     payload = await self._dispatch(peer, env.nonce, msg)
                 answers.append(_Answer(kind, started, payload, self._join()))
-            if stop is not None:
-                raise stop
+                frame = framed.buffered_frame()
             if not answers:
                 return False
             await self._deliver(framed, peer, answers)
@@ -344,42 +335,6 @@ class CpmService:
             await self._deliver_quietly(framed, peer, answers)
             await self._refuse(framed, peer, kind, KnexaError("internal error"))
         return False
-
-    def _take_burst(self, framed: _CpmStream, peer: str, frame: bytes,
-                    first: bool) -> tuple[list[bytes], RateLimited | None]:
-        """``frame`` and every request already buffered behind it, each charged to the
-        peer's rate limit (a new stream's first one was charged before it was read). A
-        request over the limit ends the burst: it is answered ``rate_limited`` after the
-        ones before it, and nothing after it is read."""
-        burst: list[bytes] = []
-        try:
-            if not first:
-                self.limiter.check(peer)
-            burst.append(frame)
-            while (more := framed.buffered_frame()) is not None:
-                self.limiter.check(peer)
-                burst.append(more)
-        except RateLimited as exc:
-            return burst, exc
-        return burst, None
-
-    async def _open_burst(self, burst: list[bytes], peer: str) -> list[Any]:
-        """``open_envelope`` each frame → (env, msg) or its KnexaError, in order. A burst
-        of pipelined requests is verified on a worker thread (libsodium releases the
-        GIL), so the loop keeps serving other streams meanwhile."""
-        def open_all() -> list[Any]:
-            out: list[Any] = []
-            for frame in burst:
-                try:
-                    out.append(open_envelope(frame, expected_sender=peer, allowed=CPM_REQUESTS))
-                except KnexaError as exc:
-                    out.append(exc)
-                    break  # the stream ends at the first bad request
-            return out
-
-        if self.verify_in_thread and len(burst) >= VERIFY_THREAD_MIN_BURST:
-            return await trio.to_thread.run_sync(open_all)
-        return open_all()
 
     async def _deliver(self, framed: _CpmStream, peer: str, answers: list[_Answer]) -> None:
         """Write the answers (in order, one write) once their batches are committed.

@@ -24,7 +24,11 @@ from tests.unit.test_poison_quarantine import bound
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(900)]
 
-N, SEED, ROUNDS = 4, 0, 12
+# Enough rounds for the rule to fire when a few deliveries look harmless: B(u) = 8, 12,
+# 15, 18, 21 for u = 0..4 (cpm/reputation.py). Seed 0's poisoner harmed 10 of its first 12
+# students since the synthetic world uses the profile's family order, so 12 rounds were
+# too few for the sign test (B(2) = 15) — not a weaker rule.
+N, SEED, ROUNDS = 4, 0, 24
 
 
 def test_poisoned_daemon_is_quarantined_by_the_running_cpm(federation) -> None:

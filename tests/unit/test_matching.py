@@ -15,8 +15,8 @@ from cpm.matching import (
     exact_match,
     exact_pair_scores,
     fast_match,
-    naive_match,
 )
+from cpm.matching_naive import naive_match
 
 
 def _profiles(n: int, seed: int, alpha: float = 0.3) -> np.ndarray:

@@ -59,3 +59,28 @@ def test_fast_match_close_to_exact_greedy_at_2000() -> None:
     # the lineage flag); the arm-averaged prefilter without the width term reached 0.84
     assert fast.total() >= 0.97 * exact.total()
     assert fast.total() <= ub + 1e-9
+
+
+def test_a_new_or_barely_trained_bandit_still_pairs_everyone_at_2000() -> None:
+    """θ = 0 (a new CPM's round 1) and θ after one noisy update: before coverage passes
+    the shortlists collapsed onto a few hub agents (99 of 1000 pairs with θ = 0)."""
+    P = population(N, 4)
+    fresh = LinUCB(F.context_dim(3))
+    once = LinUCB(F.context_dim(3))
+    once.update(F.pair_context(P[0], P[1], 0, 3), 1.0)
+    for bandit in (fresh, once):
+        res = fast_match(P, bandit, 3, N // 2)
+        assert len(res) == N // 2
+        pairs = np.concatenate([res.teacher, res.student])
+        assert np.unique(pairs).size == N  # disjoint, every agent once
+
+
+def test_coverage_pairs_give_each_agent_its_own_partners() -> None:
+    from cpm.matching import coverage_pairs
+
+    t, s = coverage_pairs(50, 4)
+    assert t.size == 2 * 4 * 50 and not np.any(t == s)
+    assert len(set(zip(t.tolist(), s.tolist()))) == t.size  # each ordered pair once
+    assert np.all(np.bincount(t, minlength=50) == 8) and np.all(np.bincount(s, minlength=50) == 8)
+    t, s = coverage_pairs(3, 8)  # k is capped: no pair twice, no self-pair
+    assert set(zip(t.tolist(), s.tolist())) == {(0, 1), (1, 2), (2, 0), (1, 0), (2, 1), (0, 2)}

@@ -123,7 +123,9 @@ def test_directive_queries(store):
     assert [d.directive_id for d in store.expirable(1, 150)] == ["d1"]
     assert store.next_expiry(1) == 100
     store.set_directive_state("d1", "expired")
-    assert store.count_issued(1) == 1 and store.next_expiry(1) == 200
+    assert store.has_issued(1) and store.next_expiry(1) == 200
+    store.set_directive_state("d2", "used")
+    assert not store.has_issued(1) and store.next_expiry(1) is None and not store.has_issued(2)
     d = store.get_directive("d2")
     assert d.params == {"alpha": 0.4} and d.context == [1.0, 2.0] and d.envelope == b"env"
 

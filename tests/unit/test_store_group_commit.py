@@ -213,3 +213,47 @@ def test_count_fresh_is_the_number_of_fresh_profiles(two):
     node.revoke(peers[1], 4)
     assert node.count_fresh(1) == len(node.fresh_profiles(1)) == 4
     assert node.count_fresh(2) == 1 and node.count_fresh(3) == 0
+
+
+def test_strategy_state_is_written_once_per_batch_as_its_last_statement(two):
+    node, other = two
+    calls = []
+
+    def state(v: int):
+        def build() -> dict:
+            calls.append(v)
+            return {"v": v}
+        return build
+
+    a = _pid()
+    node.admit(a, "", 1)
+    with node.db.grouped():
+        for v in range(3):  # three feedbacks of one batch
+            with node.transaction():
+                node.touch(a, 10 + v)
+                node.save_bandit_state_at_commit("linucb", state(v), 10 + v)
+    assert calls == [] and other.load_bandit_state() is None  # nothing serialised, nothing committed
+    node.db.commit_batch()
+    assert calls == [2] and other.load_bandit_state() == ("linucb", {"v": 2})  # once, the latest
+    node.save_bandit_state_at_commit("linucb", state(3), 20)  # outside a batch: written at once
+    assert calls == [2, 3] and other.load_bandit_state() == ("linucb", {"v": 3})
+
+
+def test_a_failing_deferred_write_fails_the_batch_and_is_not_retried(two):
+    node, other = two
+    a = _pid()
+    node.admit(a, "", 1)
+
+    def broken() -> dict:
+        raise ValueError("state cannot be serialised")
+
+    with node.db.grouped(), node.transaction():
+        node.put_profile(a, 1, [1.0] * 32, "h", 2)
+        node.save_bandit_state_at_commit("linucb", broken, 2)
+    with pytest.raises(BatchCommitError):
+        node.db.commit_batch()
+    assert _profiles(other) == {} and other.load_bandit_state() is None  # the whole batch rolled back
+    with node.db.grouped(), node.transaction():  # the next batch does not inherit the broken write
+        node.put_profile(a, 1, [2.0] * 32, "h", 3)
+    node.db.commit_batch()
+    assert _profiles(other) == {a: 2.0} and other.load_bandit_state() is None
