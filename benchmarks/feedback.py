@@ -40,14 +40,13 @@ T0 = 1_700_000_000_000
 
 def _matched_world(path: Path, agents: int) -> None:
     """A database where round 1 of ``agents`` agents is matched (LinUCB)."""
-    from cpm.config import CpmConfig
     from cpm.rounds import RoundEngine
     from cpm.store import Store
     from protocol.envelope import Identity
     from protocol.messages import Profile, Register
 
     store = Store(path)
-    cfg = _config(CpmConfig)
+    cfg = _config()
     engine = RoundEngine(store, cfg, Identity(bytes(32)))
     engine.start(T0)
     rng = np.random.default_rng(0)
@@ -67,21 +66,23 @@ def _matched_world(path: Path, agents: int) -> None:
     store.close()
 
 
-def _config(CpmConfig: Any) -> Any:
+def _config() -> Any:
+    """LinUCB, quorum of everyone, timers long enough that nothing expires meanwhile."""
+    from cpm.config import CpmConfig
+
     return CpmConfig(strategy="linucb", min_agents=2, quorum=1.0, round_timer_s=3600.0, directive_ttl_s=3600.0,
                      active_window_s=86_400.0)
 
 
 def _record_all(path: Path, batch: int | None) -> dict[str, Any]:
     """Every directive's Feedback; ``batch`` None = one transaction per feedback."""
-    from cpm.config import CpmConfig
     from cpm.rounds import RoundEngine
     from cpm.store import Store
     from protocol.envelope import Identity
     from protocol.messages import Feedback
 
     store = Store(path)
-    engine = RoundEngine(store, _config(CpmConfig), Identity(bytes(32)))
+    engine = RoundEngine(store, _config(), Identity(bytes(32)))
     engine.start(T0 + 2)
     directives = store.list_directives(1)
     for i, peer in enumerate(sorted({a.peer_id for a in store.list_agents()})):

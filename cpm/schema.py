@@ -3,8 +3,9 @@ questions O(log n).
 
 Why a tally: the engine asks "how many fresh profiles does the open round have?" on
 every request (quorum). As a ``COUNT(*)`` over a join of profiles and agents that walks
-every profile of the round, so ingesting a round of N agents cost O(N²): 4 ms per
-request at 10 000 agents (``python -m benchmarks.ingest --registered 10000``).
+every profile of the round, so ingesting a round of N agents cost O(N²): with the
+other per-request counts, 15 ms of CPU per profile at 10 000 agents
+(``python -m benchmarks.ingest --registered 10000``; docs/performance.md).
 ``round_tally.fresh`` holds that count, kept exact by triggers inside the same
 transactions as the writes that change it — whichever process writes (the node, or the
 admin CLI revoking an agent from another process), and rolled back with them. The
@@ -182,12 +183,12 @@ BEGIN
 END""",
 )
 
+# Fill a tally of a database written before it existed (run once, when its table is created).
 ACTIVITY_BACKFILL = f"""INSERT INTO activity_tally (bucket, agents)
     SELECT CAST(last_seen / {ACTIVITY_BUCKET_MS} AS INTEGER), COUNT(*) FROM agents
     WHERE admitted = 1 AND revoked = 0 AND registered_at IS NOT NULL AND last_seen IS NOT NULL
     GROUP BY 1"""
 
-# Fills the tally of a database written before it existed (run once, when created).
 TALLY_BACKFILL = """INSERT INTO round_tally (round, fresh)
     SELECT p.round, COUNT(*) FROM profiles p JOIN agents a ON a.peer_id = p.peer_id
     WHERE a.admitted = 1 AND a.revoked = 0 GROUP BY p.round"""
