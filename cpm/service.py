@@ -47,12 +47,9 @@ from cpm.config import CpmConfig
 from cpm.rounds import MAX_WAIT_MS, Pending, RoundEngine
 from cpm.store import Store
 from p2p.host import build_host, full_addrs, parse_listen_addrs
-from libp2p.network.stream.exceptions import StreamClosed, StreamError, StreamReset
-
 from p2p.ratelimit import PeerRateLimiter
 from p2p.streams import FramedStream
 from protocol.envelope import Identity, now_ms, open_envelope, seal
-from protocol.framing import encode_frame
 from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, RateLimited, Unauthorized
 from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, MAX_FRAME_CPM
 from protocol.messages import (
@@ -73,24 +70,6 @@ CPM_REQUESTS = (Register, Profile, DirectiveRequest, PeerLookup, Feedback)
 RECHECK_S = 1.0  # the ticker re-reads the DB at least this often (admin CLI changes)
 # one connection per agent; py-libp2p's default cap is 256 inbound (docs/reliability.md)
 MAX_INBOUND_CONNECTIONS = 10_000
-
-
-class _CpmStream(FramedStream):
-    """What serving pipelined requests needs on top of ``FramedStream``: frames the
-    client already sent, without waiting for more, and several answers in one write:
-    py-libp2p's CPU cost is per write (yamux, Noise, a syscall), not per byte — compare
-    ``echo`` with ``echo_pipelined`` in ``benchmarks/ingest.py``."""
-
-    def buffered_frame(self) -> bytes | None:
-        return self._decoder.next_frame()
-
-    async def write_frames(self, payloads: list[bytes]) -> None:
-        data = b"".join(encode_frame(p, self.max_frame) for p in payloads)
-        try:
-            await self.stream.write(data)
-        except (StreamError, StreamClosed, StreamReset) as exc:
-            raise PeerUnavailable(f"write to {self._peer_safe()} failed: {type(exc).__name__}") from None
-        self.bytes_out += len(data)
 
 
 class _Answer:
@@ -273,7 +252,7 @@ class CpmService:
 
     # ---- /knexa/cpm/1.0.0 -------------------------------------------------------------
     async def _handle_cpm(self, stream: Any) -> None:
-        framed = _CpmStream(stream, MAX_FRAME_CPM)
+        framed = FramedStream(stream, MAX_FRAME_CPM)
         peer = framed.remote_peer
         try:
             first = True
@@ -282,7 +261,7 @@ class CpmService:
         finally:
             await framed.close()
 
-    async def _serve(self, framed: _CpmStream, peer: str, *, first: bool) -> bool:
+    async def _serve(self, framed: FramedStream, peer: str, *, first: bool) -> bool:
         """Answer the next request and every one already buffered behind it; False when
         the stream is done (EOF, idle, or an error was answered)."""
         answers: list[_Answer] = []
@@ -336,7 +315,7 @@ class CpmService:
             await self._refuse(framed, peer, kind, KnexaError("internal error"))
         return False
 
-    async def _deliver(self, framed: _CpmStream, peer: str, answers: list[_Answer]) -> None:
+    async def _deliver(self, framed: FramedStream, peer: str, answers: list[_Answer]) -> None:
         """Write the answers (in order, one write) once their batches are committed.
         Takes them out of ``answers`` first: a failed commit must never let them out later."""
         batch = answers[:]
@@ -352,7 +331,7 @@ class CpmService:
         for a in batch:
             log.info("cpm.request", peer=peer, type=a.kind, duration_ms=round((now - a.started) * 1000, 2))
 
-    async def _deliver_quietly(self, framed: _CpmStream, peer: str, answers: list[_Answer]) -> None:
+    async def _deliver_quietly(self, framed: FramedStream, peer: str, answers: list[_Answer]) -> None:
         """Before an Error: the answers to the requests before it, if they can be had."""
         try:
             await self._deliver(framed, peer, answers)
