@@ -130,9 +130,7 @@ def release_offline(store: Store, peer_id: str, now_ms_: int, *, admin: str = "l
         name, state = saved
         state["reputation"] = rep.to_state()
         store.save_bandit_state(name, state, now_ms_)
-    log.info("cpm.teacher.released", teacher=peer_id, admin=admin, round=cleared.quarantined_round,
-             reason=cleared.reason, deliveries=cleared.deliveries, harmful=cleared.harmful,
-             mean_gain=cleared.mean_gain)
+    cleared.log_released(peer_id, admin)
     return cleared
 
 

@@ -532,7 +532,7 @@ def _fast_match(P: np.ndarray, bandit: LinUCB, n_arms: int, k_pairs: int, topk: 
     wq = (beta, 0.0)
     agents = np.arange(n)
     parts: list[MatchResult] = []
-    stats: dict[str, int | float] = {"candidates": 0, "passes": 0, "shortlisted_pairs": 0}
+    stats: dict[str, int | float] = {"candidates": 0, "passes": 0, "shortlisted_pairs": 0, "coverage_pairs": 0}
     used = np.zeros(n, dtype=bool)
     done = 0
     coverage = not np.any(bandit.theta)  # θ = 0: the prefilter ranks nothing (``coverage_pairs``)
@@ -548,7 +548,7 @@ def _fast_match(P: np.ndarray, bandit: LinUCB, n_arms: int, k_pairs: int, topk: 
             stats["candidates"] += int(res.stats["candidates"])
         elif coverage or last:
             t, s = coverage_pairs(m, 2 * topk)
-            stats["coverage_pairs"] = int(stats.get("coverage_pairs", 0)) + int(t.size)
+            stats["coverage_pairs"] += int(t.size)
             stats["candidates"] += int(t.size * n_arms)
             res = greedy_disjoint(*_best_arm(t, s, scorer.scores_chunked(agents[t], agents[s])), n_agents=m,
                                   k_pairs=need)

@@ -63,6 +63,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import structlog
+
+log = structlog.get_logger(__name__)
 
 STATE_VERSION = 1
 _TOL = 1.0 + 1e-9  # 2⁻⁸ computed in log space may land an ulp above α = 2⁻⁸
@@ -143,6 +146,12 @@ class TeacherRecord:
     @classmethod
     def from_list(cls, v: list[Any]) -> TeacherRecord:
         return cls(int(v[0]), int(v[1]), float(v[2]), int(v[3]), int(v[4]), int(v[5]), str(v[6]))
+
+    def log_released(self, teacher: str, admin: str) -> None:
+        """``cpm.teacher.released`` for this (cleared) record, once its release is durable —
+        one place for the event's keys, whether the running node or ``--offline`` released."""
+        log.info("cpm.teacher.released", teacher=teacher, admin=admin, round=self.quarantined_round,
+                 reason=self.reason, deliveries=self.deliveries, harmful=self.harmful, mean_gain=self.mean_gain)
 
     def harmless_in_window(self, window: int) -> int:
         """How many of the last ``window`` deliveries were not harmful, capped at 2."""

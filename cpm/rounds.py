@@ -493,7 +493,5 @@ class RoundEngine:
         except BaseException:
             self.reputation.load_state(before)
             raise
-        log.info("cpm.teacher.released", teacher=peer, admin=admin, round=cleared.quarantined_round,
-                 reason=cleared.reason, deliveries=cleared.deliveries, harmful=cleared.harmful,
-                 mean_gain=cleared.mean_gain)
+        cleared.log_released(peer, admin)
         return cleared

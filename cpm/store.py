@@ -169,18 +169,17 @@ class Store:
             db.execute("INSERT INTO agents (peer_id, admitted, revoked) VALUES (?, 0, 1)", (peer_id,))
             return False
 
-    def is_admitted(self, peer_id: str) -> bool:
-        row = self._db.execute("SELECT admitted, revoked FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
-        return bool(row is not None and row["admitted"] and not row["revoked"])
-
-    def is_revoked(self, peer_id: str) -> bool:
-        row = self._db.execute("SELECT revoked FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
-        return bool(row is not None and row["revoked"])
-
     def admission(self, peer_id: str) -> tuple[bool, bool]:
         """(admitted, revoked) in one query — the check every request makes."""
         row = self._db.execute("SELECT admitted, revoked FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
         return (False, False) if row is None else (bool(row["admitted"]), bool(row["revoked"]))
+
+    def is_admitted(self, peer_id: str) -> bool:
+        admitted, revoked = self.admission(peer_id)
+        return admitted and not revoked
+
+    def is_revoked(self, peer_id: str) -> bool:
+        return self.admission(peer_id)[1]
 
     def register(
         self,
