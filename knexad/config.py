@@ -42,7 +42,8 @@ CONFIG_FILE = "config.toml"
 KEY_FILE = "identity.key"
 STATE_FILE = "state.json"
 OUTBOX_DIR = "outbox"
-USED_DIRECTIVES_FILE = "used_directives.log"
+USED_DIRECTIVES_FILE = "used_directives.log"  # taught (teacher side)
+STUDIED_DIRECTIVES_FILE = "studied_directives.log"  # acted on (student side)
 CHECKPOINT_DIR = "checkpoint"
 
 LOG_FORMATS = ("auto", "console", "json")

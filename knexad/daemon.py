@@ -23,17 +23,18 @@ from typing import IO
 import structlog
 import trio
 
-from knexad.agent_api import Agent, ProtocolArm
+from knexad.agent_api import Agent
 from knexad.agents import AgentWorker, end_round, private_texts_of
-from knexad.config import CHECKPOINT_DIR, OUTBOX_DIR, USED_DIRECTIVES_FILE, DaemonConfig
+from knexad.config import CHECKPOINT_DIR, OUTBOX_DIR, STUDIED_DIRECTIVES_FILE, USED_DIRECTIVES_FILE, DaemonConfig
 from knexad.cpm_client import CpmClient, CpmRpc, FeedbackSender
-from knexad.exchange import ExchangeServer, UsedDirectives, fetch_package
+from knexad.exchange import ExchangeServer, UsedDirectives
 from knexad.outbox import Outbox
+from knexad.student import Student
 from knexad.state import DaemonState, StateFile
 from protocol.envelope import Identity
 from protocol.errors import ConfigError, KnexaError
 from protocol.ids import EXCHANGE_PROTOCOL
-from protocol.messages import Directive, Feedback
+from protocol.messages import Directive
 from protocol.replay import ReplayGuard
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,7 @@ class Daemon:
         self.state = StateFile(self.home, DaemonState(peer_id=identity.peer_id, pid=os.getpid()))
         self.outbox = Outbox(self.home / OUTBOX_DIR)
         self.used = UsedDirectives(self.home / USED_DIRECTIVES_FILE)
+        self.studied = UsedDirectives(self.home / STUDIED_DIRECTIVES_FILE)
         self.worker = AgentWorker(agent)
         self.guard = ReplayGuard()
         self.exit_code = 0
@@ -77,6 +79,7 @@ class Daemon:
         self.rpc: CpmRpc | None = None
         self.feedback: FeedbackSender | None = None
         self.client: CpmClient | None = None
+        self.student: Student | None = None
         self.server: ExchangeServer | None = None
         self.ready = trio.Event()
         self._cancel: trio.CancelScope | None = None
@@ -153,6 +156,10 @@ class Daemon:
             self.state.update(status="running", addrs=addrs)
             self.rpc = CpmRpc(host, self.identity, cfg, self.guard)
             self.feedback = FeedbackSender(self.rpc, self.outbox, cfg, self.state)
+            self.student = Student(
+                self.home, cfg, self.identity, host, self.rpc, self.worker, self.feedback, self.state,
+                self.studied, self.guard, SHUTDOWN_SAVE_S,
+            )
             self.client = CpmClient(
                 self.rpc, cfg, self.identity, self.state,
                 family=self.agent.family, transfer_hash=transfer_hash,
@@ -204,45 +211,8 @@ class Daemon:
             # nothing to do now: the student will dial us and present this directive
             self.state.update(role="teacher", last_directive=directive.directive_id, round=directive.round)
             return
-        await self._learn_from(raw, directive)
-
-    async def _learn_from(self, raw: bytes, d: Directive) -> None:
-        """Student: look up and dial the teacher, fetch, learn, and queue Feedback."""
-        assert self.rpc is not None and self.feedback is not None and self.host is not None
-        self.state.update(role="student", last_directive=d.directive_id, round=d.round)
-        loss_pre = loss_post = kb = 0.0
-        failure = ""
-        try:
-            teacher = await self.rpc.lookup(d.teacher)
-            result = await fetch_package(self.host, self.identity, self.cfg, teacher, raw, d, guard=self.guard)
-            self.state.count_bytes(d.teacher, bytes_in=result.wire_bytes_in, bytes_out=result.wire_bytes_out)
-            kb = result.wire_bytes_in / 1024.0
-            log.info(
-                "exchange.package.received",
-                peer=d.teacher, directive=d.directive_id, round=d.round, bytes=result.plaintext_bytes,
-                items=len(result.package.items), dropped=result.dropped, duration_ms=result.duration_ms,
-            )
-            arm = ProtocolArm(d.alpha, d.temperature, d.n_samples)
-            learned = await self.worker.call(
-                self.agent.learn, result.package, arm, timeout_s=self.cfg.timeouts.learn_s, what="learn"
-            )
-            loss_pre, loss_post = float(learned.loss_pre), float(learned.loss_post)
-            self.state.state.learned += 1
-            log.info(
-                "agent.learned", directive=d.directive_id, round=d.round, loss_pre=loss_pre,
-                loss_post=loss_post, items=learned.items_used,
-            )
-            await self.worker.call(self.agent.save, self.home / CHECKPOINT_DIR, timeout_s=SHUTDOWN_SAVE_S, what="save")
-        except KnexaError as exc:
-            failure = exc.code or "internal"
-            log.warning("exchange.failed", peer=d.teacher, directive=d.directive_id, round=d.round,
-                        error=failure, message=str(exc))
-            self.state.update(last_error=f"{failure}: {exc}")
-        feedback = Feedback(
-            directive_id=d.directive_id, round=d.round, teacher=d.teacher, student=d.student,
-            loss_pre=loss_pre, loss_post=loss_post, kb=kb, ok=not failure, failure=failure,
-        )
-        await self.feedback.enqueue(feedback)
+        assert self.student is not None
+        await self.student.learn_from(raw, directive)
 
     # -- metrics -------------------------------------------------------------------------
 

@@ -33,3 +33,23 @@ def _plain_tracebacks() -> None:
         *structlog.get_config()["processors"][:-1],
         structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
     ])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """Signing while pytest *collects* is an error, not a latent flake: such an envelope
+    is used minutes later on a slow machine and is then ``Expired`` (±120 s). Every
+    envelope in the suite must be signed inside the test (or fixture) that uses it.
+    ``Identity.sign`` is patched on the class, so modules imported meanwhile keep no
+    reference to the stand-in."""
+    from protocol.envelope import Identity
+
+    def refuse(self, data: bytes) -> bytes:
+        raise RuntimeError("signed at collection time: sign inside the test (or a fixture)")
+
+    saved = Identity.sign
+    Identity.sign = refuse
+    try:
+        return (yield)
+    finally:
+        Identity.sign = saved

@@ -236,6 +236,11 @@ def test_cpm_kill9_restart_delivers_queued_feedback_exactly_once(tmp_path: Path,
     acked = [e for e in student.events("cpm.feedback.acked") if e["directive"] == directive["directive"]]
     recorded = [e for e in fed.cpm.events("cpm.feedback.recorded") if e["directive"] == directive["directive"]]
     assert len(acked) == 1 and len(recorded) == 1
+    # acted on once: a CPM that restarts before it has the Feedback re-serves the open
+    # directive, and the student must not fetch and learn from it a second time
+    did = directive["directive"]
+    assert len([e for e in student.events("exchange.failed") if e["directive"] == did]) == 1
+    assert not [e for e in student.events("agent.learned") if e["directive"] == did]
     # both daemons reconnected to the restarted CPM on their own
     wait_for(lambda: len(teacher.events("cpm.registered")) >= 2 and len(student.events("cpm.registered")) >= 2,
              60, "daemons re-registered", everyone)

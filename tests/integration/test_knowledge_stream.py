@@ -39,6 +39,7 @@ from protocol import (
     seal,
 )
 from protocol.knowledge import digest, seal_chunk_frame
+from tests.assertions import raises_exactly
 
 PROTO = "/knexa/test-knowledge/1.0.0"
 LOCAL = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -127,29 +128,36 @@ async def test_empty_package_is_one_empty_chunk() -> None:
 A, B = b"a" * 100, b"b" * 100
 
 
+# Frames are built when the test runs, never at collection: an envelope signed at
+# collection could reach the receiver minutes later, outside its ±120 s window.
 @pytest.mark.parametrize(
-    "frames, error",
+    "frames, error, match",
     [
-        pytest.param([chunk(0, A, signer=MALLORY)], BadSignature, id="signed-by-another-peer"),
-        pytest.param([chunk(0, A)] * 2, Replay, id="same-envelope-twice"),
-        pytest.param([chunk(0, A), encode_frame(seal(Error("unauthorized", "no"), TEACHER), MAX)],
-                     Unauthorized, id="error-frame-mid-stream"),
-        pytest.param([chunk(0, A, did="other")], MalformedFrame, id="other-directive"),
-        pytest.param([chunk(1, A)], MalformedFrame, id="out-of-order"),
-        pytest.param([chunk(0, A, bound_did="other")], DecryptionFailed, id="box-bound-to-other-directive"),
-        pytest.param([chunk(0, A), chunk(1, B), trailer(3, A + B)], ProtocolError, id="trailer-count"),
-        pytest.param([chunk(0, A), chunk(1, B), trailer(2, A + B, sha=digest(B + A))], ProtocolError,
-                     id="trailer-sha256"),
-        pytest.param([chunk(0, A), chunk(1, B)], PeerUnavailable, id="closed-before-trailer"),
-        pytest.param([chunk(0, A), b"\x90\x4e" + b"x" * 100], PeerUnavailable, id="truncated-frame"),
+        pytest.param(lambda: [chunk(0, A, signer=MALLORY)], BadSignature, None, id="signed-by-another-peer"),
+        pytest.param(lambda: [chunk(0, A)] * 2, Replay, None, id="same-envelope-twice"),
+        pytest.param(lambda: [chunk(0, A), encode_frame(seal(Error("unauthorized", "no"), TEACHER), MAX)],
+                     Unauthorized, None, id="error-frame-mid-stream"),
+        pytest.param(lambda: [chunk(0, A, did="other")], MalformedFrame, "expected", id="other-directive"),
+        pytest.param(lambda: [chunk(1, A)], MalformedFrame, "out of order", id="out-of-order"),
+        pytest.param(lambda: [chunk(0, A, bound_did="other")], DecryptionFailed, None,
+                     id="box-bound-to-other-directive"),
+        pytest.param(lambda: [chunk(0, A), chunk(1, B), trailer(3, A + B)], ProtocolError, "trailer",
+                     id="trailer-count"),
+        pytest.param(lambda: [chunk(0, A), chunk(1, B), trailer(2, A + B, sha=digest(B + A))], ProtocolError,
+                     "SHA-256", id="trailer-sha256"),
+        pytest.param(lambda: [chunk(0, A), chunk(1, B)], PeerUnavailable, "before KnowledgeEnd",
+                     id="closed-before-trailer"),
+        pytest.param(lambda: [chunk(0, A), b"\x90\x4e" + b"x" * 100], PeerUnavailable, None, id="truncated-frame"),
         # read ahead must not reorder errors: the bad chunk comes first, so it is reported
-        pytest.param([chunk(0, A, signer=MALLORY), b"\x90\x4e" + b"x" * 100], BadSignature,
+        pytest.param(lambda: [chunk(0, A, signer=MALLORY), b"\x90\x4e" + b"x" * 100], BadSignature, None,
                      id="bad-chunk-before-truncation"),
     ],
 )
-async def test_hostile_or_broken_teacher_gives_the_typed_error(frames: list[bytes], error: type) -> None:
-    with pytest.raises(error):
-        await student_receives(scripted(*frames))
+async def test_hostile_or_broken_teacher_gives_the_typed_error(
+    frames: Callable[[], list[bytes]], error: type, match: str | None
+) -> None:
+    with raises_exactly(error, match):
+        await student_receives(scripted(*frames()))
 
 
 async def test_tampered_box_is_refused() -> None:
@@ -161,7 +169,7 @@ async def test_tampered_box_is_refused() -> None:
     box = bytearray(msg.box)
     box[-1] ^= 1
     bad = encode_frame(seal(KnowledgeChunk(DID, 0, bytes(box)), TEACHER), MAX)
-    with pytest.raises(DecryptionFailed):
+    with raises_exactly(DecryptionFailed):
         await student_receives(scripted(bad))
 
 
@@ -172,7 +180,7 @@ async def test_package_over_the_limit_is_refused() -> None:
         await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, data, chunk_bytes=CHUNK, step_s=5.0,
                              items=0, dropped=0)
 
-    with pytest.raises(MalformedFrame, match="max_package_bytes"):
+    with raises_exactly(MalformedFrame, match="max_package_bytes"):
         await student_receives(teacher, max_package=CHUNK * 2)
 
 
@@ -187,7 +195,7 @@ async def test_sealing_error_reaches_the_teacher_as_its_typed_error() -> None:
         except Exception as exc:  # noqa: BLE001 — the test inspects exactly what escaped
             raised.append(exc)
 
-    with pytest.raises(PeerUnavailable):  # nothing was sent: the student sees the stream end
+    with raises_exactly(PeerUnavailable):  # nothing was sent: the student sees the stream end
         await student_receives(teacher)
     assert len(raised) == 1 and isinstance(raised[0], FrameTooLarge), raised
 

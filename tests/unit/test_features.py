@@ -68,41 +68,45 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def test_concat_context_cannot_rank_pairs_but_phi_can() -> None:
-    """Compatibility-driven reward: the teacher data mass the student lacks (JS-like).
+def test_phi_finds_each_teachers_best_student_where_concat_cannot() -> None:
+    """The target is the synthetic world's hidden truth — ``expected_gain_matrix`` over
+    the agents' true per-category skills and family compatibility — not a formula over
+    φ's own columns (that would make the fit true by construction). The agents reveal
+    only their profiles.
 
-    A linear fit on [p_t, p_s, 1] is separable (f(t) + g(s)): within one teacher's row it
-    ranks students the same way for every teacher, so it cannot pick *this* teacher's
-    best student. φ's pairwise terms can.
+    A linear fit on [p_t, p_s, 1] is separable (f(t) + g(s)): it ranks all pairs well
+    overall (mostly "strong teacher, weak student"), but within one teacher's row it
+    orders students the same way for every teacher, so it rarely picks *this* teacher's
+    best student, which is what a matching needs. φ's pairwise terms can. Measured on
+    seeds 0–5: concat top-1 0.07–0.30, φ 0.80–0.97.
     """
+    from cpm.strategies import DEFAULT_ARM_INDEX, DEFAULT_ARMS
+    from knexad.synthetic import expected_gain_matrix, make_population
+
     n = 40
-    P = _profiles(n, 3, alpha=0.1)
+    agents = make_population(n, alpha=0.1, seed=3)
+    P = np.array([agent.profile() for agent in agents])
+    G = expected_gain_matrix([agent.state for agent in agents], DEFAULT_ARMS[DEFAULT_ARM_INDEX])
     tt, ss = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
     m = tt != ss
     t, s = tt[m], ss[m]
-    y = F.lack_mass(P[t, 20:32], P[s, 20:32]) + 0.5 * F.js_divergence(P[t, 20:32], P[s, 20:32])
-    rng = np.random.default_rng(4)
-    train = rng.random(t.size) < 0.5
+    y = G[t, s]
+    train = np.random.default_rng(4).random(t.size) < 0.5
 
-    def fit_eval(X: np.ndarray) -> tuple[float, float, float]:
+    def fit_eval(X: np.ndarray) -> tuple[float, float]:
         Xt = X[train]
         w = np.linalg.solve(Xt.T @ Xt + 1e-3 * np.eye(X.shape[1]), Xt.T @ y[train])
         pred = X @ w
-        rho = _spearman(pred[~train], y[~train])
-        hits = []
-        for i in range(n):  # per teacher: is the predicted best student the true best?
-            row = t == i
-            hits.append(np.argmax(pred[row]) == np.argmax(y[row]))
-        # per-teacher ranking quality: mean within-row Spearman
-        rows = [_spearman(pred[t == i], y[t == i]) for i in range(n)]
-        return rho, float(np.mean(rows)), float(np.mean(hits))
+        # per teacher: is the predicted best student the true best, and how well ranked is the row?
+        top1 = float(np.mean([np.argmax(pred[t == i]) == np.argmax(y[t == i]) for i in range(n)]))
+        row = float(np.mean([_spearman(pred[t == i], y[t == i]) for i in range(n)]))
+        return top1, row
 
-    rho_c, row_c, top_c = fit_eval(F.batch_concat_context(P, t, s))
-    rho_p, row_p, top_p = fit_eval(F.batch_context(P, t, s, np.zeros(t.size, dtype=np.int64)))
-    assert rho_p > 0.9 and row_p > 0.85
-    assert top_p > 0.5  # chance is 1/39
-    assert row_c < 0.3 and top_c < 0.2
-    assert rho_p - rho_c > 0.3
+    top_c, row_c = fit_eval(F.batch_concat_context(P, t, s))
+    top_p, row_p = fit_eval(F.batch_context(P, t, s, np.full(t.size, DEFAULT_ARM_INDEX)))
+    assert top_p >= 0.7, top_p  # chance is 1/39
+    assert top_c <= 0.35, top_c
+    assert row_p > row_c + 0.05, (row_p, row_c)
 
 
 def test_lineage_flag_follows_the_profile_family_slots() -> None:

@@ -5,13 +5,18 @@ the bandit the way harness/sim.py (and the node) deliver them: teacher ``teach``
 student ``learn`` → Feedback(loss_pre, loss_post, KB) → ``update``. The population's
 strongest agent — the most attractive teacher — is the poisoned one (worst case).
 
-Bound asserted (8 agents, 60 rounds, 8 seeds): its exchanges earn a negative raw
-reward on average (≥ 75 % of them individually — measurement noise can flip a weak one); in rounds 30–59 it teaches at most 2 times per seed, whereas the *same*
-agent unpoisoned teaches in ≥ 20 of those 30 rounds (so the avoidance is caused by the
-poisoning, not by the agent being unattractive). Known limit (docs/threat-model.md):
-the bandit avoids the poisoner through its profile features, not its identity; with 16
-agents the avoidance was measured to be unreliable (one seed in 8 kept matching it in
-12 of the last 30 rounds).
+Bounds asserted (8 agents, 60 rounds, seeds 0–7), each one checked below:
+- its exchanges earn a negative raw reward on average, and ≥ 75 % of them individually
+  (measurement noise can flip a weak one);
+- in rounds 30–59 it teaches at most 3 times in any seed and in ≤ 5 % of all those
+  rounds (measured: 0–3 per seed, 6 of 240);
+- the *same* agent unpoisoned teaches in ≥ 20 of those 30 rounds in every seed
+  (measured 26–30), so the avoidance is caused by the poisoning, not by the agent
+  being unattractive.
+Known limit (docs/threat-model.md): the bandit avoids the poisoner through its profile
+features, not its identity; with 16 agents the avoidance was measured to be unreliable
+(one seed in 8 kept matching it in 12 of the last 30 rounds) — the CPM's quarantine
+(cpm/reputation.py) is what bounds it there.
 """
 
 from __future__ import annotations
@@ -58,10 +63,10 @@ def _run(seed: int, poisoned: bool) -> tuple[list[int], list[float]]:
 
 
 SEEDS = range(8)
-TAIL = slice(40, 60)
-MAX_TAIL_RATE = 0.10  # poisoned: share of rounds 40-59 in which it still teaches (all seeds)
-MAX_TAIL_PER_SEED = 5
-MIN_CONTROL_TAIL_RATE = 0.75  # the same agent, unpoisoned
+TAIL = slice(30, 60)
+MAX_TAIL_PER_SEED = 3  # poisoned: rounds 30-59 in which it still teaches, any seed
+MAX_TAIL_RATE = 0.05  # … and over all seeds
+MIN_CONTROL_TAIL_PER_SEED = 20  # the same agent, unpoisoned, in every seed
 
 
 def test_poisoned_teacher_earns_negative_reward_and_is_dropped() -> None:
@@ -76,7 +81,6 @@ def test_poisoned_teacher_earns_negative_reward_and_is_dropped() -> None:
         control, control_rewards = _run(seed, poisoned=False)
         assert np.mean(control_rewards) > 0
         controls.append(sum(control[TAIL]))
-    n = len(SEEDS) * (TAIL.stop - TAIL.start)
     assert max(tails) <= MAX_TAIL_PER_SEED, tails
-    assert sum(tails) / n <= MAX_TAIL_RATE, tails
-    assert sum(controls) / n >= MIN_CONTROL_TAIL_RATE, controls
+    assert sum(tails) / (len(SEEDS) * (TAIL.stop - TAIL.start)) <= MAX_TAIL_RATE, tails
+    assert min(controls) >= MIN_CONTROL_TAIL_PER_SEED, controls
