@@ -175,9 +175,12 @@ class AdminHandler:
         self.gate = gate
 
     async def handle(self, stream: Any) -> None:
-        from p2p.streams import FramedStream
+        from p2p.streams import serving
 
-        framed = FramedStream(stream, MAX_FRAME_ADMIN)
+        async with serving(stream, MAX_FRAME_ADMIN) as framed:  # ends the stream on every path
+            await self._handle(framed)
+
+    async def _handle(self, framed: Any) -> None:
         peer = framed.remote_peer
         started = time.monotonic()
         try:
@@ -203,8 +206,6 @@ class AdminHandler:
         except Exception as exc:  # server boundary: a bug or a locked DB must not kill the node
             log.exception("cpm.internal_error", peer=peer, protocol=ADMIN_PROTOCOL, error=repr(exc))
             await self._refuse(framed, peer, KnexaError("internal error"))
-        finally:
-            await framed.close()
 
     async def _dispatch(self, peer: str, nonce: bytes, msg: Any) -> Any:
         if isinstance(msg, AdminRelease):

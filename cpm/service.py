@@ -20,6 +20,8 @@ in this order (docs/protocol.md §6, docs/cpm.md):
 Every refusal is a typed error, a ``cpm.rejected`` log line with ``code``, an ``Error``
 frame signed by the CPM, and no state change. An error ends the stream: the answers to
 earlier requests are written first, and requests after it got no answer (not done).
+"Ends" means for both sides, promptly: ``p2p.streams.serving`` sends our FIN, drops
+what the peer still sends until its end, and resets a peer that lingers.
 The engine is synchronous and called from one trio task at a time (never while a
 COMMIT runs on the worker thread: ``GroupCommitter.gate``), so it needs no locking.
 
@@ -46,9 +48,9 @@ from cpm.groupcommit import COMMIT_MAX_BATCH, COMMIT_WINDOW_S, Batch, GroupCommi
 from cpm.config import CpmConfig
 from cpm.rounds import MAX_WAIT_MS, Pending, RoundEngine
 from cpm.store import Store
-from p2p.host import build_host, full_addrs, parse_listen_addrs
+from p2p.host import build_host, listening_addrs, parse_listen_addrs
 from p2p.ratelimit import PeerRateLimiter
-from p2p.streams import FramedStream
+from p2p.streams import FramedStream, serving
 from protocol.envelope import Identity, now_ms, open_envelope, seal
 from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, RateLimited, Unauthorized
 from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, MAX_FRAME_CPM
@@ -180,9 +182,7 @@ class CpmService:
             async with host.run(listen):
                 host.set_stream_handler(CPM_PROTOCOL, self._handle_cpm)
                 host.set_stream_handler(ADMIN_PROTOCOL, self.admin.handle)
-                self.addrs = full_addrs(host)
-                if not self.addrs:  # py-libp2p logs a failed bind and carries on; we refuse to
-                    raise OSError(f"could not listen on {', '.join(self.config.listen)} (address in use?)")
+                self.addrs = listening_addrs(host, self.config.listen)
                 log.info("cpm.listening", addrs=self.addrs, peer=self.identity.peer_id,
                          strategy=self.config.strategy, metrics_port=self.metrics_port)
                 async with trio.open_nursery() as nursery:
@@ -252,14 +252,11 @@ class CpmService:
 
     # ---- /knexa/cpm/1.0.0 -------------------------------------------------------------
     async def _handle_cpm(self, stream: Any) -> None:
-        framed = FramedStream(stream, MAX_FRAME_CPM)
-        peer = framed.remote_peer
-        try:
+        async with serving(stream, MAX_FRAME_CPM) as framed:  # ends the stream on every path
+            peer = framed.remote_peer
             first = True
             while await self._serve(framed, peer, first=first):
                 first = False
-        finally:
-            await framed.close()
 
     async def _serve(self, framed: FramedStream, peer: str, *, first: bool) -> bool:
         """Answer the next request and every one already buffered behind it; False when

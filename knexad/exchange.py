@@ -39,7 +39,7 @@ from knexad.config import DaemonConfig
 from knexad.cpm_client import open_stream
 from knexad.state import StateFile
 from p2p.ratelimit import PeerRateLimiter
-from p2p.streams import NET_ERRORS, FramedStream, stream_failures
+from p2p.streams import NET_ERRORS, FramedStream, serving, stream_failures
 from protocol.directives import verify_directive
 from protocol.e2e import E2EBox
 from protocol.envelope import Envelope, Identity, now_ms, open_envelope, seal
@@ -132,7 +132,10 @@ class ExchangeServer:
 
     async def handle(self, stream: INetStream) -> None:
         """Stream handler; never raises (a failure costs this stream only)."""
-        framed = FramedStream(stream, self.cfg.limits.max_frame)
+        async with serving(stream, self.cfg.limits.max_frame) as framed:  # ends the stream on every path
+            await self._handle(framed)
+
+    async def _handle(self, framed: FramedStream) -> None:
         remote = framed.remote_peer
         start = time.perf_counter()
         try:
@@ -228,7 +231,6 @@ class ExchangeServer:
                 await framed.write_frame(seal(Error(code=exc.code, message=str(exc)[:500]), self.identity))
             except (KnexaError, *NET_ERRORS):
                 pass
-        await framed.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,14 @@ libp2p streams have no message boundaries (``read()`` returns whatever is buffer
 a killed peer looks like a clean EOF — so every message is varint-framed
 (``protocol.framing``) and a partial frame at EOF is a ``MalformedFrame`` (truncated),
 not a clean close.
+
+How a served stream ends is decided here too (``serving``, ``FramedStream.end``), once
+for every handler: our FIN alone is only half an end. A peer that still has bytes in
+flight when we refuse it — a js-libp2p peer that wrote garbage and then its FIN, with
+more than its send window behind the bad frame — waits for window credit we never
+grant once we stop reading, so its side of the stream never ended (issue 14 §5). After
+our FIN a handler therefore reads and drops what the peer still sends until its end,
+for at most ``LINGER_S`` and ``LINGER_MAX_BYTES``, and resets the stream otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from protocol.errors import KnexaError, PeerUnavailable
 from protocol.framing import FrameDecoder, encode_frame
 
 READ_SIZE = 256 * 1024  # minimum read; a pending large frame asks for what it lacks
+LINGER_S = 2.0  # after our FIN: how long a served stream waits for the peer's end …
+LINGER_MAX_BYTES = 4 * 1024 * 1024  # … and how much it still reads and drops, before a reset
+RESET_S = 1.0  # a reset from a cancelled task (host shutdown) gets this long, shielded
 
 # What a dead, slow or misbehaving transport raises underneath us.
 NET_ERRORS: tuple[type[BaseException], ...] = (
@@ -39,6 +50,8 @@ class FramedStream:
         self._decoder = FrameDecoder(max_frame)
         self.bytes_in = 0
         self.bytes_out = 0
+        self._eof = False  # the peer's end (its FIN) was read
+        self._reset = False  # reset by either side: nothing is left to end
 
     @property
     def remote_peer(self) -> str:
@@ -59,11 +72,14 @@ class FramedStream:
             try:
                 data = await self.stream.read(max(READ_SIZE, self._decoder.bytes_wanted()))
             except StreamEOF:
+                self._eof = True
                 self._decoder.close()  # raises MalformedFrame if truncated
                 return None
             except StreamError as exc:  # reset / closed / other stream failure
+                self._reset = self._reset or isinstance(exc, StreamReset)
                 raise PeerUnavailable(f"stream from {self._peer_safe()} ended: {type(exc).__name__}") from None
             if not data:
+                self._eof = True
                 self._decoder.close()
                 return None
             self.bytes_in += len(data)
@@ -93,22 +109,97 @@ class FramedStream:
         self.bytes_out += len(data)
 
     async def close(self) -> None:
+        """Our FIN (a half-close: the peer may still send). Never raises for a stream or
+        connection that is already gone — callers are on their way out."""
         try:
             await self.stream.close()
-        except (StreamError, StreamClosed, StreamReset):
+        except NET_ERRORS:
             pass
 
     async def reset(self) -> None:
+        self._reset = True
         try:
             await self.stream.reset()
-        except (StreamError, StreamClosed, StreamReset):
+        except NET_ERRORS:
             pass
+
+    async def abort(self) -> None:
+        """Reset, even from a cancelled task (a host shutting down), within ``RESET_S``."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + RESET_S):
+            await self.reset()
+
+    async def end(self, *, linger_s: float = LINGER_S, max_drain: int = LINGER_MAX_BYTES) -> str:
+        """End the stream for both sides, promptly: ``"closed"`` or ``"reset"``.
+
+        Our FIN, then — unless the peer's end was already read — what the peer still
+        sends is read and dropped until its FIN or reset arrives, for at most
+        ``linger_s`` seconds and ``max_drain`` bytes; a peer that keeps sending or keeps
+        its side open is reset. Without the drain a peer with bytes in flight waits
+        forever for window credit (module docstring). Cancelled meanwhile, it resets.
+        """
+        if self._reset:
+            return "reset"
+        ended = False
+        try:
+            await self.close()
+            ended = self._eof
+            if not ended:
+                with trio.move_on_after(linger_s):
+                    ended = await self._drain(max_drain)
+        finally:
+            if not ended:
+                await self.abort()
+        return "reset" if self._reset else "closed"
+
+    async def _drain(self, max_bytes: int) -> bool:
+        """Read and drop until the peer ends its side: True once it did (FIN or reset),
+        False when it sent more than ``max_bytes`` or the connection broke."""
+        dropped = 0
+        while dropped <= max_bytes:
+            try:
+                data = await self.stream.read(READ_SIZE)
+            except StreamEOF:
+                self._eof = True
+                return True
+            except StreamReset:
+                self._reset = True
+                return True
+            except NET_ERRORS:
+                return False
+            if not data:
+                self._eof = True
+                return True
+            dropped += len(data)
+            self.bytes_in += len(data)
+        return False
 
     def _peer_safe(self) -> str:
         try:
             return self.remote_peer
         except AttributeError:
             return "?"
+
+
+@asynccontextmanager
+async def serving(stream: Any, max_frame: int, *, linger_s: float = LINGER_S) -> AsyncIterator[FramedStream]:
+    """The stream of a stream handler, ended however the handler leaves the block.
+
+    A normal exit — an answer written, an ``Error`` written, a refusal, an idle stream —
+    ends it with ``FramedStream.end`` (FIN, drain the peer's rest, reset if it lingers);
+    an exception escaping the handler resets it. Every KNEXA handler (``cpm.service``,
+    ``cpm.admin``, ``knexad.exchange``) serves through this, so no path of theirs can
+    leave a stream neither closed nor reset, whatever implementation the peer runs.
+    """
+    framed = FramedStream(stream, max_frame)
+    done = False
+    try:
+        yield framed
+        done = True
+    finally:
+        if done:
+            await framed.end(linger_s=linger_s)
+        else:
+            await framed.abort()
 
 
 @asynccontextmanager
