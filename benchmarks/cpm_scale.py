@@ -40,6 +40,7 @@ from cpm import features as F  # noqa: E402
 from cpm.bandit import LinUCB  # noqa: E402
 from cpm.matching import exact_match, fast_match  # noqa: E402
 from cpm.matching_naive import naive_match  # noqa: E402
+from protocol import profile  # noqa: E402
 
 N_ARMS = 3
 
@@ -47,9 +48,9 @@ N_ARMS = 3
 def population(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     P = np.zeros((n, F.PROFILE_DIM))
-    P[np.arange(n), rng.integers(0, F.N_FAMILIES, n)] = 1.0
-    P[:, F.PERF] = rng.random((n, F.N_PERF))
-    P[:, F.HIST] = rng.dirichlet(np.full(F.N_CATS, 0.3), n)
+    P[np.arange(n), rng.integers(0, profile.N_FAMILY, n)] = 1.0
+    P[:, profile.PERF_AND_DELTA] = rng.random((n, profile.N_PERF))
+    P[:, profile.HIST] = rng.dirichlet(np.full(profile.N_CAT, 0.3), n)
     return P
 
 

@@ -20,6 +20,7 @@ from p2p import keyfile
 from p2p.files import atomic_write
 from protocol.envelope import Identity
 from protocol.errors import BadSignature, ConfigError
+from protocol.profile import DEFAULT_ARMS, DEFAULT_TRANSFER_SIZE, ProtocolArm, synthetic_transfer_hash
 from protocol.peerid import public_key_from_peer_id
 
 CONFIG_FILE = "config.toml"
@@ -31,35 +32,16 @@ STRATEGIES = ("linucb", "random", "heuristic", "local-only", "central-kd")
 LOG_FORMATS = ("auto", "console", "json")
 
 
-def default_transfer_hash(transfer_size: int = 128) -> str:
+def default_transfer_hash(transfer_size: int = DEFAULT_TRANSFER_SIZE) -> str:
     """The hash of the transfer set that a default ``knexad init`` daemon uses.
 
     Daemons must present the same value in every Profile. The default daemon model is
     ``synthetic``, so a CPM and daemons initialised with defaults work together out of
     the box; federations of ML agents pass the hash their agents compute
     (``knexad config show`` prints it; the harness does this) with
-    ``knexa-cpm init --transfer-hash``. Imported lazily: numpy only, no torch.
+    ``knexa-cpm init --transfer-hash``.
     """
-    from knexad.synthetic import transfer_hash
-
-    return transfer_hash(transfer_size)
-
-
-@dataclass(frozen=True, slots=True)
-class Arm:
-    """Distillation protocol arm k: Eq. 2 knobs plus how many transfer prompts it uses."""
-
-    alpha: float
-    temperature: float
-    n_samples: int
-    items: int = 0  # transfer prompts per directive; 0 = the whole transfer set
-
-
-DEFAULT_ARMS = (
-    Arm(alpha=0.2, temperature=1.5, n_samples=1, items=64),
-    Arm(alpha=0.4, temperature=2.0, n_samples=1, items=0),
-    Arm(alpha=0.6, temperature=2.5, n_samples=2, items=0),
-)
+    return synthetic_transfer_hash(transfer_size)
 
 
 @dataclass(slots=True)
@@ -76,8 +58,8 @@ class CpmConfig:
     max_rounds: int = 0  # 0 = unlimited
     open_admission: bool = False
     admins: list[str] = field(default_factory=list)
-    arms: list[Arm] = field(default_factory=lambda: list(DEFAULT_ARMS))
-    transfer_size: int = 128
+    arms: list[ProtocolArm] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    transfer_size: int = DEFAULT_TRANSFER_SIZE
     transfer_hash: str = field(default_factory=default_transfer_hash)
     log_format: str = "auto"
     metrics_port: int = 0  # 0 = off
@@ -123,7 +105,7 @@ def validate_peer_id(peer_id: str, key: str = "peer_id") -> str:
     return peer_id
 
 
-def _arms(value: Any, transfer_size: int) -> list[Arm]:
+def _arms(value: Any, transfer_size: int) -> list[ProtocolArm]:
     if not isinstance(value, list) or not value:
         raise ConfigError("arms", "must be a non-empty list of {alpha, temperature, n_samples[, items]}")
     out = []
@@ -134,7 +116,7 @@ def _arms(value: Any, transfer_size: int) -> list[Arm]:
         extra = set(raw) - {"alpha", "temperature", "n_samples", "items"}
         if extra:
             raise ConfigError(key, f"unknown keys {sorted(extra)}")
-        arm = Arm(
+        arm = ProtocolArm(
             alpha=_float(f"{key}.alpha", raw["alpha"]),
             temperature=_float(f"{key}.temperature", raw["temperature"]),
             n_samples=_int(f"{key}.n_samples", raw["n_samples"]),

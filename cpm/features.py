@@ -49,19 +49,16 @@ from __future__ import annotations
 
 import numpy as np
 
-PROFILE_DIM = 32
-N_FAMILIES = 8
-N_PERF = 12
-N_CATS = 12
-FAMILY = slice(0, 8)
-PERF = slice(8, 20)
-HIST = slice(20, 32)
-PASS1 = 8  # pass@1 slot in the profile
-# Lineage group of each family slot, in the profile's order (knexad/agent/profile.py:
-# qwen2, gpt2, gpt_neox, bloom, llama, phi, mistral, other): 0 llama-style decoders
-# (qwen2, llama, mistral), 1 GPT-2-style BPE (gpt2, gpt_neox, bloom), 2 phi and other.
-FAMILY_LINEAGE = (0, 1, 1, 1, 0, 2, 0, 2)
-N_LINEAGES = 3
+from protocol.profile import (
+    FAMILY,
+    FAMILY_LINEAGE,
+    HIST,
+    LINEAGES,
+    PASS1,
+    PROFILE_DIM,
+)
+
+N_LINEAGES = len(LINEAGES)
 LINEAGE_ONEHOT = np.eye(N_LINEAGES)[list(FAMILY_LINEAGE)]  # (8, 3): family slot → lineage
 
 OFF_BIAS = 0

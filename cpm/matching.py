@@ -66,6 +66,7 @@ import structlog
 
 from cpm import features as F
 from cpm.bandit import LinUCB
+from protocol.profile import N_CATEGORIES
 
 try:  # optional: without it BLAS keeps its own thread count
     from threadpoolctl import ThreadpoolController
@@ -323,7 +324,7 @@ def _arm_surrogates(P: np.ndarray, theta: np.ndarray, n_arms: int) -> tuple[np.n
     fam = P[:, F.FAMILY]
     famg = fam @ (F.LINEAGE_ONEHOT @ F.LINEAGE_ONEHOT.T)  # f_t·G: same-lineage as a form in f_s
     n = P.shape[0]
-    hbar = h.mean(axis=0) if n else np.zeros(F.N_CATS)
+    hbar = h.mean(axis=0) if n else np.zeros(N_CATEGORIES)
     lbar = 1.0 - float(hbar @ hbar)
     v0 = P @ thS + h @ thD - theta[F.OFF_GAP] * pi
     R = np.hstack([np.ones((n, 1)), pi[:, None], v0[:, None], h, fam, h * pi[:, None], fam * pi[:, None]])

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from cpm.config import Arm, CpmConfig
+from cpm.config import CpmConfig
 from cpm.store import DirectiveRow, FeedbackRow, RoundRow, Store
 from cpm.bandit import LinUCB, RunningZ
 from cpm.reputation import Reputation, TeacherRecord
@@ -54,10 +54,10 @@ from cpm.strategies import Pair, Strategy, make_strategy
 from protocol.envelope import Identity, seal
 from protocol.errors import MalformedFrame, ProtocolError, Unauthorized
 from protocol.messages import Directive, Feedback, NoDirective, PeerAddrs, Profile, Register, Registered
+from protocol.profile import PROFILE_DIM, ProtocolArm, check_profile
 
 log = structlog.get_logger(__name__)
 
-PROFILE_DIM = 32
 MAX_WAIT_MS = 60_000
 MAX_SELECT_PASSES = 4  # strategy.select calls per round when quarantined teachers are refused
 
@@ -303,7 +303,7 @@ class RoundEngine:
 
     def transfer_ids(self, round_: int, arm_index: int) -> tuple[int, ...]:
         """The arm's share of the transfer set, deterministic by (seed, round, arm)."""
-        arm: Arm = self.config.arms[arm_index]
+        arm: ProtocolArm = self.config.arms[arm_index]
         size = self.config.transfer_size
         n = arm.items or size
         if n >= size:
@@ -367,8 +367,7 @@ class RoundEngine:
     def profile(self, peer: str, msg: Profile, now_ms: int) -> NoDirective | None:
         """None = accepted and committed (the caller acks); NoDirective = wrong round."""
         self._require_registered(peer)
-        if len(msg.vector) != PROFILE_DIM:
-            raise MalformedFrame(f"profile vector must have {PROFILE_DIM} entries, got {len(msg.vector)}")
+        check_profile(msg.vector)
         if msg.transfer_hash != self.config.transfer_hash:
             raise ProtocolError("transfer_hash differs from the CPM's transfer set")
         self.tick(now_ms)

@@ -19,6 +19,8 @@ from typing import Protocol, runtime_checkable
 
 # The package types are part of the wire protocol; re-exported here for agents.
 from protocol.knowledge import KnowledgeItem, KnowledgePackage
+# The contract with the CPM (profile layout, categories, arms) lives in protocol.profile.
+from protocol.profile import N_CATEGORIES, PROFILE_DIM, ProtocolArm
 
 __all__ = [
     "N_CATEGORIES",
@@ -30,19 +32,6 @@ __all__ = [
     "ProtocolArm",
     "TeachRequest",
 ]
-
-PROFILE_DIM = 32
-N_CATEGORIES = 12
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolArm:
-    """Distillation protocol k chosen by the CPM (Eq. 2 knobs)."""
-
-    alpha: float = 0.4  # weight of L_KD in L = (1-a) L_local + a L_KD
-    temperature: float = 2.0  # KD temperature where both sides share a tokenizer
-    n_samples: int = 1  # completions per transfer prompt
-
 
 @dataclass(frozen=True, slots=True)
 class TeachRequest:

@@ -30,11 +30,9 @@ import structlog
 import torch
 import torch.nn.functional as F
 
-from knexad.agent_api import ProtocolArm
+from protocol.profile import DEFAULT_ARM, ProtocolArm
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_ARM = ProtocolArm()
 
 
 # ---------------------------------------------------------------------------------
@@ -59,7 +57,11 @@ def temperature_schedule(round_: int, total_rounds: int = 10) -> float:
 
 
 def effective_knobs(round_: int, arm: ProtocolArm, total_rounds: int = 10) -> tuple[float, float]:
-    """(α_t, T_t) for this round under ``arm`` (arm = offset from the default arm)."""
+    """(α_t, T_t) for this round under ``arm``.
+
+    The schedule is the paper's (α_t, T_t); an arm moves it by its distance from the
+    contract's default arm (``protocol.profile.DEFAULT_ARM``), so the default arm gets
+    exactly the schedule and the gentle/strong arms a lower/higher one."""
     alpha = alpha_schedule(round_, total_rounds) + (arm.alpha - DEFAULT_ARM.alpha)
     temp = temperature_schedule(round_, total_rounds) + (arm.temperature - DEFAULT_ARM.temperature)
     return min(max(alpha, 0.0), 0.95), max(temp, 0.1)

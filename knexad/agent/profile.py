@@ -3,7 +3,8 @@
 Pure functions over plain numbers (no torch), so the ML agent and a synthetic agent
 build profiles the same way. Never data, never weights.
 
-Index map (``INDEX_MAP`` / ``PROFILE_FIELDS``)::
+How the agent measures each slot (the layout itself is the CPM contract,
+``protocol/profile.py``)::
 
     0..7    family one-hot: qwen2, gpt2 (cerebras), gpt_neox (pythia), bloom, llama,
             phi, mistral, other
@@ -24,24 +25,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-FAMILIES: tuple[str, ...] = ("qwen2", "gpt2", "gpt_neox", "bloom", "llama", "phi",
-                             "mistral", "other")
-_FAMILY_ALIASES = {"cerebras": "gpt2", "pythia": "gpt_neox", "qwen": "qwen2",
-                   "tiny-qwen2": "qwen2", "tiny-gpt2": "gpt2", "tiny-neox": "gpt_neox",
-                   "tiny-bloom": "bloom", "smollm2": "llama"}
-PERF_FIELDS: tuple[str, ...] = ("pass@1", "pass@1_own", "pass@1_other", "task_score",
-                                "ppl_norm", "kd_gain")
-N_FAMILY, N_PERF, N_CAT = 8, 12, 12
-PROFILE_DIM = N_FAMILY + N_PERF + N_CAT
-
-PROFILE_FIELDS: tuple[str, ...] = (
-    tuple(f"family.{f}" for f in FAMILIES)
-    + tuple(f"perf.{f}" for f in PERF_FIELDS)
-    + tuple(f"delta.{f}" for f in PERF_FIELDS)
-    + tuple(f"hist.{i}" for i in range(N_CAT))
+# the layout is the contract with the CPM; re-exported for the agent's code
+from protocol.profile import (  # noqa: F401
+    FAMILIES,
+    INDEX_MAP,
+    N_CAT,
+    N_FAMILY,
+    PERF_FIELDS,
+    PROFILE_DIM,
+    PROFILE_FIELDS,
+    family_index,
 )
-INDEX_MAP: dict[str, int] = {name: i for i, name in enumerate(PROFILE_FIELDS)}
-assert len(PROFILE_FIELDS) == PROFILE_DIM == 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +52,6 @@ class PerfMetrics:
     def as_tuple(self) -> tuple[float, ...]:
         return (self.pass1, self.pass1_own, self.pass1_other, self.task_score,
                 self.ppl_norm, self.kd_gain)
-
-
-def family_index(family: str) -> int:
-    """One-hot position for a family name or HF ``model_type`` (unknown → ``other``)."""
-    name = _FAMILY_ALIASES.get(family, family)
-    return FAMILIES.index(name) if name in FAMILIES else FAMILIES.index("other")
 
 
 def normalized_perplexity(mean_loss: float, vocab_size: int) -> float:
