@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,28 +37,14 @@ import structlog
 
 from cpm import config as C
 from cpm.store import Store, StoreError
-from protocol.errors import ConfigError, KnexaError, PeerUnavailable, Unauthorized
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = 0, 1, 2, 3, 4, 5
+from p2p.process import ExitCode, HomeLock, exit_code_for, first_leaf, run_cli, version_option
+from protocol.errors import ConfigError, KnexaError
 
 log = structlog.get_logger(__name__)
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """trio wraps failures in (nested) exception groups; report the first real one."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, (ConfigError, StoreError)):
-        return EXIT_CONFIG
-    if isinstance(exc, PeerUnavailable):
-        return EXIT_UNREACHABLE
-    if isinstance(exc, Unauthorized):
-        return EXIT_UNAUTHORIZED
-    return EXIT_RUNTIME
+    return ExitCode.CONFIG if isinstance(exc, StoreError) else exit_code_for(exc)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,10 +54,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
             raise
         except (KnexaError, StoreError, OSError, BaseExceptionGroup) as exc:
-            leaf = _leaf(exc)
+            leaf = first_leaf(exc)
             if isinstance(leaf, (click.exceptions.Exit, click.ClickException)):
                 raise leaf from None
             code = _exit_code(leaf)
@@ -106,6 +93,9 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--remote", metavar="MADDR", help="Use /knexa/admin/1.0.0 on this CPM (…/p2p/<id>).")(fn)
 
 
+_wide_option = click.option("--wide", is_flag=True, help="Full peer IDs in the table (--json always has them).")
+
+
 def _open_store(home: Path) -> Store:
     C.load_config(home)  # a home without a valid config is a config error (exit 3)
     return Store(C.db_path(home))
@@ -123,13 +113,15 @@ def _remote(remote: str, key_file: Path | None, message: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("knexa-cpm")
 def cli() -> None:
     """KNEXA Central Profiler/Matchmaker (non-aggregating, restart-safe)."""
 
 
 @cli.command()
 @_home_option
-@click.option("--open", "open_admission", is_flag=True, help="Admit every peer that registers (local harness).")
+@click.option("--open/--closed", "open_admission", default=None,
+              help="Admit every peer that registers (local harness) / only admitted peers (the default).")
 @click.option("--transfer-hash", help="SHA-256 hex of the shared transfer set the daemons use.")
 @click.option("--strategy", type=click.Choice(C.STRATEGIES))
 @click.option("--max-rounds", type=click.IntRange(min=0))
@@ -145,29 +137,37 @@ def cli() -> None:
               help="Peer ID allowed on /knexa/admin/1.0.0 (repeatable).")
 @click.option("--force", is_flag=True, help="Rewrite config.toml of an existing home (the key is kept).")
 @handle_errors
-def init(home: Path, open_admission: bool, transfer_hash: str | None, force: bool, listen: tuple[str, ...],
+def init(home: Path, open_admission: bool | None, transfer_hash: str | None, force: bool, listen: tuple[str, ...],
          admins: list[str], **overrides: Any) -> None:
     """Create the home: config.toml, identity key (0600) and the SQLite database."""
     _quiet_logs()
-    home.mkdir(parents=True, exist_ok=True)
-    if C.config_path(home).exists() and not force:
+    existed = C.config_path(home).exists()
+    if existed and not force:
         raise ConfigError("home", f"{home} is already initialized (use --force to rewrite config.toml)")
-    cfg = C.CpmConfig()
-    cfg.open_admission = open_admission
+    # --force changes what was asked and keeps the rest: a pinned listen port, the
+    # strategy, the admins — members know the CPM by its address
+    cfg = C.load_config(home) if existed else C.CpmConfig()
+    home.mkdir(parents=True, exist_ok=True)
     if transfer_hash is not None:
         cfg.transfer_hash = transfer_hash.lower()
     if listen:
         cfg.listen = list(listen)
-    cfg.admins = list(admins)
+    if admins or not existed:
+        cfg.admins = list(admins)
+    if open_admission is not None:
+        cfg.open_admission = open_admission
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    if cfg.transfer_hash == C.default_transfer_hash() and cfg.transfer_size != 128:
+    if cfg.transfer_hash == C.default_transfer_hash() and cfg.transfer_size != C.DEFAULT_TRANSFER_SIZE:
         cfg.transfer_hash = C.default_transfer_hash(cfg.transfer_size)
     C.save_config(home, cfg)
     ident = C.load_identity(home) if C.identity_path(home).exists() else C.create_identity(home)
     Store(C.db_path(home)).close()
     click.echo(ident.peer_id)
+    if existed:
+        click.echo(f"rewrote {C.config_path(home)}; a running `knexa-cpm serve` reads it only at start: "
+                   "restart it", err=True)
 
 
 @cli.command()
@@ -200,11 +200,12 @@ def serve(home: Path, listen: tuple[str, ...], strategy: str | None, ready_file:
     parse_listen_addrs(cfg.listen)
     configure_logging(cfg.log_format)
     ident = C.load_identity(home)
-    store = Store(C.db_path(home))
-    try:
-        trio.run(_serve, cfg, ident, store, ready_file)
-    finally:
-        store.close()
+    with HomeLock(home, "knexa-cpm serve"):
+        store = Store(C.db_path(home))
+        try:
+            trio.run(_serve, cfg, ident, store, ready_file)
+        finally:
+            store.close()
 
 
 async def _serve(cfg: C.CpmConfig, ident: Any, store: Store, ready_file: Path | None) -> None:
@@ -308,7 +309,7 @@ def release(peer_id: str, home: Path, remote: str | None, key_file: Path | None,
 
 
 def _listing(what: str, home: Path, as_json: bool, remote: str | None, key_file: Path | None,
-             round_: int = -1) -> None:
+             round_: int = -1, wide: bool = False) -> None:
     from cpm.admin import from_wire_rows, query_rows
     from protocol.messages import AdminQuery
 
@@ -332,18 +333,30 @@ def _listing(what: str, home: Path, as_json: bool, remote: str | None, key_file:
         click.echo("(no quarantined teachers)" if what == "quarantine" else f"(no {what})")
         return
     cols = list(rows[0])
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    cells = [{c: _fmt(c, r[c], wide) for c in cols} for r in rows]
+    widths = {c: max(len(c), *(len(cell[c]) for cell in cells)) for c in cols}
     click.echo("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        click.echo("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
+    for cell in cells:
+        click.echo("  ".join(cell[c].ljust(widths[c]) for c in cols))
 
 
-def _fmt(v: Any) -> str:
+PEER_ID_PREFIX = "12D3KooW"  # Ed25519 peer IDs, 52 characters
+
+
+def _fmt(column: str, v: Any, wide: bool = False) -> str:
+    """A table cell for people: UTC times (``*_at``, ``last_seen``: epoch ms in the store
+    and in ``--json``) instead of milliseconds, peer IDs cut to
+    their first 12 and last 4 characters (``--wide`` and ``--json`` keep them whole)."""
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    if isinstance(v, int) and not isinstance(v, bool) and (column.endswith("_at") or column == "last_seen"):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v / 1000))
+    text = str(v)
+    if not wide and text.startswith(PEER_ID_PREFIX) and len(text) > 20:
+        return f"{text[:12]}…{text[-4:]}"
+    return text
 
 
 for _what, _doc in (("agents", "List agents and their admission state."),
@@ -355,10 +368,11 @@ for _what, _doc in (("agents", "List agents and their admission state."),
         @cli.command(name=what, help=doc)
         @_home_option
         @click.option("--json", "as_json", is_flag=True)
+        @_wide_option
         @_remote_options
         @handle_errors
-        def _cmd(home: Path, as_json: bool, remote: str | None, key_file: Path | None) -> None:
-            _listing(what, home, as_json, remote, key_file)
+        def _cmd(home: Path, as_json: bool, wide: bool, remote: str | None, key_file: Path | None) -> None:
+            _listing(what, home, as_json, remote, key_file, wide=wide)
 
     _make(_what, _doc)
 
@@ -367,11 +381,12 @@ for _what, _doc in (("agents", "List agents and their admission state."),
 @click.option("--round", "round_", type=int, default=-1, help="Only this round (default: all).")
 @_home_option
 @click.option("--json", "as_json", is_flag=True)
+@_wide_option
 @_remote_options
 @handle_errors
-def pairs(round_: int, home: Path, as_json: bool, remote: str | None, key_file: Path | None) -> None:
+def pairs(round_: int, home: Path, as_json: bool, wide: bool, remote: str | None, key_file: Path | None) -> None:
     """Directives (teacher → student, arm) with their feedback and reward."""
-    _listing("pairs", home, as_json, remote, key_file, round_)
+    _listing("pairs", home, as_json, remote, key_file, round_, wide=wide)
 
 
 @cli.command()
@@ -403,6 +418,20 @@ def export(fmt: str, out: Path, home: Path) -> None:
     click.echo(str(out))
 
 
+@cli.command(name="admin-key")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Key file to create (mode 0600; never overwritten).")
+@handle_errors
+def admin_key(out: Path) -> None:
+    """Create an operator key for --remote admin commands; prints its peer ID.
+
+    Allow it on the node with `knexa-cpm init --home H --force --admin <peer-id>` (then
+    restart `serve`), and use it as `--remote <cpm-addr> --key FILE`."""
+    from p2p.keyfile import create_identity
+
+    click.echo(create_identity(out).peer_id)  # refuses an existing file (exit 3)
+
+
 @cli.command(name="peer-id")
 @_home_option
 @handle_errors
@@ -418,7 +447,7 @@ cli.add_command(config_group)
 
 
 def main() -> None:
-    cli(prog_name="knexa-cpm")
+    run_cli(cli, "knexa-cpm")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.cli import main
+from harness.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

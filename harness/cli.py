@@ -30,6 +30,7 @@ from pathlib import Path
 import click
 
 from knexad.config import AGENT_BUDGETS as BUDGETS  # a light module: no torch, no libp2p
+from p2p.process import run_cli, version_option
 
 STRATEGIES = ("linucb", "random", "heuristic", "local-only", "central-kd", "oracle")
 TINY = ("tiny-qwen2", "tiny-gpt2", "tiny-neox", "tiny-bloom")
@@ -79,7 +80,8 @@ def _setup_logging(out: Path) -> None:
     from p2p.logs import configure_logging
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    fh = open(out / "logs" / "harness.log", "a", buffering=1, encoding="utf-8")  # noqa: SIM115 — process lifetime
+    # a new file per invocation: an earlier run's lines would read as this run's errors
+    fh = open(out / "logs" / "harness.log", "w", buffering=1, encoding="utf-8")  # noqa: SIM115 — process lifetime
     configure_logging(_LOG_FORMAT["value"], stream=fh)
 
 
@@ -154,6 +156,7 @@ def _config(**kw) -> object:
 @click.group(cls=HarnessGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-format", type=click.Choice(["json", "console"]), default="json", show_default=True,
               help="Format of OUT/logs/harness.log.")
+@version_option("knexa-harness")
 def main(log_format: str) -> None:
     """KNEXA local multi-node harness (real processes on 127.0.0.1)."""
     _LOG_FORMAT["value"] = log_format
@@ -233,5 +236,10 @@ def _finish(console, outcome, demo_agent: str | None = None) -> None:
     sys.exit(outcome.exit_code)
 
 
+def entry() -> None:
+    """The ``knexa-harness`` console script."""
+    run_cli(main, "knexa-harness")
+
+
 if __name__ == "__main__":
-    main()
+    entry()

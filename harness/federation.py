@@ -41,11 +41,13 @@ import structlog
 
 from harness import results as R
 from harness.procs import Child, ChildFailed, HarnessInterrupted, Supervisor, executable, parse_ready, tail
+from p2p.process import ExitCode
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_ML_MODELS = ("tiny-qwen2", "tiny-gpt2")  # the two families whose KD effect is measured (docs/agent.md)
-EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = 0, 1, 3, 4, 5
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = (
+    ExitCode.OK, ExitCode.RUNTIME, ExitCode.CONFIG, ExitCode.UNREACHABLE, ExitCode.UNAUTHORIZED)
 EXIT_SIGINT = 130
 POLL_S = 0.5
 
@@ -253,6 +255,10 @@ class Federation:
     def _bring_up(self, sup: Supervisor) -> None:
         cfg = self.cfg
         self._say(f"homes in {self.homes}; logs in {self.out / 'logs'}")
+        if cfg.agent == "ml":  # before the CPM: its round timer must not run meanwhile
+            from harness.bases import build_missing_bases
+
+            build_missing_bases([cfg.model_for(i) for i in range(cfg.nodes)], self._say, self.console, cfg.progress)
         thash = transfer_hash_for(cfg)
         sup.run("cpm-init", [*CPM, "init", "--home", str(self.cpm_home), "--strategy", cfg.strategy,
                              "--max-rounds", str(cfg.rounds), "--transfer-hash", thash, "--seed", str(cfg.seed),
@@ -452,7 +458,7 @@ class Federation:
 
 def collect_from_store(store: Any) -> dict[str, Any]:
     """Directives + feedback → PairRecords; profiles → pass@1 per round (vector[8])."""
-    from knexad.agent.profile import INDEX_MAP
+    from protocol.profile import INDEX_MAP
 
     p1 = INDEX_MAP["perf.pass@1"]
     feedback = {f.directive_id: f for f in store.list_feedback()}

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import structlog
 
+from p2p.process import ExitCode
+
 log = structlog.get_logger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -131,6 +133,9 @@ class Supervisor:
         self._stopped = False
         self._old_handlers: dict[int, object] = {}
         self._pids_lock = threading.Lock()
+        # a log is started afresh by its first process in this run and appended to by a
+        # restart of the same name: a failure's tail never shows an earlier run's lines
+        self._logs_started: set[Path] = set()
         self._write_pids()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -169,7 +174,8 @@ class Supervisor:
         it to the *thread* that forked, and ``preexec_fn`` is unsafe in worker threads."""
         if self._stopping:
             raise HarnessInterrupted(signal.SIGTERM)
-        logf = open(log_path, "ab")
+        logf = open(log_path, "ab" if log_path in self._logs_started else "wb")
+        self._logs_started.add(log_path)
         try:
             logf.write(f"# {time.strftime('%H:%M:%S')} $ {' '.join(argv)}\n".encode())
             logf.flush()
@@ -444,7 +450,7 @@ def run_pack(homes: Sequence[Path], ready_file: Path) -> int:
                                   out=open(os.devnull, "w"), handle_signals=False))  # noqa: SIM115
     except ConfigError as exc:
         log.error("harness.pack.config_error", key=exc.key, error=str(exc))
-        return 3  # EXIT_CONFIG
+        return ExitCode.CONFIG
 
     finished = 0
 

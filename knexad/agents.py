@@ -88,11 +88,18 @@ class AgentWorker:
         self.agent = agent
         self._lock = trio.Lock()
         self._thread_lock = threading.Lock()
+        # the call that holds the agent's thread now (it may outlive a cancelled caller:
+        # a worker thread cannot be interrupted), so shutdown can say what it waits for
+        self.running: str | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any, timeout_s: float, what: str) -> T:
         def run() -> T:
             with self._thread_lock:
-                return fn(*args)
+                self.running = what
+                try:
+                    return fn(*args)
+                finally:
+                    self.running = None
 
         start = time.perf_counter()
         async with self._lock:

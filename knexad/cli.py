@@ -31,9 +31,8 @@ from knexad.config import (
 )
 from knexad.identity import create_identity, load_identity
 from knexad.state import pid_alive, read_state
+from p2p.process import AlreadyRunning, ExitCode, HomeLock, run_cli, version_option
 from protocol.errors import ConfigError
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = 0, 1, 2, 3, 4, 5
 
 log = structlog.get_logger(__name__)
 
@@ -47,10 +46,11 @@ home_option = click.option(
 
 def _config_error(exc: ConfigError) -> None:
     click.echo(f"config error: {exc}", err=True)
-    sys.exit(EXIT_CONFIG)
+    sys.exit(ExitCode.CONFIG)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("knexad")
 def main() -> None:
     """KNEXA daemon: one organisation's agent on the federation."""
 
@@ -71,10 +71,9 @@ def main() -> None:
 def init(home: Path, cpm: str, model: str, data: str, org: str, listen: tuple[str, ...],
          agent_index: int, n_agents: int, seed: int, budget: str, force: bool) -> None:
     """Write config.toml and a fresh identity key (mode 0600) into HOME."""
-    home.mkdir(parents=True, exist_ok=True)
     if (home / CONFIG_FILE).exists() and not force:
         click.echo(f"config error: {home / CONFIG_FILE} exists (use --force to overwrite)", err=True)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(ExitCode.CONFIG)
     defaults = DaemonConfig(cpm=cpm)
     raw = {
         "cpm": cpm,
@@ -84,7 +83,8 @@ def init(home: Path, cpm: str, model: str, data: str, org: str, listen: tuple[st
                   "budget": budget},
     }
     try:
-        cfg = from_mapping(raw)
+        cfg = from_mapping(raw)  # validated before anything is written: a refused init leaves no home
+        home.mkdir(parents=True, exist_ok=True)
         key_path = home / KEY_FILE
         identity = load_identity(key_path) if key_path.exists() else create_identity(key_path)
     except ConfigError as exc:
@@ -128,12 +128,17 @@ def run(home: Path, ready_file: Path | None, log_format: str | None, log_level: 
         cfg = dataclasses.replace(cfg, metrics_port=metrics_port)
     configure_logging(log_format or cfg.log_format, log_level)
     try:
-        code = _run_daemon(home, cfg, identity, ready_file)
+        with HomeLock(home, "knexad run"):
+            code = _run_daemon(home, cfg, identity, ready_file)
+    except AlreadyRunning as exc:
+        log.error("daemon.already_running", error=str(exc))
+        click.echo(f"knexad: error: {exc}", err=True)
+        code = ExitCode.RUNTIME
     except (KeyboardInterrupt, BaseExceptionGroup) as exc:  # SIGINT before the signal watcher
         if not _only_interrupts(exc):
             raise
         log.info("daemon.interrupted")
-        code = EXIT_OK
+        code = ExitCode.OK
     sys.exit(code)
 
 
@@ -153,10 +158,10 @@ def _run_daemon(home: Path, cfg: DaemonConfig, identity, ready_file: Path | None
         agent = build_agent(cfg)
     except ConfigError as exc:
         log.error("daemon.config_error", key=exc.key, error=str(exc))
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except (ImportError, ValueError, OSError) as exc:
         log.error("agent.build_failed", model=cfg.agent.model, error=f"{type(exc).__name__}: {exc}")
-        return EXIT_CONFIG if isinstance(exc, (ValueError, ImportError)) else EXIT_RUNTIME
+        return ExitCode.CONFIG if isinstance(exc, (ValueError, ImportError)) else ExitCode.RUNTIME
     daemon = Daemon(home, cfg, identity, agent, ready_file=ready_file)
     return trio.run(daemon.run)
 
@@ -177,7 +182,7 @@ def status(home: Path, as_json: bool) -> None:
             click.echo(json.dumps({"status": "never_run", "cpm": cfg.cpm}))
         else:
             click.echo(f"no state in {home}: the daemon has never run here")
-        sys.exit(EXIT_RUNTIME)
+        sys.exit(ExitCode.RUNTIME)
     data = state.to_json()
     alive = pid_alive(state.pid)
     if data["status"] != "stopped" and not alive:
@@ -194,11 +199,17 @@ def status(home: Path, as_json: bool) -> None:
     click.echo(f"taught    {data['taught']}  learned {data['learned']}  outbox {data['outbox_size']}")
     if data["last_feedback"]:
         fb = data["last_feedback"]
-        click.echo(f"feedback  {fb.get('directive')} ok={fb.get('ok')} loss {fb.get('loss_pre')} → {fb.get('loss_post')} {fb.get('failure', '')}")
+        click.echo(f"feedback  {fb.get('directive')} ok={fb.get('ok')} loss {_num(fb.get('loss_pre'))} → "
+                   f"{_num(fb.get('loss_post'))} {fb.get('failure', '')}")
     for peer, stats in sorted(data["peers"].items()):
         click.echo(f"peer      {peer} in={stats['bytes_in']} out={stats['bytes_out']} exchanges={stats['exchanges']}")
     if data["last_error"]:
         click.echo(f"error     {data['last_error']}")
+
+
+def _num(value: object) -> str:
+    """Losses for people (``--json`` keeps the exact values)."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 from knexad.doctor import config_group, doctor_command  # noqa: E402 — diagnostics (docs/operations.md)
@@ -206,5 +217,10 @@ from knexad.doctor import config_group, doctor_command  # noqa: E402 — diagnos
 main.add_command(doctor_command)
 main.add_command(config_group)
 
+def entry() -> None:
+    """The ``knexad`` console script."""
+    run_cli(main, "knexad")
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -30,6 +30,7 @@ from knexad.cpm_client import CpmClient, CpmRpc, FeedbackSender
 from knexad.exchange import ExchangeServer, UsedDirectives
 from knexad.outbox import Outbox
 from knexad.student import Student
+from p2p.process import first_leaf
 from knexad.state import DaemonState, StateFile
 from protocol.envelope import Identity
 from protocol.errors import ConfigError, KnexaError
@@ -119,20 +120,25 @@ class Daemon:
     async def _main(self) -> None:
         try:
             await self._serve()
-        except ConfigError as exc:
-            log.error("daemon.config_error", key=exc.key, error=str(exc))
-            self.stop(3)
-        except KnexaError as exc:
-            log.error("daemon.failed", error=exc.code, message=str(exc))
-            self.stop(1)
-        except OSError as exc:
-            log.error("daemon.failed", error="os_error", message=str(exc))
-            self.stop(1)
+        except (KnexaError, OSError, ExceptionGroup) as group:
+            # libp2p's nurseries wrap what our code raised inside the host's context
+            exc = first_leaf(group)
+            if isinstance(exc, ConfigError):
+                log.error("daemon.config_error", key=exc.key, error=str(exc))
+                self.stop(3)
+            elif isinstance(exc, KnexaError):
+                log.error("daemon.failed", error=exc.code, message=str(exc))
+                self.stop(1)
+            elif isinstance(exc, OSError):
+                log.error("daemon.failed", error="os_error", message=str(exc))
+                self.stop(1)
+            else:
+                raise
         finally:
             self.stop(self.exit_code)
 
     async def _serve(self) -> None:
-        from p2p.host import build_host, full_addrs, parse_listen_addrs
+        from p2p.host import build_host, listening_addrs, parse_listen_addrs
 
         cfg = self.cfg
         listen = parse_listen_addrs(cfg.listen)
@@ -152,7 +158,7 @@ class Daemon:
                 transfer_hash=transfer_hash, private_texts=private, guard=self.guard,
             )
             host.set_stream_handler(EXCHANGE_PROTOCOL, self.server.handle)
-            addrs = full_addrs(host)
+            addrs = listening_addrs(host, cfg.listen)
             self.state.update(status="running", addrs=addrs)
             self.rpc = CpmRpc(host, self.identity, cfg, self.guard)
             self.feedback = FeedbackSender(self.rpc, self.outbox, cfg, self.state)
@@ -177,6 +183,10 @@ class Daemon:
                 self.ready.set()
 
     async def _shutdown(self) -> None:
+        if self.worker.running is not None:
+            # the agent's thread cannot be interrupted: say why the exit takes a while
+            log.info("daemon.stopping", waiting_for=f"agent.{self.worker.running}", then="agent.save",
+                     limit_s=SHUTDOWN_SAVE_S)
         with trio.move_on_after(SHUTDOWN_SAVE_S) as scope:
             try:
                 await self.worker.call(

@@ -115,26 +115,40 @@ def check_cpm_address(cfg: DaemonConfig) -> K.Check:
 
 
 def agent_facts(cfg: DaemonConfig) -> tuple[str, str | None]:
-    """(family sent in Register, transfer-set hash or None when computing it needs torch
-    and the model). Synthetic agents are cheap to build, so their hash is exact."""
+    """(family sent in Register, transfer-set hash). Both hashes are exact and need no
+    torch: the synthetic world is cheap to build, and an ML agent's transfer set is drawn
+    from the built-in task set by (n_agents, seed) alone (``tasks.partition_for``). None
+    only when the agent's data is not the built-in set."""
     model = cfg.agent.model
     if model == "synthetic":
         from knexad.agents import build_agent
 
         agent = build_agent(cfg)
         return agent.family, agent.transfer_set_hash()
+    return _ml_family(model), _ml_transfer_hash(cfg)
+
+
+def _ml_transfer_hash(cfg: DaemonConfig) -> str | None:
+    if cfg.agent.data != "builtin":
+        return None
+    from knexad.agent import tasks  # numpy only
+
+    return tasks.partition_for(cfg.agent.n_agents, tasks.BUILTIN_ALPHA, cfg.agent.seed).transfer_set_hash()
+
+
+def _ml_family(model: str) -> str:
     if model in TINY_MODELS:
-        return model, None
+        return model
     if model in ("smollm2", "smollm2-135m-instruct"):
-        return "llama", None
+        return "llama"
     cfg_json = Path(model).expanduser() / "config.json"
     try:
         model_type = json.loads(cfg_json.read_text()).get("model_type", "")
     except (OSError, ValueError):
-        return "other", None
+        return "other"
     from knexad.agent.zoo import family_of  # torch: an ML agent needs it anyway
 
-    return family_of(model_type), None
+    return family_of(model_type)
 
 
 # --- the CPM, over the network --------------------------------------------------------
@@ -244,7 +258,8 @@ def _unchecked_transfer(ours: str | None, why: str) -> K.Check:
     """Without a Registered answer the hash cannot be compared, but the operator still
     needs it (the CPM's ``transfer_hash`` must equal it)."""
     if ours is None:
-        return K.skip("transfer set", f"{why}; the ML agent computes its hash at start (log cpm.transfer_hash_mismatch)")
+        return K.skip("transfer set", f"{why}; this agent's data is not the built-in set: its hash is known at start "
+                      "(log cpm.transfer_hash_mismatch)")
     return K.skip("transfer set", f"{why}; this agent's hash is {ours}")
 
 
@@ -280,7 +295,8 @@ def _skew_check(cpm_ms: int, sent_ms: int, recv_ms: int) -> K.Check:
 
 def _transfer_check(cpm_hash: str, ours: str | None) -> K.Check:
     if ours is None:
-        return K.skip("transfer set", f"CPM uses {cpm_hash[:16]}…; this agent's hash needs the model (checked at start)")
+        return K.skip("transfer set", f"CPM uses {cpm_hash[:16]}…; this agent's data is not the built-in set "
+                      "(checked at start)")
     if cpm_hash and cpm_hash != ours:
         return K.fail("transfer set", f"CPM uses {cpm_hash[:16]}…, this agent {ours[:16]}…",
                       f"the CPM operator sets transfer_hash = \"{ours}\" in its config.toml (or every daemon "
@@ -299,7 +315,8 @@ def check_accelerator(needed: bool, name: str = "accelerator") -> K.Check:
         return K.skip(name, "not needed by this agent (no torch)")
     if importlib.util.find_spec("torch") is None:
         return K.fail(name, "torch is not installed but the configured model needs it",
-                      "pip install torch (CPU or CUDA build), or use agent.model = \"synthetic\"", K.EXIT_CONFIG)
+                      "pip install 'knexa[ml]' (it pins torch==2.13.0; for a CUDA build install that torch "
+                      "version from the PyTorch index first), or use agent.model = \"synthetic\"", K.EXIT_CONFIG)
     from knexad.agent.zoo import accelerator_summary
 
     return K.ok(name, accelerator_summary())
@@ -438,8 +455,7 @@ def config_show(home: Path, as_json: bool) -> None:
         click.echo(f"config error: {exc}", err=True)
         sys.exit(K.EXIT_CONFIG)
     applied, unknown = env_overrides(env)
-    # the CPM's transfer_hash must equal the agent's; cheap to compute for synthetic agents only
-    thash = agent_facts(cfg)[1] if cfg.agent.model == "synthetic" else None
+    thash = agent_facts(cfg)[1]  # the CPM's transfer_hash must equal it
     if as_json:
         data = asdict(cfg)
         data["listen"] = list(cfg.listen)

@@ -23,8 +23,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from p2p.process import ExitCode
+
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
-EXIT_RUNTIME, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = 1, 3, 4, 5
+EXIT_RUNTIME, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_UNAUTHORIZED = (
+    ExitCode.RUNTIME, ExitCode.CONFIG, ExitCode.UNREACHABLE, ExitCode.UNAUTHORIZED)
 GIB = 1024**3
 MIB = 1024**2
 

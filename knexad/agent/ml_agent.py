@@ -27,6 +27,7 @@ import structlog
 import torch
 
 from knexad.agent import checkpoint, distill, profile, tasks, zoo
+from knexad.agent.tasks import DataConfig
 from knexad.agent_api import (KnowledgeItem, KnowledgePackage, LearnResult, ProtocolArm,
                               TeachRequest)
 
@@ -66,17 +67,6 @@ def steps_for_budget(name: str) -> StepsConfig:
         raise ValueError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class DataConfig:
-    """Sizes of the splits; ``owned`` replaces the Dirichlet draw (controlled runs)."""
-
-    n_train: int = 240
-    n_val_per_cat: int = 4
-    n_test_per_cat: int = 10
-    n_transfer: int = 128
-    owned: tuple[tuple[int, ...], ...] | None = None
-
-
 def _family_name(spec: str) -> str:
     """Family label known before loading: the tiny name, or the directory's model_type."""
     if spec in zoo.TINY_RECIPES:
@@ -104,7 +94,7 @@ class MLAgent:
     """Frozen base + LoRA agent over the built-in task set (see module docstring)."""
 
     def __init__(self, model: str = "tiny-qwen2", agent_index: int = 0, n_agents: int = 1,
-                 alpha: float = 0.1, seed: int = 0, steps: StepsConfig | None = None,
+                 alpha: float = tasks.BUILTIN_ALPHA, seed: int = 0, steps: StepsConfig | None = None,
                  data: DataConfig | None = None, device: torch.device | None = None) -> None:
         if not 0 <= agent_index < n_agents:
             raise ValueError(f"agent_index {agent_index} outside 0..{n_agents - 1}")
@@ -115,10 +105,7 @@ class MLAgent:
         self.steps = steps or StepsConfig()
         self.data = data or DataConfig()
         self._device = device
-        part = tasks.partition(n_agents, alpha, seed, n_train=self.data.n_train,
-                               n_val_per_cat=self.data.n_val_per_cat,
-                               n_test_per_cat=self.data.n_test_per_cat,
-                               n_transfer=self.data.n_transfer, owned=self.data.owned)
+        part = tasks.partition_for(n_agents, alpha, seed, self.data)
         self.split = part.agents[agent_index]
         self.transfer = part.transfer
         self._transfer_hash = part.transfer_set_hash()

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-N_CATEGORIES = 12
+from protocol.profile import N_CATEGORIES
 
 CATEGORY_NAMES: tuple[str, ...] = (
     "math", "lists", "slicing", "compare", "filter", "aggregate",
@@ -327,6 +327,27 @@ def _alloc(total: int, props: np.ndarray) -> np.ndarray:
     order = np.argsort(-(raw - counts), kind="stable")
     counts[order[:rest]] += 1
     return counts
+
+
+BUILTIN_ALPHA = 0.1  # Dirichlet concentration of a daemon's private split (design §5: non-IID)
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """Sizes of the splits; ``owned`` replaces the Dirichlet draw (controlled runs)."""
+
+    n_train: int = 240
+    n_val_per_cat: int = 4
+    n_test_per_cat: int = 10
+    n_transfer: int = 128
+    owned: tuple[tuple[int, ...], ...] | None = None
+
+
+def partition_for(n_agents: int, alpha: float, seed: int, data: DataConfig = DataConfig()) -> Partition:
+    """``partition`` with the sizes of ``data``: how an ML agent draws its world, and how
+    ``knexad config show`` / ``doctor`` compute its transfer-set hash without torch."""
+    return partition(n_agents, alpha, seed, n_train=data.n_train, n_val_per_cat=data.n_val_per_cat,
+                     n_test_per_cat=data.n_test_per_cat, n_transfer=data.n_transfer, owned=data.owned)
 
 
 def partition(n_agents: int, alpha: float = 0.1, seed: int = 0, *, n_train: int = 240,

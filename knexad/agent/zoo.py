@@ -26,6 +26,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def tiny_config(family: str, vocab_size: int, eos_id: int):
     raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
 
 
-def pretrain_base(model, tokenizer, recipe: TinyRecipe, device: torch.device) -> list[float]:
+def pretrain_base(model, tokenizer, recipe: TinyRecipe, device: torch.device,
+                  progress: Callable[[int, int], None] | None = None) -> list[float]:
     """Generic base pre-training (full parameters, before LoRA exists).
 
     Corpus: prompts of random categories paired with the body of *another* category of
@@ -237,6 +239,8 @@ def pretrain_base(model, tokenizer, recipe: TinyRecipe, device: torch.device) ->
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, recipe.pretrain_steps)
     return losses
 
 
@@ -264,8 +268,12 @@ def tiny_base_path(family: str) -> Path:
     return cache_root() / "models" / f"{family}-{_recipe_hash(recipe)}"
 
 
-def ensure_tiny_base(family: str) -> Path:
-    """Path of the cached, pre-trained tiny base of ``family`` (built on first use)."""
+def ensure_tiny_base(family: str, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Path of the cached, pre-trained tiny base of ``family`` (built on first use).
+
+    ``progress(step, total)`` is called per pre-training step of a build; every build
+    also logs ``agent.zoo.base_building`` and ten ``agent.zoo.base_progress`` lines, so a
+    daemon's first start says what it is doing for the minute or two it takes."""
     if family not in TINY_RECIPES:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     recipe = TINY_RECIPES[family]
@@ -275,12 +283,23 @@ def ensure_tiny_base(family: str) -> Path:
         from transformers import AutoModelForCausalLM
 
         configure_cpu_threads(family, torch.device("cpu"))
+        log.info("agent.zoo.base_building", family=family, steps=recipe.pretrain_steps, path=str(final),
+                 note="one time per machine; later starts load it from the cache")
         t0 = time.perf_counter()
         tok = train_tokenizer(recipe)
         torch.manual_seed(recipe.seed)
         config = tiny_config(family, len(tok), int(tok.eos_token_id))
         model = AutoModelForCausalLM.from_config(config)
-        losses = pretrain_base(model, tok, recipe, torch.device("cpu"))
+        tenth = max(recipe.pretrain_steps // 10, 1)
+
+        def report(step: int, total: int) -> None:
+            if step % tenth == 0 or step == total:
+                log.info("agent.zoo.base_progress", family=family, step=step, total=total,
+                         elapsed_s=round(time.perf_counter() - t0, 1))
+            if progress is not None:
+                progress(step, total)
+
+        losses = pretrain_base(model, tok, recipe, torch.device("cpu"), progress=report)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         info = {"recipe": asdict(recipe),

@@ -179,6 +179,19 @@ def test_supervisor_reports_a_child_that_dies_before_ready(tmp_path) -> None:
     assert "boom" in info.value.log_tail
 
 
+def test_a_failure_tail_shows_only_this_runs_lines(tmp_path) -> None:
+    """Logs are per run (a restart of the same child appends within the run)."""
+    fail = [sys.executable, "-c", "import sys; print(sys.argv[1], file=sys.stderr); sys.exit(3)"]
+    with Supervisor(tmp_path, grace_s=1.0) as sup:
+        sup.run("cpm-admin", [*fail, "first-run"], check=False)
+    with Supervisor(tmp_path, grace_s=1.0) as sup:
+        sup.run("cpm-admin", [*fail, "second-run-a"], check=False)
+        with pytest.raises(ChildFailed) as info:
+            sup.run("cpm-admin", [*fail, "second-run-b"])
+    assert "first-run" not in info.value.log_tail
+    assert "second-run-a" in info.value.log_tail and "second-run-b" in info.value.log_tail
+
+
 @pytest.mark.parametrize(
     "args",
     [

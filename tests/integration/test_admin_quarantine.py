@@ -6,7 +6,7 @@ real process against it, and locally (``--offline``) through CliRunner."""
 from __future__ import annotations
 
 import json
-import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -71,12 +71,16 @@ async def _cli(*args: str) -> trio.Process:
 
 
 async def test_operator_lists_and_releases_a_quarantined_teacher(tmp_path: Path) -> None:
-    a, b, admin, outsider = (Identity.generate() for _ in range(4))
+    a, b, outsider = (Identity.generate() for _ in range(3))
     bad, good = a.peer_id, b.peer_id
+    # the operator's key, made the documented way (docs/operations.md §11)
     key = tmp_path / "admin.key"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, admin.seed)
-    os.close(fd)
+    made = CliRunner().invoke(cli, ["admin-key", "--out", str(key)])
+    assert made.exit_code == 0, made.output
+    admin = Identity(key.read_bytes())
+    assert made.output.strip() == admin.peer_id and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert CliRunner().invoke(cli, ["admin-key", "--out", str(key)]).exit_code == 3  # never overwritten
+    assert key.read_bytes() == admin.seed
     # ~20 rounds × 5 requests per agent in a few seconds: over the 10/s (burst 50) per-peer
     # limit, which is not under test here
     async with running_cpm(tmp_path, admins=[admin.peer_id], rate_limit_per_s=0.0) as (svc, info), \

@@ -346,3 +346,32 @@ def test_running_daemon_holds_its_port_and_stale_outbox_warns(tmp_path: Path) ->
     assert lines_of(dead, "daemon")[0].split()[0] == "WARN"
     assert lines_of(dead, "outbox")[0].split()[0] == "WARN" and "1 feedback" in lines_of(dead, "outbox")[0]
     assert "FAIL" in lines_of(dead, "listen")[0]  # nobody we know holds the port now
+
+
+# --- ML members: the transfer-set hash is known before the model is built --------------
+
+
+def test_config_show_prints_the_ml_agents_own_transfer_hash(tmp_path: Path) -> None:
+    """An operator onboarding an ML member learns the hash the CPM must pin from
+    `config show` — before, only `knexad run` failing with exit 3 told it."""
+    pytest.importorskip("torch", reason="the ML agent (compared against) needs the [ml] extra")
+    from knexad.agent.ml_agent import MLAgent
+
+    home = tmp_path / "d"
+    make_home(home, f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{FAKE_CPM_ID}",
+              agent={"model": "tiny-gpt2", "n_agents": 4, "index": 2, "seed": 7})
+    expected = MLAgent("tiny-gpt2", agent_index=2, n_agents=4, seed=7).transfer_set_hash()  # lazy: no model load
+    doc = json.loads(invoke(config_group, ["show", "--home", str(home), "--json"]).output)
+    assert doc["transfer_hash"] == expected
+    assert f"# agent transfer-set hash: {expected}" in invoke(config_group, ["show", "--home", str(home)]).output
+    assert expected != synthetic_hash(doc["config"]["cpm"])
+
+
+async def test_ml_member_with_another_transfer_set_fails_the_doctor(tmp_path: Path) -> None:
+    async with running_cpm(tmp_path) as (service, store, addr):  # the CPM pins the synthetic set
+        ident = make_home(tmp_path / "d", addr, agent={"model": "tiny-qwen2"})
+        service.config.transfer_hash = synthetic_hash(addr)
+        store.admit(ident.peer_id, "acme", now_ms())
+        result = await doctor_in_thread(tmp_path / "d")
+    assert result.exit_code == 3, result.output
+    assert "FAIL" in lines_of(result, "transfer set")[0]
