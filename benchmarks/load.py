@@ -67,11 +67,11 @@ async def _agent(i: int, n: int, cpm_addr: str, rounds: int, out: dict[str, Any]
     host = build_host(ident.seed, dial_timeout_s=30)
     th = agent.transfer_set_hash()
 
-    async def call(msg: Any, allowed: tuple[type, ...], timeout_s: float | None = None) -> Any:
+    async def call(msg: Any, timeout_s: float | None = None) -> Any:
         failures = 0
         while True:
             try:
-                return await rpc.call(msg, allowed, timeout_s)
+                return await rpc.call(msg, timeout_s)
             except PeerUnavailable as exc:
                 out["retries"] += 1
                 failures += 1
@@ -107,14 +107,13 @@ async def _rounds(ident: Any, agent: Any, rpc: Any, cfg: Any, th: str, rounds: i
     from knexad.synthetic import package_kb
     from protocol.directives import verify_directive
     from protocol.envelope import now_ms
-    from protocol.messages import (Ack, Directive, DirectiveRequest, Feedback, NoDirective, PeerAddrs,
-                                   PeerLookup, Profile, Register, Registered)
+    from protocol.messages import Directive, DirectiveRequest, Feedback, NoDirective, PeerLookup, Profile, Register
 
     register = Register(f"org-{ident.peer_id[-6:]}", agent.family, ("/ip4/127.0.0.1/tcp/9",), "load/0.1")
-    reply = await call(register, (Registered,))
+    reply = await call(register)
     r = reply.message.round
     while r <= rounds:
-        reply = await call(Profile(r, tuple(agent.profile()), th), (Ack, NoDirective))
+        reply = await call(Profile(r, tuple(agent.profile()), th))
         if isinstance(reply.message, NoDirective):
             nd = reply.message
             if nd.reason == "finished":
@@ -126,13 +125,13 @@ async def _rounds(ident: Any, agent: Any, rpc: Any, cfg: Any, th: str, rounds: i
             continue
         out["profiles"] += 1
         while True:
-            reply = await call(DirectiveRequest(r, 30_000), (Directive, NoDirective), timeout_s=60)
+            reply = await call(DirectiveRequest(r, 30_000), timeout_s=60)
             msg = reply.message
             if isinstance(msg, Directive):
                 _, d = verify_directive(reply.raw, cpm_peer_id=cfg.cpm_peer_id, now_ms=now_ms())
                 out["directives"] += 1
                 if d.student == ident.peer_id:
-                    addrs = await call(PeerLookup(d.teacher), (PeerAddrs,))
+                    addrs = await call(PeerLookup(d.teacher))
                     assert addrs.message.peer_id == d.teacher
                     arm = ProtocolArm(d.alpha, d.temperature, d.n_samples)
                     teacher = population[index_of[d.teacher]]
@@ -140,7 +139,7 @@ async def _rounds(ident: Any, agent: Any, rpc: Any, cfg: Any, th: str, rounds: i
                     res = agent.learn(pkg, arm)
                     fb = Feedback(d.directive_id, d.round, d.teacher, d.student, max(res.loss_pre, 0.0),
                                   max(res.loss_post, 0.0), package_kb(pkg), True, "")
-                    await call(fb, (Ack,))
+                    await call(fb)
                     out["acked"].append(d.directive_id)
                 r = d.round + 1
                 break

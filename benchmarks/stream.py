@@ -40,7 +40,8 @@ import multiaddr
 import trio
 from libp2p.stream_muxer.yamux import yamux
 
-from knexad.exchange import receive_knowledge, send_knowledge
+from knexad.exchange import send_knowledge
+from knexad.student import receive_knowledge
 from p2p.host import build_host, full_addrs, parse_peer_addr
 from p2p.streams import FramedStream
 from protocol import E2EBox, FrameDecoder, Identity, ReplayGuard, open_envelope

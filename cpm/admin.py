@@ -26,6 +26,7 @@ import trio
 from cpm.config import CpmConfig, validate_peer_id
 from cpm.reputation import TeacherRecord, reputation_from_saved
 from cpm.store import Store
+from protocol.conversation import REQUESTS, open_reply
 from protocol.envelope import Identity, now_ms, open_envelope, seal
 from protocol.errors import (
     ConfigError,
@@ -35,7 +36,6 @@ from protocol.errors import (
     NotQuarantined,
     PeerUnavailable,
     Unauthorized,
-    error_from_code,
 )
 from protocol.ids import ADMIN_PROTOCOL, MAX_FRAME_ADMIN
 from protocol.messages import Ack, AdminAdmit, AdminQuery, AdminRelease, AdminResult, AdminRevoke, Error
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 QUERIES = ("agents", "rounds", "pairs", "stats", "quarantine")
-ADMIN_REQUESTS = (AdminAdmit, AdminRevoke, AdminRelease, AdminQuery)
+ADMIN_REQUESTS = REQUESTS[ADMIN_PROTOCOL]
 
 
 # --- listings ---------------------------------------------------------------------------
@@ -273,39 +273,14 @@ async def call(
 ) -> tuple[Any, Any]:
     """One request/response on a fresh stream; returns (envelope, message).
 
-    A remote ``Error`` frame is raised as its typed error (``error_from_code``); a
-    dial or stream failure is ``PeerUnavailable``. The response must be signed by the
-    peer we dialled (Noise-authenticated), so it cannot be forged by a middlebox.
-    """
-    from p2p.streams import FramedStream
+    A remote ``Error`` frame is raised as its typed error; a dial or stream failure is
+    ``PeerUnavailable``. The response must be signed by the peer we dialled
+    (Noise-authenticated), so it cannot be forged by a middlebox."""
+    from p2p.rpc import request_reply
 
-    remote = peer_info.peer_id.to_base58()
-    try:
-        with trio.fail_after(timeout_s):
-            await host.connect(peer_info)
-            stream = await host.new_stream(peer_info.peer_id, [protocol_id])
-    except trio.TooSlowError:
-        raise PeerUnavailable(f"timed out dialling {remote}") from None
-    except KnexaError:
-        raise
-    except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
-        raise PeerUnavailable(f"cannot reach {remote}: {type(exc).__name__}: {exc}") from None
-    framed = FramedStream(stream, max_frame)
-    try:
-        with trio.fail_after(timeout_s):
-            await framed.write_frame(seal(message, identity))
-            frame = await framed.read_frame()
-    except trio.TooSlowError:
-        await framed.reset()
-        raise PeerUnavailable(f"{remote} did not answer in {timeout_s} s") from None
-    finally:
-        await framed.close()
-    if frame is None:
-        raise PeerUnavailable(f"{remote} closed the stream without an answer")
-    env, resp = open_envelope(frame, expected_sender=remote)
-    if isinstance(resp, Error):
-        raise error_from_code(resp.code, resp.message)
-    return env, resp
+    raw = await request_reply(host, peer_info, protocol_id, seal(message, identity), max_frame=max_frame,
+                              dial_s=timeout_s, timeout_s=timeout_s, what=type(message).__name__)
+    return open_reply(raw, message, expected_sender=peer_info.peer_id.to_base58())
 
 
 async def remote_admin(addr: str, identity: Identity, message: Any, *, timeout_s: float = 10.0) -> Any:

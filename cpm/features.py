@@ -191,12 +191,9 @@ def pair_context(p_t: np.ndarray, p_s: np.ndarray, arm: int, n_arms: int = DEFAU
     return batch_context(P, np.array([0]), np.array([1]), np.array([arm]), n_arms)[0]
 
 
-def concat_context(p_t: np.ndarray, p_s: np.ndarray) -> np.ndarray:
-    """The paper's context [p_t, p_s, 1] — kept to demonstrate why it is not enough."""
-    return np.concatenate([np.asarray(p_t, dtype=float), np.asarray(p_s, dtype=float), [1.0]])
-
-
 def batch_concat_context(profiles: np.ndarray, t_idx: np.ndarray, s_idx: np.ndarray) -> np.ndarray:
+    """The paper's context [p_t, p_s, 1] per pair — kept to show why it is not enough
+    (tests/unit/test_features.py): it cannot rank one teacher's students."""
     P = np.asarray(profiles, dtype=float)
     M = len(t_idx)
     return np.hstack([P[np.asarray(t_idx)], P[np.asarray(s_idx)], np.ones((M, 1))])

@@ -51,6 +51,7 @@ from cpm.store import Store
 from p2p.host import build_host, listening_addrs, parse_listen_addrs
 from p2p.ratelimit import PeerRateLimiter
 from p2p.streams import FramedStream, serving
+from protocol.conversation import REQUESTS
 from protocol.envelope import Identity, now_ms, open_envelope, seal
 from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, RateLimited, Unauthorized
 from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, MAX_FRAME_CPM
@@ -68,7 +69,7 @@ from protocol.replay import ReplayGuard
 
 log = structlog.get_logger(__name__)
 
-CPM_REQUESTS = (Register, Profile, DirectiveRequest, PeerLookup, Feedback)
+CPM_REQUESTS = REQUESTS[CPM_PROTOCOL]
 RECHECK_S = 1.0  # the ticker re-reads the DB at least this often (admin CLI changes)
 # one connection per agent; py-libp2p's default cap is 256 inbound (docs/reliability.md)
 MAX_INBOUND_CONNECTIONS = 10_000

@@ -24,16 +24,17 @@ from typing import Any
 
 import structlog
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost
 from libp2p.peer.peerinfo import PeerInfo
 
 from knexad.config import DaemonConfig
 from knexad.outbox import Outbox
 from knexad.state import StateFile
 from p2p.host import parse_peer_addr
-from p2p.streams import NET_ERRORS, FramedStream, stream_failures
+from p2p.rpc import request_reply
+from protocol.conversation import open_reply
 from protocol.directives import verify_directive
-from protocol.envelope import Envelope, Identity, NONCE_BYTES, now_ms, open_envelope, seal
+from protocol.envelope import Envelope, Identity, NONCE_BYTES, now_ms, seal
 from protocol.errors import (
     ConfigError,
     KnexaError,
@@ -41,14 +42,12 @@ from protocol.errors import (
     PeerUnavailable,
     ProtocolError,
     Unauthorized,
-    error_from_code,
 )
 from protocol.ids import CPM_PROTOCOL, MAX_FRAME_CPM
 from protocol.messages import (
     Ack,
     Directive,
     DirectiveRequest,
-    Error,
     Feedback,
     NoDirective,
     PeerAddrs,
@@ -64,42 +63,8 @@ log = structlog.get_logger(__name__)
 AGENT_VERSION = "knexad/0.1.0"
 
 
-class NotAdmitted(Unauthorized):
-    """The CPM refused us (not admitted / revoked) and policy says exit (code 5)."""
-
-
 class TransferSetMismatch(ConfigError):
     """The CPM's transfer set is not this agent's: nothing can be exchanged (code 3)."""
-
-
-class CpmUnreachable(PeerUnavailable):
-    """The CPM stayed unreachable longer than ``timeouts.give_up_s`` (code 4)."""
-
-
-async def open_stream(host: IHost, info: PeerInfo, protocol: str, dial_s: float) -> INetStream:
-    """Connect (if needed) and open a stream, under one deadline; failures → PeerUnavailable."""
-    peer = info.peer_id.to_base58()
-    # py-libp2p refuses to dial a peer for 60 s after all its addresses failed (a
-    # "negative cache"); our own backoff paces retries, and a restarted CPM must be
-    # reachable on the next attempt, not a minute later
-    unblock = getattr(host.get_network(), "unblock_peer", None)
-    if unblock is not None:
-        unblock(info.peer_id)
-    try:
-        with trio.fail_after(dial_s):
-            await host.connect(info)
-            return await host.new_stream(info.peer_id, [protocol])
-    except trio.TooSlowError:
-        reason = f"dial {peer} timed out after {dial_s} s"
-    except NET_ERRORS as exc:
-        reason = f"dial {peer} failed: {type(exc).__name__}: {exc}"
-    # a half-dead connection would be reused by the next connect(); drop it
-    with trio.move_on_after(2):
-        try:
-            await host.disconnect(info.peer_id)
-        except NET_ERRORS:
-            pass
-    raise PeerUnavailable(reason)
 
 
 class Backoff:
@@ -138,29 +103,17 @@ class CpmRpc:
         self.cpm_peer_id = cfg.cpm_peer_id
         self.guard = guard or ReplayGuard()
 
-    async def call(self, message: Any, allowed: tuple[type, ...], timeout_s: float | None = None) -> Reply:
+    async def call(self, message: Any, timeout_s: float | None = None) -> Reply:
+        """``message`` to the CPM; its verified reply (``protocol.conversation``: which
+        types may answer; an ``Error`` is raised typed)."""
         timeout_s = self.cfg.timeouts.request_s if timeout_s is None else timeout_s
         nonce = os.urandom(NONCE_BYTES)
-        sealed = seal(message, self.identity, nonce=nonce)
-        stream = await open_stream(self.host, self.cpm_info, CPM_PROTOCOL, self.cfg.timeouts.dial_s)
-        framed = FramedStream(stream, MAX_FRAME_CPM)
-        kind = type(message).__name__
-        async with stream_failures(framed, too_slow=f"CPM did not answer {kind} within {timeout_s} s",
-                                   broke=f"CPM stream failed during {kind}"):
-            with trio.fail_after(timeout_s):
-                try:
-                    await framed.write_frame(sealed)
-                except PeerUnavailable:
-                    # the CPM may refuse (Error{unauthorized}) before reading our request
-                    # and close; its answer can still be waiting in the receive buffer
-                    pass
-                raw = await framed.read_frame()
-        await framed.close()
-        if raw is None:
-            raise PeerUnavailable(f"CPM closed the stream without answering {kind}")
-        env, reply = open_envelope(raw, expected_sender=self.cpm_peer_id, allowed=(*allowed, Error))
-        if isinstance(reply, Error):
-            raise error_from_code(reply.code, reply.message)
+        raw = await request_reply(
+            self.host, self.cpm_info, CPM_PROTOCOL, seal(message, self.identity, nonce=nonce),
+            max_frame=MAX_FRAME_CPM, dial_s=self.cfg.timeouts.dial_s, timeout_s=timeout_s,
+            what=type(message).__name__,
+        )
+        env, reply = open_reply(raw, message, expected_sender=self.cpm_peer_id)
         if not isinstance(reply, Directive):
             # directives are forwarded verbatim and may be re-served later; everything
             # else is a fresh answer and must be fresh and unique
@@ -175,7 +128,7 @@ class CpmRpc:
 
         from p2p.host import peer_id_of
 
-        reply = await self.call(PeerLookup(peer_id=peer_id), (PeerAddrs,))
+        reply = await self.call(PeerLookup(peer_id=peer_id))
         addrs_msg: PeerAddrs = reply.message
         if addrs_msg.peer_id != peer_id:
             raise MalformedFrame("PeerAddrs for another peer")
@@ -260,7 +213,7 @@ class CpmClient:
             listen_addrs=tuple(self.state.state.addrs),
             agent_version=AGENT_VERSION,
         )
-        reply = await self.rpc.call(msg, (Registered,))
+        reply = await self.rpc.call(msg)
         reg: Registered = reply.message
         self._contact()
         skew_ms = reg.cpm_time_ms - now_ms()
@@ -289,9 +242,7 @@ class CpmClient:
         """Profile until the CPM Acks it for the open round; returns that round."""
         while True:
             vector = await self._profile_vector(round_)
-            reply = await self.rpc.call(
-                Profile(round=round_, vector=vector, transfer_hash=self.transfer_hash), (Ack, NoDirective)
-            )
+            reply = await self.rpc.call(Profile(round=round_, vector=vector, transfer_hash=self.transfer_hash))
             self._contact()
             if isinstance(reply.message, Ack):
                 log.info("cpm.profile.accepted", round=round_)
@@ -311,7 +262,6 @@ class CpmClient:
         while True:
             reply = await self.rpc.call(
                 DirectiveRequest(round=round_, wait_ms=wait_ms),
-                (Directive, NoDirective),
                 timeout_s=self.cfg.timeouts.long_poll_s + self.cfg.timeouts.request_s,
             )
             self._contact()
@@ -386,7 +336,7 @@ class FeedbackSender:
 
     async def send_one(self, feedback: Feedback) -> None:
         """One attempt: seal with a fresh nonce, await the Ack for that nonce, then delete."""
-        await self.rpc.call(feedback, (Ack,))
+        await self.rpc.call(feedback)
         await trio.to_thread.run_sync(self.outbox.ack, feedback.directive_id)
         self.sent += 1
         log.info(

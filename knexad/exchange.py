@@ -1,6 +1,6 @@
-"""``/knexa/exchange/1.0.0``: the student fetches a KnowledgePackage from its teacher.
+"""The teacher's side of ``/knexa/exchange/1.0.0`` (the student's is ``knexad.student``).
 
-Teacher side (``ExchangeServer.handle``, a libp2p stream handler) checks the request in
+``ExchangeServer.handle``, a libp2p stream handler, checks the request in
 the order docs/protocol.md §6 prescribes — envelope signed by the Noise remote, directive
 signed by *our* CPM, not expired, names us as teacher and the remote as student, our
 transfer set, never used before — and only then asks the agent to teach. Its output
@@ -8,12 +8,8 @@ passes the guardrail, is packed, chunked, sealed end-to-end to the student, and 
 chunk by chunk (awaiting each write is the backpressure; sealing the next chunk runs in
 a worker thread meanwhile, see ``send_knowledge``).
 
-Student side (``fetch_package``) dials the teacher, presents the directive verbatim,
-verifies every envelope came from the teacher, opens the boxes in order, and checks the
-trailer (chunk count, size, SHA-256) before decoding.
-
-Every step has a deadline; a vanished or slow peer is a ``PeerUnavailable`` for this pair
-only. Single use survives restarts: used directive IDs are appended (fsync) to a file in
+Every step has a deadline; a vanished or slow student is a ``PeerUnavailable`` for this
+pair only. Single use survives restarts: used directive IDs are appended (fsync) to a file in
 the daemon's home before any teaching starts.
 """
 
@@ -22,40 +18,32 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 import trio
-from libp2p.abc import IHost, INetStream
-from libp2p.peer.peerinfo import PeerInfo
+from libp2p.abc import INetStream
 
 from knexad.agent_api import Agent, KnowledgePackage, ProtocolArm, TeachRequest
 from knexad.agents import AgentWorker
 from knexad.config import DaemonConfig
-from knexad.cpm_client import open_stream
 from knexad.state import StateFile
 from p2p.ratelimit import PeerRateLimiter
-from p2p.streams import NET_ERRORS, FramedStream, serving, stream_failures
+from p2p.streams import NET_ERRORS, PIPELINE_DEPTH, FramedStream, pipeline, serving
+from protocol.conversation import REQUESTS
 from protocol.directives import verify_directive
 from protocol.e2e import E2EBox
-from protocol.envelope import Envelope, Identity, now_ms, open_envelope, seal
+from protocol.envelope import Identity, now_ms, open_envelope, seal
 from protocol.errors import (
-    DecryptionFailed,
     KnexaError,
     MalformedFrame,
     PeerUnavailable,
-    ProtocolError,
     RateLimited,
     Replay,
-    error_from_code,
 )
 from protocol.ids import EXCHANGE_PROTOCOL
-from protocol.knowledge import decode_package, encode_package, seal_chunk_frame
-from protocol.messages import Directive, Error, KnowledgeChunk, KnowledgeEnd, KnowledgeRequest
+from protocol.knowledge import encode_package, seal_chunk_frame
+from protocol.messages import Error, KnowledgeEnd
 from protocol.replay import ReplayGuard
 
 log = structlog.get_logger(__name__)
@@ -167,7 +155,7 @@ class ExchangeServer:
             frame = await framed.read_frame()
         if frame is None:
             raise MalformedFrame("stream closed before a KnowledgeRequest")
-        env, request = open_envelope(frame, expected_sender=remote, allowed=(KnowledgeRequest,))
+        env, request = open_envelope(frame, expected_sender=remote, allowed=REQUESTS[EXCHANGE_PROTOCOL])
         self.guard.check(env, now_ms())
         _, directive = verify_directive(
             request.directive,
@@ -233,123 +221,6 @@ class ExchangeServer:
                 pass
 
 
-@dataclass(frozen=True, slots=True)
-class FetchResult:
-    package: KnowledgePackage
-    wire_bytes_in: int
-    wire_bytes_out: int
-    plaintext_bytes: int
-    dropped: int
-    duration_ms: int
-
-
-async def fetch_package(
-    host: IHost,
-    identity: Identity,
-    cfg: DaemonConfig,
-    teacher: PeerInfo,
-    directive_raw: bytes,
-    directive: Directive,
-    *,
-    guard: ReplayGuard | None = None,
-) -> FetchResult:
-    """Student side of one exchange. Raises a typed ``KnexaError`` on any failure."""
-    guard = guard or ReplayGuard()
-    teacher_id = teacher.peer_id.to_base58()
-    if teacher_id != directive.teacher:
-        raise MalformedFrame("dialled peer is not the directive's teacher")
-    start = time.perf_counter()
-    stream = await open_stream(host, teacher, EXCHANGE_PROTOCOL, cfg.timeouts.dial_s)
-    framed = FramedStream(stream, cfg.limits.max_frame)
-    async with stream_failures(framed, too_slow=f"teacher {teacher_id} too slow (step > {cfg.timeouts.exchange_step_s} s)",
-                               broke=f"exchange with {teacher_id} broke"):
-        result = await _receive(framed, identity, cfg, directive_raw, directive, teacher_id, guard, start)
-    await framed.close()
-    return result
-
-
-async def _read_frame(framed: FramedStream, peer: str) -> bytes | None:
-    """A frame cut off by EOF means the teacher went away mid-send (a killed process
-    looks exactly like that on libp2p): report it as the peer being unavailable."""
-    try:
-        return await framed.read_frame()
-    except MalformedFrame as exc:
-        if "truncated" in str(exc):
-            raise PeerUnavailable(f"teacher {peer} vanished mid-frame") from None
-        raise
-
-
-async def _receive(
-    framed: FramedStream,
-    identity: Identity,
-    cfg: DaemonConfig,
-    directive_raw: bytes,
-    directive: Directive,
-    teacher_id: str,
-    guard: ReplayGuard,
-    start: float,
-) -> FetchResult:
-    step = cfg.timeouts.exchange_step_s
-    did = directive.directive_id
-    with trio.fail_after(step):
-        await framed.write_frame(seal(KnowledgeRequest(directive=directive_raw), identity))
-    plain, end = await receive_knowledge(
-        framed,
-        identity,
-        teacher_id,
-        did,
-        guard,
-        max_package_bytes=cfg.limits.max_package_bytes,
-        step_s=step,
-        first_wait_s=step + cfg.timeouts.teach_s,  # the teacher may spend teach_s generating
-    )
-    package = decode_package(plain)
-    if len(package.items) != end.items:
-        raise ProtocolError(f"trailer says {end.items} items, package has {len(package.items)}")
-    return FetchResult(
-        package=package,
-        wire_bytes_in=framed.bytes_in,
-        wire_bytes_out=framed.bytes_out,
-        plaintext_bytes=len(plain),
-        dropped=end.dropped,
-        duration_ms=int((time.perf_counter() - start) * 1000),
-    )
-
-
-# --- the chunk stream, shared by both sides and by benchmarks/stream.py ---------------
-#
-# Each side overlaps its per-chunk crypto with the stream: the teacher seals chunk i+1 in
-# a worker thread while chunk i is written, the student verifies and opens chunk i in a
-# worker thread while chunk i+1 is read. SHA-256 and XSalsa20-Poly1305 release the GIL,
-# so on two cores the crypto runs beside py-libp2p's (pure-Python) yamux and Noise
-# instead of after them. It still shares the cores and the GIL with the event loop;
-# ``python -m benchmarks.stream --interference`` measures what that alone costs.
-# At most PIPELINE_DEPTH frames wait between the two stages.
-
-PIPELINE_DEPTH = 1
-
-
-@asynccontextmanager
-async def _pipeline() -> AsyncIterator[trio.Nursery]:
-    """A nursery for a two-stage pipeline that fails with the error that stopped it
-    (a ``PeerUnavailable``, ``TooSlowError`` …), not an ``ExceptionGroup`` around it,
-    so callers keep handling typed errors as before."""
-    try:
-        async with trio.open_nursery() as nursery:
-            yield nursery
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        first = next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
-        raise first from None
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
 async def send_knowledge(
     framed: FramedStream,
     identity: Identity,
@@ -390,7 +261,7 @@ async def send_knowledge(
                 if isinstance(frame, Exception):
                     return
 
-    async with _pipeline() as nursery:
+    async with pipeline() as nursery:
         nursery.start_soon(produce)
         async with recv:
             async for frame in recv:
@@ -402,97 +273,3 @@ async def send_knowledge(
     with trio.fail_after(step_s):
         await framed.write_frame(seal(end, identity))
     return count
-
-
-async def receive_knowledge(
-    framed: FramedStream,
-    identity: Identity,
-    teacher: str,
-    directive_id: str,
-    guard: ReplayGuard,
-    *,
-    max_package_bytes: int,
-    step_s: float,
-    first_wait_s: float,
-) -> tuple[bytearray, KnowledgeEnd]:
-    """Student: read chunks until ``KnowledgeEnd``; returns the plaintext and trailer
-    after checking chunk order, size and SHA-256. Checks run in the order
-    docs/protocol.md gives: signature (teacher), replay guard, ``Error``, directive,
-    index, box; any failure raises its typed error."""
-    box = E2EBox(identity, teacher)
-    plain = bytearray()
-    whole = hashlib.sha256()
-    allowed = (KnowledgeChunk, KnowledgeEnd, Error)
-
-    def open_frame(frame: bytes, index: int) -> tuple[Envelope, Any, DecryptionFailed | None]:
-        # worker thread; calls are sequential, in chunk order. The replay guard is not
-        # touched here (it may be shared with the event loop): the caller checks it.
-        env, msg = open_envelope(frame, expected_sender=teacher, allowed=allowed)
-        if isinstance(msg, KnowledgeChunk) and msg.directive_id == directive_id and msg.index == index:
-            try:
-                payload = box.open_chunk_view(directive_id, index, msg.box)
-            except DecryptionFailed as exc:
-                return env, msg, exc
-            plain.extend(payload)
-            whole.update(payload)
-        return env, msg, None
-
-    send, recv = trio.open_memory_channel[bytes | Exception | None](PIPELINE_DEPTH)
-
-    async def read_frames() -> None:
-        # A read failure is relayed as the next item, so the consumer reports errors in
-        # stream order (a bad chunk before a truncated one behind it), as when it was
-        # one sequential loop.
-        async with send:
-            wait = first_wait_s
-            while True:
-                try:
-                    with trio.fail_after(wait):
-                        frame: bytes | Exception | None = await _read_frame(framed, teacher)
-                except Exception as exc:  # noqa: BLE001 — relayed, raised by the consumer
-                    frame = exc
-                wait = step_s
-                try:
-                    await send.send(frame)
-                except trio.BrokenResourceError:
-                    return  # the consumer stopped; its own error tells why
-                if not isinstance(frame, bytes):
-                    return
-
-    index = 0
-    end: KnowledgeEnd | None = None
-    async with _pipeline() as nursery:
-        nursery.start_soon(read_frames)
-        async with recv:
-            async for frame in recv:
-                if frame is None:
-                    raise PeerUnavailable(f"teacher {teacher} closed the stream before KnowledgeEnd")
-                if isinstance(frame, Exception):
-                    raise frame
-                env, msg, failure = await trio.to_thread.run_sync(open_frame, frame, index)
-                guard.check(env, now_ms())
-                if isinstance(msg, Error):
-                    raise error_from_code(msg.code, msg.message)
-                if msg.directive_id != directive_id:
-                    raise MalformedFrame(f"frame for directive {msg.directive_id}, expected {directive_id}")
-                if isinstance(msg, KnowledgeEnd):
-                    end = msg
-                    nursery.cancel_scope.cancel()  # stop the reader; nothing follows the trailer
-                    break
-                if msg.index != index:
-                    raise MalformedFrame(f"chunk {msg.index} out of order (expected {index})")
-                if failure is not None:
-                    raise failure
-                if len(plain) > max_package_bytes:
-                    raise MalformedFrame(f"package exceeds limits.max_package_bytes ({max_package_bytes})")
-                index += 1
-    if end is None:  # pragma: no cover — the loop only ends by raising or at the trailer
-        raise PeerUnavailable(f"teacher {teacher} stopped before KnowledgeEnd")
-    if end.chunks != index or end.total_bytes != len(plain):
-        raise ProtocolError(
-            f"trailer mismatch: {end.chunks} chunks / {end.total_bytes} B announced, "
-            f"{index} / {len(plain)} received"
-        )
-    if end.sha256 != whole.digest():
-        raise ProtocolError("package SHA-256 does not match the trailer")
-    return plain, end

@@ -221,32 +221,6 @@ def install_event_metrics(registry: CollectorRegistry, prefix: str) -> EventMetr
     return metrics
 
 
-@dataclass(slots=True)
-class MetricsServer:
-    """A running Prometheus HTTP endpoint; ``port`` is the bound port (useful with 0)."""
-
-    port: int
-    _server: Any
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-def start_metrics_server(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> MetricsServer:
-    """Serve ``registry`` in Prometheus text format on ``addr:port`` (a daemon thread).
-
-    Loopback by default: metrics name peers and rounds, so exposing them beyond the host
-    is an explicit operator decision (a reverse proxy or an SSH tunnel)."""
-    from prometheus_client import start_http_server
-
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
-    log.info("metrics.listening", addr=addr, port=int(server.server_port))
-    return MetricsServer(int(server.server_port), server)
-
-
 def metric_names(prefix: str) -> list[str]:
     """Exposed names of the event metrics of ``prefix`` (for docs and tests)."""
     out: list[str] = []

@@ -222,3 +222,38 @@ async def stream_failures(framed: FramedStream, *, too_slow: str, broke: str) ->
     except KnexaError:
         await framed.reset()
         raise
+
+
+# --- two-stage pipelines: the knowledge chunk stream (knexad.exchange / knexad.student) ---
+#
+# Each side overlaps its per-chunk crypto with the stream: the teacher seals chunk i+1 in
+# a worker thread while chunk i is written, the student verifies and opens chunk i in a
+# worker thread while chunk i+1 is read. SHA-256 and XSalsa20-Poly1305 release the GIL,
+# so on two cores the crypto runs beside py-libp2p's (pure-Python) yamux and Noise
+# instead of after them. It still shares the cores and the GIL with the event loop;
+# ``python -m benchmarks.stream --interference`` measures what that alone costs.
+# At most PIPELINE_DEPTH frames wait between the two stages.
+
+PIPELINE_DEPTH = 1
+
+
+@asynccontextmanager
+async def pipeline() -> AsyncIterator[trio.Nursery]:
+    """A nursery for a two-stage pipeline that fails with the error that stopped it
+    (a ``PeerUnavailable``, ``TooSlowError`` …), not an ``ExceptionGroup`` around it,
+    so callers keep handling typed errors as before."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        errors = leaves(group)
+        first = next((e for e in errors if not isinstance(e, trio.Cancelled)), errors[0])
+        raise first from None
+
+
+def leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """Every non-group exception inside ``group``, depth first."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

@@ -27,6 +27,12 @@ class MalformedFrame(ProtocolError):
     code = "malformed"
 
 
+class TruncatedFrame(MalformedFrame):
+    """The stream ended inside a frame. On libp2p a killed peer looks exactly like this,
+    so a reader may treat it as the peer being gone rather than as garbage. Same wire
+    code as ``MalformedFrame``: it never travels, the receiver classifies it by type."""
+
+
 class FrameTooLarge(ProtocolError):
     """Declared frame length exceeds the limit; refused before allocating."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .errors import FrameTooLarge, MalformedFrame
+from .errors import FrameTooLarge, MalformedFrame, TruncatedFrame
 
 MAX_VARINT_BYTES = 9  # multiformats unsigned-varint practical maximum (63 bits)
 
@@ -149,4 +149,4 @@ class FrameDecoder:
     def close(self) -> None:
         """Call at EOF: a partial frame is a truncation, not a clean end."""
         if self._size or self._need is not None:
-            raise MalformedFrame("stream ended inside a frame (truncated)")
+            raise TruncatedFrame("stream ended inside a frame (truncated)")

@@ -11,4 +11,3 @@ MAX_FRAME_CPM = 256 * 1024  # CPM control messages are small
 MAX_FRAME_ADMIN = 4 * 1024 * 1024  # admin listings can be large
 MAX_FRAME_EXCHANGE = 4 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024  # plaintext bytes per KnowledgeChunk (box adds 40 + framing)
-REPLAY_WINDOW_MS = 120_000

@@ -129,11 +129,5 @@ def seal_chunk_frame(
     return b"".join((frame_header(env_len, max_frame), env_head, *body_parts, env_tail))
 
 
-def split_chunks(data: bytes, chunk_size: int) -> list[bytes]:
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
-    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
-
-
 def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()

@@ -145,7 +145,8 @@ def test_cli_lists_and_releases_offline(tmp_path: Path) -> None:
     rows = json.loads(runner.invoke(cli, ["quarantine", "--json", "--home", str(home)]).output)
     assert [(r["teacher"], r["org"], r["harmful"]) for r in rows] == [(bad, "org0", 8)]
     table = runner.invoke(cli, ["quarantine", "--home", str(home)]).output
-    assert bad in table and "p_value" in table
+    assert f"{bad[:12]}…{bad[-4:]}" in table and bad not in table and "p_value" in table  # people: short IDs
+    assert bad in runner.invoke(cli, ["quarantine", "--wide", "--home", str(home)]).output
 
     store = Store(home / "cpm.db")
     strategy_before = store.load_bandit_state()[1]["strategy"]

@@ -22,7 +22,8 @@ from libp2p.peer.peerinfo import PeerInfo
 from knexad.agent_api import KnowledgeItem, KnowledgePackage, LearnResult, ProtocolArm, TeachRequest
 from knexad.agents import AgentWorker
 from knexad.config import DaemonConfig, LimitsSection, TimeoutsSection
-from knexad.exchange import ExchangeServer, UsedDirectives, fetch_package
+from knexad.exchange import ExchangeServer, UsedDirectives
+from knexad.student import fetch_package
 from knexad.state import StateFile
 from p2p.host import build_host
 from p2p.streams import FramedStream

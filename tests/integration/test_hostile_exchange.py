@@ -28,7 +28,7 @@ from protocol.envelope import Envelope, Identity, now_ms, seal
 from protocol.errors import BadSignature, MalformedFrame
 from protocol.framing import encode_varint
 from protocol.ids import CPM_PROTOCOL, EXCHANGE_PROTOCOL, MAX_FRAME_CPM
-from protocol.messages import Ack, KnowledgeRequest, Profile, Registered
+from protocol.messages import KnowledgeRequest, Profile, Register, Registered
 from p2p.streams import FramedStream
 from tests.integration.test_exchange import make_directive
 from tests.reliability.netkit import client, raw_send, running_teacher
@@ -124,7 +124,7 @@ async def test_cpm_answer_signed_by_another_key_is_refused(tmp_path: Path) -> No
         addr = f"{hcpm.get_addrs()[0]}/p2p/{cpm.peer_id}"
         rpc = CpmRpc(h, me, DaemonConfig(cpm=addr))
         with capture_logs(), pytest.raises(BadSignature), trio.fail_after(20):
-            await rpc.call(Profile(1, (0.0,) * 32, "ab" * 32), (Ack, Registered))
+            await rpc.call(Register(org="o", family="qwen2", listen_addrs=(), agent_version="t"))
 
 
 def test_directive_not_naming_this_daemon_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import trio
 from structlog.testing import capture_logs
 
 from knexad.agent_api import KnowledgeItem, KnowledgePackage, TeachRequest
-from knexad.exchange import fetch_package
+from knexad.student import fetch_package
 from protocol.envelope import Identity
 from tests.integration.test_exchange import CountingAgent, make_config, make_directive
 from tests.reliability.netkit import client, running_teacher

@@ -68,12 +68,13 @@ def test_exit_before_asserts_is_not_a_pass() -> None:
     assert check_programs(progs) == [False, False, False, False]
 
 
-def test_infinite_loop_and_sleep_time_out_within_bound() -> None:
-    t0 = time.monotonic()
-    res = check_programs(["while True:\n    pass\n", "import time\ntime.sleep(60)\n", GOOD], timeout_s=1.0)
-    elapsed = time.monotonic() - t0
+def test_infinite_loop_and_sleep_time_out_per_program() -> None:
+    """Each program is stopped by its own deadline, not by the runner's overall budget
+    (``evaluate.runner.overrun``, which would also cost every program still queued)."""
+    with capture_logs() as logs:
+        res = check_programs(["while True:\n    pass\n", "import time\ntime.sleep(3600)\n", GOOD], timeout_s=1.0)
     assert res == [False, False, True]
-    assert elapsed < 4.0, elapsed
+    assert not [e for e in logs if e["event"] == "evaluate.runner.overrun"], logs
 
 
 def test_memory_bombs_fail() -> None:
@@ -145,10 +146,10 @@ def test_writes_stay_in_a_private_temp_dir(tmp_path: Path, monkeypatch: pytest.M
 
 def test_fork_bomb_is_contained_and_nothing_survives() -> None:
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    t0 = time.monotonic()
-    res = check_programs([bomb, GOOD], timeout_s=1.0)
+    with capture_logs() as logs:
+        res = check_programs([bomb, GOOD], timeout_s=1.0)
     assert res == [False, True]
-    assert time.monotonic() - t0 < 8.0
+    assert not [e for e in logs if e["event"] == "evaluate.runner.overrun"], logs
     deadline = time.monotonic() + 3.0
     while _runner_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -166,15 +167,22 @@ def test_program_cannot_kill_the_runner_or_fake_a_pass() -> None:
         assert not [e for e in logs if e["event"] == "evaluate.runner.restart"]
 
 
-def test_runner_crash_reruns_unstarted_and_fails_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+def _runner_file(tmp_path, source: str) -> str:
+    path = tmp_path / "runner.py"
+    path.write_text(source)
+    return str(path)
+
+
+def test_runner_crash_reruns_unstarted_and_fails_in_flight(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     # A runner that dies while program 1 of its batch is in flight (simulates a runner
     # killed mid-batch), as long as its batch has more than two programs.
     hook = 'active[pid] = (idx, time.monotonic() + cfg["timeout"], rfd, wdir, cg, token)'
-    assert hook in ev._RUNNER
-    crashing = ev._RUNNER.replace(
+    source = open(ev._RUNNER).read()
+    assert hook in source
+    crashing = source.replace(
         hook, hook + '\n            if idx == 1 and len(progs) > 2:\n                os._exit(3)'
     )
-    monkeypatch.setattr(ev, "_RUNNER", crashing)
+    monkeypatch.setattr(ev, "_RUNNER", _runner_file(tmp_path, crashing))
     tag = "t" + uuid.uuid4().hex[:11]
     monkeypatch.setattr(ev, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex=tag)))
     res = check_programs([GOOD] * 6, max_workers=1)
@@ -185,17 +193,25 @@ def test_runner_crash_reruns_unstarted_and_fails_in_flight(monkeypatch: pytest.M
     assert not [d for d in _pids_cgroup_dirs() if f"knexa-{tag}-" in d]
 
 
-def test_runner_that_never_starts_fails_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ev, "_RUNNER", "import sys\nsys.exit(1)\n")
+def test_runner_that_never_starts_fails_the_batch(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(ev, "_RUNNER", _runner_file(tmp_path, "import sys\nsys.exit(1)\n"))
     assert check_programs([GOOD, GOOD]) == [False, False]
 
 
-def test_many_trivial_programs_are_fast() -> None:
+def test_many_programs_share_one_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why it is fast (~0.5 s for 200 on 2 cores; an interpreter per program ~6 s): one
+    runner forks them all. Counted, not timed — the suite must not depend on speed."""
+    runs: list[int] = []
+    real = ev._run_runner
+
+    def counting(programs, *args, **kwargs):
+        runs.append(len(programs))
+        return real(programs, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "_run_runner", counting)
     progs = [f"assert {i} + 1 == {i + 1}\n" for i in range(200)]
-    t0 = time.monotonic()
     assert all(check_programs(progs))
-    # ~0.5 s on 2 cores; one interpreter per program would take ~6 s
-    assert time.monotonic() - t0 < 5.0
+    assert runs == [200]
 
 
 def test_rejects_bad_arguments() -> None:
