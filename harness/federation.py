@@ -427,7 +427,8 @@ class Federation:
             store.close()
         names = {n.peer: n for n in self.nodes if n.peer}
         peers = {
-            peer: {"name": n.name, "org": n.org, "family": data["families"].get(peer, n.model), "model": n.model}
+            peer: {"name": n.name, "org": n.org, "family": data["families"].get(peer, n.model), "model": n.model,
+                   **training_counts(n.home)}
             for peer, n in names.items()
         }
         rows = R.build_round_rows(data["pairs"], data["pass1_by_round"], data["rounds"])
@@ -454,6 +455,17 @@ class Federation:
         log.info("harness.say", message=text)
         if self.console is not None:
             self.console.print(text, highlight=False, soft_wrap=True)
+
+
+def training_counts(home: Path) -> dict[str, int]:
+    """Steps a daemon trained (KD + local rounds), from its state file: the equal-compute
+    record of a run (docs/results.md §Federation)."""
+    from knexad.state import read_state
+
+    state = read_state(home)
+    if state is None:
+        return {}
+    return {"steps_trained": state.steps_trained, "local_rounds": state.local_rounds}
 
 
 def collect_from_store(store: Any) -> dict[str, Any]:

@@ -80,6 +80,8 @@ class AgentFinal:
     reward_sum: float = 0.0
     taught: int = 0
     learned: int = 0
+    steps_trained: int = 0  # KD + local optimizer steps the daemon reported (equal compute)
+    local_rounds: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +161,8 @@ def build_agent_finals(
                 reward_sum=sum(_finite(p.raw_reward for p in pairs if p.student == peer)),
                 taught=sum(1 for p in pairs if p.teacher == peer),
                 learned=sum(1 for p in pairs if p.student == peer),
+                steps_trained=int(info.get("steps_trained", 0)),
+                local_rounds=int(info.get("local_rounds", 0)),
             )
         )
     return out
@@ -402,11 +406,13 @@ def print_run_summary(console: Any, status: str, message: str, doc: Mapping[str,
                        _fmt(r["mean_raw_reward"]), _fmt(r["cumulative_reward"]), _fmt(r["mean_pass1"]))
     console.print(rounds)
     agents = Table(title="agents")
-    for col in ("node", "family", "pass@1 first", "pass@1 final", "taught", "learned", "reward as student"):
+    for col in ("node", "family", "pass@1 first", "pass@1 final", "taught", "learned", "local rounds",
+                "steps trained", "reward as student"):
         agents.add_column(col, justify="left" if col in ("node", "family") else "right")
     for a in doc["agents"]:
         agents.add_row(a["name"], a["family"], _fmt(a["pass1_initial"]), _fmt(a["pass1_final"]), str(a["taught"]),
-                       str(a["learned"]), _fmt(a["reward_sum"]))
+                       str(a["learned"]), str(a.get("local_rounds", 0)), str(a.get("steps_trained", 0)),
+                       _fmt(a["reward_sum"]))
     console.print(agents)
     s = doc["summary"]
     console.print(f"mean pass@1 {_fmt(s['initial_pass1'])} → {_fmt(s['final_pass1'])} (gain {_fmt(s['gain'])}), "

@@ -52,6 +52,7 @@ class LearnResult:
     loss_post: float
     items_used: int
     train_seconds: float = 0.0
+    steps: int = 0  # optimizer steps this call took (0 where an agent does not count them)
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from knexad.agent_api import Agent
+from knexad.agent_api import Agent, LearnResult
 from knexad.config import DaemonConfig
 from protocol.errors import ConfigError, KnexaError
 
@@ -71,6 +71,14 @@ def end_round(agent: Agent) -> None:
         fn()
     else:
         agent.evaluate()
+
+
+def local_round(agent: Agent) -> LearnResult | None:
+    """Train the agent on its private data for one KD round's steps, if it can (the ML
+    agent's ``local_round``); None for agents without it (the synthetic world trains
+    locally in ``end_round`` already)."""
+    fn = getattr(agent, "local_round", None)
+    return fn() if fn is not None else None
 
 
 def private_texts_of(agent: Agent) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ Layout of ``<home>/config.toml`` (see docs/knexad.md for the full table)::
     log_format = "auto"        # auto | console | json
     metrics_port = 0           # 0 = no Prometheus endpoint
     on_unauthorized = "exit"   # exit (code 5) | retry
-    [agent]   model, data, index, n_agents, seed, budget
+    [agent]   model, data, index, n_agents, seed, budget, local_when_idle
     [limits]  max_frame, chunk_bytes, max_package_bytes, rate_limit_per_s, rate_limit_burst
     [timeouts] dial_s, request_s, long_poll_s, exchange_step_s, teach_s, learn_s, give_up_s
     [retry]   base_s, max_s, jitter
@@ -63,6 +63,7 @@ class AgentSection:
     n_agents: int = 2  # population size the partition was drawn for
     seed: int = 0
     budget: str = "standard"  # ML agent's local LoRA / KD steps: fast 100/60, standard 200/150, thorough 400/300.
+    local_when_idle: bool = True  # In a round without distillation (teacher, unpaired, failed exchange) train a KD round's steps on private data: a gain over LocalOnly is then knowledge, not extra steps.
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +236,8 @@ def _validate_sections(cfg: DaemonConfig) -> None:
     _expect_int("agent.index", a.index, 0, a.n_agents - 1)
     _expect_int("agent.seed", a.seed, 0)
     _expect_str("agent.budget", a.budget, AGENT_BUDGETS)
+    if not isinstance(a.local_when_idle, bool):
+        raise ConfigError("agent.local_when_idle", "must be true or false")
     _expect_int("limits.max_frame", lim.max_frame, 64 * 1024, MAX_FRAME_EXCHANGE)
     # a sealed chunk = plaintext + msgpack wrapper + 40 B box + envelope: keep headroom
     _expect_int("limits.chunk_bytes", lim.chunk_bytes, 1024, lim.max_frame - 4096)

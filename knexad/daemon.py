@@ -24,7 +24,7 @@ import structlog
 import trio
 
 from knexad.agent_api import Agent
-from knexad.agents import AgentWorker, end_round, private_texts_of
+from knexad.agents import AgentWorker, end_round, local_round, private_texts_of
 from knexad.config import CHECKPOINT_DIR, OUTBOX_DIR, STUDIED_DIRECTIVES_FILE, USED_DIRECTIVES_FILE, DaemonConfig
 from knexad.cpm_client import CpmClient, CpmRpc, FeedbackSender
 from knexad.exchange import ExchangeServer, UsedDirectives
@@ -204,9 +204,27 @@ class Daemon:
 
     async def _profile(self, round_: int) -> list[float]:
         if self._profiled_round is not None and round_ > self._profiled_round:
+            await self._train_if_idle(self._profiled_round)
             await self.worker.call(end_round, self.agent, timeout_s=self.cfg.timeouts.learn_s, what="end_round")
         self._profiled_round = round_
         return await self.worker.call(self.agent.profile, timeout_s=self.cfg.timeouts.learn_s, what="profile")
+
+    async def _train_if_idle(self, round_: int) -> None:
+        """Equal compute: an agent that did not distill in ``round_`` (a teacher, unpaired,
+        LocalOnly, or its exchange failed) trains a KD round's steps on private data."""
+        if not self.cfg.agent.local_when_idle or (self.student and self.student.learned_round == round_):
+            return
+        result = await self.worker.call(local_round, self.agent, timeout_s=self.cfg.timeouts.learn_s,
+                                        what="local_round")
+        if result is None:
+            return
+        await self.worker.call(self.agent.save, self.home / CHECKPOINT_DIR, timeout_s=SHUTDOWN_SAVE_S, what="save")
+        st = self.state.state
+        st.local_rounds += 1
+        st.steps_trained += int(result.steps)
+        self.state.update()
+        log.info("agent.local_round", round=round_, steps=result.steps, loss_pre=float(result.loss_pre),
+                 loss_post=float(result.loss_post), steps_trained=st.steps_trained)
 
     async def _on_directive(self, raw: bytes, directive: Directive) -> None:
         log.info(

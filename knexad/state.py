@@ -43,6 +43,8 @@ class DaemonState:
     rounds_completed: int = 0
     taught: int = 0
     learned: int = 0
+    local_rounds: int = 0  # rounds trained on private data only (no distillation that round)
+    steps_trained: int = 0  # optimizer steps of KD and local rounds together (equal compute)
     last_error: str = ""
     updated_ms: int = 0
 

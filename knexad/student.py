@@ -72,6 +72,7 @@ class Student:
         self.home, self.cfg, self.identity, self.host = Path(home), cfg, identity, host
         self.rpc, self.worker, self.feedback, self.state = rpc, worker, feedback, state
         self.studied, self.guard, self.save_timeout_s = studied, guard, save_timeout_s
+        self.learned_round: int | None = None  # the last round this agent distilled in
 
     async def learn_from(self, raw: bytes, d: Directive) -> bool:
         """Fetch and learn; returns False when ``d`` was already acted on (nothing done).
@@ -101,7 +102,9 @@ class Student:
                 self.worker.agent.learn, result.package, arm, timeout_s=self.cfg.timeouts.learn_s, what="learn"
             )
             loss_pre, loss_post = float(learned.loss_pre), float(learned.loss_post)
+            self.learned_round = d.round
             self.state.state.learned += 1
+            self.state.state.steps_trained += int(learned.steps)
             log.info(
                 "agent.learned", directive=d.directive_id, round=d.round, loss_pre=loss_pre,
                 loss_post=loss_post, items=learned.items_used,

@@ -236,7 +236,8 @@ class MLAgent:
                      items_used=len(accepted), loss_pre=round(result.loss_pre, 4),
                      loss_post=round(result.loss_post, 4),
                      duration_ms=int(result.seconds * 1000))
-            return LearnResult(result.loss_pre, result.loss_post, len(accepted), result.seconds)
+            return LearnResult(result.loss_pre, result.loss_post, len(accepted), result.seconds,
+                               len(result.step_losses))
 
     def local_round(self, steps: int | None = None) -> LearnResult:
         """A LocalOnly round: the same number of steps as a KD round, private data only.
@@ -252,7 +253,7 @@ class MLAgent:
             if result.step_losses:
                 self._eval_cache = None
             self._state.round += 1
-            return LearnResult(result.loss_pre, result.loss_post, 0, result.seconds)
+            return LearnResult(result.loss_pre, result.loss_post, 0, result.seconds, len(result.step_losses))
 
     def evaluate(self) -> dict[str, float]:
         """pass@1 (greedy, sandboxed) overall / own categories / other categories, plus
