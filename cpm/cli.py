@@ -390,6 +390,42 @@ def pairs(round_: int, home: Path, as_json: bool, wide: bool, remote: str | None
 
 
 @cli.command()
+@_home_option
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--count", type=click.IntRange(min=0), default=0, help="Stop after N refreshes (0: until Ctrl-C).")
+@_remote_options
+@handle_errors
+def watch(home: Path, interval_s: float, count: int, remote: str | None, key_file: Path | None) -> None:
+    """Live view of the federation: rounds, this round's pairs and rewards, agents up or
+    down, quarantined teachers — refreshed in place (read-only)."""
+    from rich.console import Console
+
+    from cpm.admin import from_wire_rows, query_rows
+    from cpm.watch import watch as run_watch
+    from protocol.messages import AdminQuery
+
+    _quiet_logs()
+    if remote:
+        def fetch(what: str, round_: int) -> list[dict[str, Any]]:
+            return from_wire_rows(_remote(remote, key_file, AdminQuery(what=what, round=round_)).rows)
+    else:
+        max_rounds = C.load_config(home).max_rounds
+
+        def fetch(what: str, round_: int) -> list[dict[str, Any]]:
+            store = _open_store(home)  # per refresh: the running node commits meanwhile
+            try:
+                return query_rows(store, what, round_, max_rounds=max_rounds)
+            finally:
+                store.close()
+
+    try:
+        run_watch(fetch, Console(), interval_s=interval_s, count=count)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @_home_option
