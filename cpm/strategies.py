@@ -2,14 +2,26 @@
 ``select`` once per round and ``update`` once per feedback, whatever the strategy.
 
 * ``linucb``     — LinUCB over the pair context φ + greedy disjoint matching (the system).
-* ``random``     — random disjoint pairs, random roles and arm (Random-P2P baseline).
+* ``random``     — Random-P2P: random disjoint pairs and roles, the default arm — the arm
+                   every other non-learning baseline uses, so random differs from them
+                   only in *who* is paired.
 * ``heuristic``  — paper's Heuristic-P2P: greedy on the JS divergence of the data
                    histograms, the better performer (pass@1 slot) teaches, default arm.
 * ``local-only`` — no pairs.
 * ``central-kd`` — **the centralized baseline, not P2P**: one hub (best pass@1) teaches up
                    to k students per round (neediest first). It breaks the "each agent in
                    at most one pair per round" rule on purpose; that rule is P2P's.
-* ``oracle``     — greedy on a true expected-reward function (simulation only).
+* ``oracle``     — the exact per-round optimum on a true expected-reward function
+                   (maximum-weight matching, ``cpm/optimum.py``; simulation only).
+
+Variants (``VARIANTS``; ``make_strategy`` knows them, the CPM's config does not list them):
+
+* ``random-arm``    — random pairs *and* a random arm, the strongest (harmful) one
+                      included. Why separate: a random arm mixes "random partners" with
+                      "random protocol", and in the synthetic world the strongest arm
+                      often hurts, so it made Random-P2P look worse than random pairing is.
+* ``oracle-greedy`` — greedy (best pair first) on the true expected reward: a myopic
+                      ½-approximation of ``oracle``, kept for comparison.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import structlog
 from cpm import features as F
 from cpm.bandit import LinUCB
 from cpm.matching import MatchResult, exact_match, fast_match, greedy_disjoint
+from cpm.optimum import optimal_disjoint
 from knexad.agent_api import ProtocolArm
 from protocol.errors import ConfigError
 
@@ -106,16 +119,49 @@ class StrategyStateError(ConfigError):
         super().__init__("strategy_state", message)
 
 
+def _feature_dims(group: str, n_arms: int) -> np.ndarray:
+    """Dims of φ that belong to a named feature group (``LinUCBStrategy(drop=…)``).
+
+    ``lineage``: the same-lineage flag and its two terms in every arm block — exactly the
+    dims that layout 1 did not have (``features.v1_dims``)."""
+    if group == "lineage":
+        return np.setdiff1d(np.arange(F.context_dim(n_arms)), F.v1_dims(n_arms))
+    raise ValueError(f"unknown feature group {group!r}; known: {list(FEATURE_GROUPS)}")
+
+
+FEATURE_GROUPS = ("lineage",)
+
+
 class LinUCBStrategy:
+    """LinUCB + greedy matching. ``drop`` removes feature groups (``FEATURE_GROUPS``) for
+    ablations, exactly: their dims are zeroed in every context the bandit learns from and
+    their rows and columns of A⁻¹ are kept at zero, so θ is 0 there and they add nothing
+    to any mean or width — the bandit of the smaller φ, without a second code path."""
+
     name = "linucb"
     centralized = False
 
     def __init__(self, n_arms: int = len(DEFAULT_ARMS), *, topk: int = 8, exact_below: int = 48,
-                 **bandit_kw: Any) -> None:
+                 drop: str | tuple[str, ...] | list[str] = (), **bandit_kw: Any) -> None:
         self.n_arms = n_arms
         self.topk = topk
         self.exact_below = exact_below
         self.bandit = LinUCB(F.context_dim(n_arms), **bandit_kw)
+        self._set_drop(drop)
+
+    def _set_drop(self, drop: str | tuple[str, ...] | list[str]) -> None:
+        names = [d.strip() for d in (drop.split("+") if isinstance(drop, str) else drop) if d.strip()]
+        self.drop = tuple(sorted(set(names)))
+        dims = [_feature_dims(g, self.n_arms) for g in self.drop]
+        self._dropped = np.unique(np.concatenate(dims)) if dims else np.zeros(0, dtype=np.int64)
+        self._mask_bandit()
+
+    def _mask_bandit(self) -> None:
+        """Keep the dropped dims out of A⁻¹ (the bandit's own re-inversion restores them)."""
+        if self._dropped.size:
+            self.bandit.Ainv[self._dropped, :] = 0.0
+            self.bandit.Ainv[:, self._dropped] = 0.0
+            self.bandit._theta = None
 
     def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
                rng: np.random.Generator) -> list[Pair]:
@@ -138,14 +184,21 @@ class LinUCBStrategy:
             # rebuilt exactly from the two profiles it carries, for the arm it chose
             context = F.pair_context(context[F.OFF_T : F.OFF_S], context[F.OFF_S : F.OFF_ABS], pair.arm, self.n_arms)
             log.info("cpm.strategy.context_upgraded", teacher=pair.teacher, student=pair.student)
+        if self._dropped.size:
+            context = context.copy()
+            context[self._dropped] = 0.0
         if isinstance(feedback, Feedback):
             self.bandit.update_feedback(context, feedback.loss_pre, feedback.loss_post, feedback.kb)
         else:
             self.bandit.update(context, float(feedback))
+        self._mask_bandit()
 
     def to_state(self) -> dict[str, Any]:
-        return {"name": self.name, "n_arms": self.n_arms, "topk": self.topk, "layout": F.LAYOUT,
-                "bandit": self.bandit.to_state()}
+        state = {"name": self.name, "n_arms": self.n_arms, "topk": self.topk, "layout": F.LAYOUT,
+                 "bandit": self.bandit.to_state()}
+        if self.drop:
+            state["drop"] = list(self.drop)
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore a saved state; one saved with the pre-lineage layout 1 (d = 81 + 8K,
@@ -169,20 +222,31 @@ class LinUCBStrategy:
         self.n_arms = n_arms
         self.topk = int(state["topk"])
         self.bandit = bandit
+        self._set_drop(list(state.get("drop", [])))
 
 
 class RandomStrategy(_Stateless):
+    """Random-P2P: random disjoint pairs and roles with the default arm, or with a random
+    arm per pair when ``random_arm`` (the ``random-arm`` variant).
+
+    Both draw the arms from ``rng``, so with the same generator they pick the same pairs
+    in every round and differ only in the arm: the variant isolates the arm's effect."""
+
     name = "random"
 
-    def __init__(self, n_arms: int = len(DEFAULT_ARMS)) -> None:
+    def __init__(self, n_arms: int = len(DEFAULT_ARMS), arm: int = DEFAULT_ARM_INDEX, random_arm: bool = False) -> None:
         self.n_arms = n_arms
+        self.arm = min(arm, n_arms - 1)
+        self.random_arm = bool(random_arm)
+        self.name = "random-arm" if self.random_arm else "random"
 
     def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
                rng: np.random.Generator) -> list[Pair]:
         P = _check(profiles, agent_ids)
         k = _cap(k_pairs, P.shape[0])
         perm = rng.permutation(P.shape[0])
-        arms = rng.integers(self.n_arms, size=k)
+        drawn = rng.integers(self.n_arms, size=k)
+        arms = drawn if self.random_arm else np.full(k, self.arm)
         return [Pair(agent_ids[perm[2 * i]], agent_ids[perm[2 * i + 1]], int(arms[i]), 0.0) for i in range(k)]
 
 
@@ -239,21 +303,30 @@ class CentralKDStrategy(_Stateless):
 
 
 class OracleStrategy(_Stateless):
-    """Greedy on the true expected reward (simulation only: needs the world's truth).
+    """The exact per-round optimum on the true expected reward (simulation only: it needs
+    the world's truth); ``solver="greedy"`` is the ``oracle-greedy`` variant.
 
     ``gain_fn(t, s, k) -> float`` over indices of the current profile matrix; the
     optional ``matrix_fn(k) -> (N, N)`` is the vectorized equivalent (fast path).
+    Optimal means: the largest total value of at most ``k_pairs`` disjoint pairs this
+    round (``cpm/optimum.py``). It is a per-round ceiling, not a plan over rounds: a
+    different choice now changes the agents and so what later rounds can gain.
     """
 
     name = "oracle"
+    SOLVERS = ("optimal", "greedy")
 
     def __init__(self, gain_fn: Callable[[int, int, int], float] | None = None, n_arms: int = len(DEFAULT_ARMS),
-                 matrix_fn: Callable[[int], np.ndarray] | None = None) -> None:
+                 matrix_fn: Callable[[int], np.ndarray] | None = None, solver: str = "optimal") -> None:
         if gain_fn is None and matrix_fn is None:
             raise ValueError("oracle needs gain_fn or matrix_fn")
+        if solver not in self.SOLVERS:
+            raise ValueError(f"oracle solver must be one of {self.SOLVERS}")
         self.gain_fn = gain_fn
         self.matrix_fn = matrix_fn
         self.n_arms = n_arms
+        self.solver = solver
+        self.name = "oracle" if solver == "optimal" else "oracle-greedy"
 
     def match(self, n: int, k_pairs: int) -> MatchResult:
         if self.matrix_fn is not None:
@@ -270,12 +343,17 @@ class OracleStrategy(_Stateless):
         mask = tt != ss
         sc = G[mask]  # (M, K), canonical (t, s) order
         k = np.argmax(sc, axis=1)
-        return greedy_disjoint(tt[mask], ss[mask], k, sc[np.arange(k.size), k], n, _cap(k_pairs, n))
+        solve = optimal_disjoint if self.solver == "optimal" else greedy_disjoint
+        return solve(tt[mask], ss[mask], k, sc[np.arange(k.size), k], n, _cap(k_pairs, n))
 
     def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
                rng: np.random.Generator) -> list[Pair]:
         P = _check(profiles, agent_ids)
-        m = self.match(P.shape[0], k_pairs)
+        return self.pairs(self.match(P.shape[0], k_pairs), agent_ids)
+
+    @staticmethod
+    def pairs(m: MatchResult, agent_ids: list[str]) -> list[Pair]:
+        """A match result as ``Pair`` s (the simulator reuses the optimum it computed)."""
         return [Pair(agent_ids[a], agent_ids[b], int(k), float(sc))
                 for a, b, k, sc in zip(m.teacher, m.student, m.arm, m.score)]
 
@@ -290,10 +368,21 @@ STRATEGIES: dict[str, Callable[..., Any]] = {
 }
 
 
+# Labelled variants: (strategy, the keyword arguments that make the variant).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "random-arm": ("random", {"random_arm": True}),
+    "oracle-greedy": ("oracle", {"solver": "greedy"}),
+}
+
+
 def make_strategy(name: str, **kw: Any) -> Strategy:
-    """Registry: ``make_strategy("linucb", beta0=0.5)``; unknown names raise ValueError."""
+    """Registry: ``make_strategy("linucb", beta0=0.5)``, a ``VARIANTS`` name too;
+    unknown names raise ValueError."""
+    if name in VARIANTS:
+        name, fixed = VARIANTS[name]
+        kw = {**kw, **fixed}
     try:
         cls = STRATEGIES[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}") from None
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted([*STRATEGIES, *VARIANTS])}") from None
     return cls(**kw)

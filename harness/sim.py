@@ -7,15 +7,27 @@ rounds and pairs. Agents improve (and forget) over rounds, so the best partner c
 Rewards reach the bandit only the way they would in the system: teacher ``teach`` →
 student ``learn`` → ``LearnResult`` + package KB → ``Feedback`` → ``update``.
 
+Methods: the strategies of ``cpm.strategies`` by registry name, variants included
+(``random-arm``, ``oracle-greedy``). ``oracle`` is the exact per-round optimum
+(maximum-weight matching of at most K_p disjoint pairs on the true expected reward,
+``cpm/optimum.py``); ``oracle-greedy`` is the greedy matching on the same values.
+
+Worlds (``--world``): ``standard`` (docs/synthetic.md) and ``misspecified``, where part
+of the compatibility is a hidden per-agent latent that φ cannot see
+(``knexad.synthetic.MISSPECIFIED``).
+
 Metrics per method (mean ± std over seeds):
 * cumulative true gain — Σ over rounds and pairs of the student's *true* validation-loss
   decrease (no measurement noise);
-* gain over random (%), fraction of oracle — per seed, from cumulative true gain;
+* gain over random (%), fraction of oracle — per seed, from cumulative true gain (the
+  oracle plays the per-round optimum; it is not a plan over rounds, so a method can
+  exceed it in a round, and in principle in total);
 * mean JS divergence (bits) of the chosen pairs' data histograms;
 * gain curve — per round, the true gain summed over the round's pairs (mean over seeds);
-* regret — per round, (value of the oracle's greedy matching on *this method's current
-  world*) − (expected value of the pairs it chose), values = expected gain − δ·KB;
-  reported cumulatively per round.
+* regret — per round, (value of the optimal matching on *this method's current world*)
+  − (expected value of the pairs it chose), values = expected gain − δ·KB; never
+  negative for a P2P method (only ``central-kd``, which breaks the one-pair rule, can go
+  below); reported cumulatively per round.
 
 Usage: ``python -m harness.sim --clients 32 --rounds 100 --seeds 5 --heterogeneity high``.
 """
@@ -24,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import sys
 import time
 from typing import Any, Sequence
@@ -36,10 +47,11 @@ from cpm.bandit import DELTA_PER_KB as BANDIT_DELTA_PER_KB
 import structlog
 
 from cpm import features as F
-from cpm.strategies import DEFAULT_ARMS, Feedback, OracleStrategy, make_strategy
+from cpm.strategies import DEFAULT_ARMS, STRATEGIES, VARIANTS, Feedback, OracleStrategy, make_strategy
 from knexad.agent_api import N_CATEGORIES, TeachRequest
 from knexad.synthetic import (
     TRANSFER_SET_SIZE,
+    WORLDS,
     SyntheticAgent,
     expected_gain_matrix,
     loss,
@@ -50,7 +62,8 @@ from knexad.synthetic import (
 log = structlog.get_logger(__name__)
 
 HETEROGENEITY = {"high": 0.1, "low": 10.0}
-DEFAULT_METHODS = ("linucb", "random", "heuristic", "oracle")
+DEFAULT_METHODS = ("linucb", "random", "random-arm", "heuristic", "oracle-greedy", "oracle")
+ORACLES = {"oracle": "optimal", "oracle-greedy": "greedy"}
 DELTA_PER_KB = BANDIT_DELTA_PER_KB  # the CPM's δ, so sim rewards match the node's
 
 
@@ -103,19 +116,20 @@ def run_method(method: str, agents: list[SyntheticAgent], rounds: int, k_pairs: 
     index = {aid: i for i, aid in enumerate(ids)}
     arm_kb = _arm_kb(agents[0], n_transfer)
     box: dict[str, np.ndarray] = {}
-    if method == "oracle":
-        strat = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS))
+    if method in ORACLES:
+        strat = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS), solver=ORACLES[method])
     else:
         strat = make_strategy(method, **(strategy_kw or {}))
     rng = np.random.default_rng([seed, 1])
-    gains, regrets, js_all = [], [], []
-    oracle_helper = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS))
+    gains, regrets, best_values, js_all, n_pairs = [], [], [], [], []
+    optimum = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS), solver="optimal")
     for r in range(rounds):
         P = np.array([a.profile() for a in agents])
         box["R"] = _reward_matrices(agents, arm_kb)
-        best = oracle_helper.match(n, k_pairs)
+        best = optimum.match(n, k_pairs)
         best_value = float(best.score.sum())
-        pairs = strat.select(P, ids, r, k_pairs, rng)
+        # the oracle plays the optimum just computed (solving again would give the same pairs)
+        pairs = OracleStrategy.pairs(best, ids) if method == "oracle" else strat.select(P, ids, r, k_pairs, rng)
         chosen_value = 0.0
         round_gain = 0.0
         for i, pair in enumerate(pairs):
@@ -133,14 +147,27 @@ def run_method(method: str, agents: list[SyntheticAgent], rounds: int, k_pairs: 
             a.end_round()
         gains.append(round_gain)
         regrets.append(best_value - chosen_value)
+        best_values.append(best_value)
+        n_pairs.append(len(pairs))
     return {
         "cum_gain": float(np.sum(gains)),
         "gain_per_round": gains,
         "regret_per_round": regrets,
+        "optimum_per_round": best_values,
         "cum_regret": np.cumsum(regrets).tolist(),
         "mean_js": float(np.mean(js_all)) if js_all else 0.0,
+        "mean_pairs": float(np.mean(n_pairs)),
         "final_pass1": float(np.mean([a.evaluate()["pass@1"] for a in agents])),
     }
+
+
+def _value_frac(run: dict[str, Any]) -> float:
+    """Σ expected value of the chosen pairs / Σ value of the optimum, both on the method's
+    own world round by round (1 − the regret's share): unlike the fraction of the
+    oracle's cumulative gain it does not compare two different trajectories. When the
+    optimum was worth nothing, 1 for a method without regret, else 0."""
+    opt, reg = sum(run["optimum_per_round"]), sum(run["regret_per_round"])
+    return 1.0 - reg / opt if opt > 0 else float(reg <= 1e-12)
 
 
 def _ms(values: Sequence[float]) -> dict[str, float]:
@@ -150,21 +177,26 @@ def _ms(values: Sequence[float]) -> dict[str, float]:
 
 def run_sim(n_clients: int, rounds: int, seeds: int | Sequence[int], heterogeneity: str | float,
             methods: Sequence[str] = DEFAULT_METHODS, k_pairs: int | None = None,
-            n_transfer: int = 12, linucb_kw: dict[str, Any] | None = None) -> dict[str, Any]:
+            n_transfer: int = 12, linucb_kw: dict[str, Any] | None = None, world: str = "standard") -> dict[str, Any]:
     """All methods × seeds on copies of the same population per seed → summary dict."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     alpha = _alpha(heterogeneity)
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {sorted(WORLDS)}")
+    methods = list(dict.fromkeys(methods))  # a method named twice would mix two runs per seed
+    for m in methods:
+        method_spec(m, linucb_kw)  # a bad label fails before any run
     kp = n_clients // 2 if k_pairs is None else int(k_pairs)
     per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     t0 = time.perf_counter()
     for seed in seed_list:
-        base = make_population(n_clients, alpha=alpha, seed=seed)
+        base = make_population(n_clients, alpha=alpha, seed=seed, params=WORLDS[world])
         for m in methods:
-            kw = linucb_kw if m == "linucb" else None
-            per[m].append(run_method(m, copy.deepcopy(base), rounds, kp, seed, n_transfer, kw))
+            name, kw = method_spec(m, linucb_kw)
+            per[m].append(run_method(name, copy.deepcopy(base), rounds, kp, seed, n_transfer, kw))
     out: dict[str, Any] = {
         "config": {"clients": n_clients, "rounds": rounds, "seeds": seed_list, "heterogeneity": heterogeneity,
-                   "dirichlet_alpha": alpha, "k_pairs": kp, "n_transfer": n_transfer,
+                   "dirichlet_alpha": alpha, "k_pairs": kp, "n_transfer": n_transfer, "world": world,
                    "methods": list(methods), "linucb_kw": linucb_kw or {}},
         "methods": {},
     }
@@ -177,6 +209,9 @@ def run_sim(n_clients: int, rounds: int, seeds: int | Sequence[int], heterogenei
             "final_pass1": _ms([r["final_pass1"] for r in runs]),
             "cum_regret_final": _ms([r["cum_regret"][-1] for r in runs]),
             "cum_regret_curve": np.mean([r["cum_regret"] for r in runs], axis=0).tolist(),
+            "min_round_regret": float(min(min(r["regret_per_round"]) for r in runs)),
+            "frac_of_optimum_value": _ms([_value_frac(r) for r in runs]),
+            "mean_pairs": _ms([r["mean_pairs"] for r in runs]),
             "gain_curve": np.mean([r["gain_per_round"] for r in runs], axis=0).tolist(),
             "per_seed_cum_gain": g,
         }
@@ -202,21 +237,42 @@ def format_table(result: dict[str, Any]) -> str:
     seeds = c["seeds"]
     first = f" ({seeds[0]}…{seeds[-1]})" if seeds and (seeds[0] != 0 or len(seeds) > 1) else ""
     kw = "".join(f" {k}={v}" for k, v in sorted(c.get("linucb_kw", {}).items()))
+    world = c.get("world", "standard")
+    w = max(14, 2 + max((len(m) for m in result["methods"]), default=0))
     lines = [f"clients={c['clients']} rounds={c['rounds']} seeds={len(seeds)}{first} "
              f"heterogeneity={c['heterogeneity']} (Dirichlet α={c['dirichlet_alpha']}) k_pairs={c['k_pairs']}"
-             + (f" linucb:{kw}" if kw else ""),
-             f"{'method':<11}{'cum gain':>18}{'vs random %':>18}{'of oracle':>16}{'mean JS':>9}{'cum regret':>12}"]
+             + ("" if world == "standard" else f" world={world}") + (f" linucb:{kw}" if kw else ""),
+             f"{'method':<{w}}{'cum gain':>18}{'vs random %':>18}{'of oracle':>16}{'value/opt':>11}{'mean JS':>9}"
+             f"{'cum regret':>12}"]
     for m, r in result["methods"].items():
         g, v, o = r["cum_gain"], r.get("gain_over_random_pct"), r.get("frac_of_oracle")
         vs = f"{v['mean']:+.1f} ± {v['std']:.1f}" if v else "-"
         of = f"{o['mean']:.3f} ± {o['std']:.3f}" if o else "-"
-        lines.append(f"{m:<11}{g['mean']:>10.3f} ± {g['std']:<5.3f}{vs:>18}{of:>16}"
-                     f"{r['mean_js']['mean']:>9.3f}{r['cum_regret_final']['mean']:>12.3f}")
+        lines.append(f"{m:<{w}}{g['mean']:>10.3f} ± {g['std']:<5.3f}{vs:>18}{of:>16}"
+                     f"{r['frac_of_optimum_value']['mean']:>11.3f}{r['mean_js']['mean']:>9.3f}"
+                     f"{round(r['cum_regret_final']['mean'], 3) + 0.0:>12.3f}")  # + 0.0: no "-0.000"
     return "\n".join(lines)
 
 
 LINUCB_PARAMS = {"lam": float, "beta0": float, "beta_schedule": str, "tau": float, "decay": float,
-                 "discount": float}
+                 "discount": float, "drop": str}
+
+
+def method_spec(label: str, linucb_kw: dict[str, Any] | None = None) -> tuple[str, dict[str, Any] | None]:
+    """Method label → (strategy name, keyword arguments).
+
+    ``linucb`` takes ``linucb_kw`` (``--linucb``); ``linucb:KEY=VALUE/KEY=VALUE`` is LinUCB
+    with those parameters instead, so variants run side by side on the same seeds and
+    populations as the default (a paired comparison, one oracle and one random run for
+    all of them). Other labels are strategy or variant names."""
+    name, sep, params = label.partition(":")
+    if name == "linucb":
+        return name, parse_linucb_params(params.split("/")) if sep else linucb_kw
+    if sep:
+        raise ValueError(f"only linucb takes parameters in a method label, got {label!r}")
+    if name not in ORACLES and name not in STRATEGIES and name not in VARIANTS:
+        raise ValueError(f"unknown method {label!r}; known: {sorted({*ORACLES, *STRATEGIES, *VARIANTS})}")
+    return name, None
 
 
 def parse_linucb_params(items: Sequence[str]) -> dict[str, Any]:
@@ -234,6 +290,28 @@ def parse_linucb_params(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+class _StderrLoggerFactory:
+    """A ``PrintLogger`` on whatever ``sys.stderr`` is when a logger is made (structlog
+    makes one per call unless caching), so a redirected stderr (click's test runner)
+    is honoured and a closed earlier one is never written to."""
+
+    def __call__(self, *args: Any) -> structlog.PrintLogger:
+        return structlog.PrintLogger(sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    """Send this command's logs to stderr, so ``--json`` stdout is the document only.
+
+    Why here: the command runs under ``knexa-harness`` (whose group configures logging
+    only for the commands that start processes, into their OUT/logs) and as
+    ``python -m harness.sim``; unconfigured structlog prints to *stdout*. Format ``auto``:
+    JSON unless stderr is a terminal."""
+    from p2p.logs import configure_logging
+
+    configure_logging("auto", stream=sys.stderr)
+    structlog.configure(logger_factory=_StderrLoggerFactory())
+
+
 # -h like every KNEXA command; set here too because click caches a command's help option
 # on first use, so standalone use (python -m harness.sim) must not differ from nested.
 @click.command("sim", context_settings={"help_option_names": ["-h", "--help"]})
@@ -243,14 +321,18 @@ def parse_linucb_params(items: Sequence[str]) -> dict[str, Any]:
 @click.option("--first-seed", type=int, default=0, show_default=True,
               help="seeds are FIRST-SEED … FIRST-SEED+SEEDS−1 (tune on other seeds than you report)")
 @click.option("--heterogeneity", default="high", show_default=True, help="high (α=0.1), low (α=10) or a number")
+@click.option("--world", type=click.Choice(sorted(WORLDS)), default="standard", show_default=True,
+              help="misspecified: part of the compatibility is a hidden per-agent latent φ cannot see")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
 @click.option("--k-pairs", type=int, default=None, help="pairs per round (default clients/2)")
 @click.option("--linucb", "linucb_params", multiple=True, metavar="KEY=VALUE",
-              help="LinUCB parameter for this run, repeatable: lam, beta0, beta_schedule, tau, decay, discount")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def sim_command(clients: int, rounds: int, seeds: int, first_seed: int, heterogeneity: str, methods: str,
-                k_pairs: int | None, linucb_params: tuple[str, ...], as_json: bool) -> None:
+              help="LinUCB parameter for this run, repeatable: lam, beta0, beta_schedule, tau, decay, discount, "
+                   "drop (feature group to ablate: lineage)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (stdout: the JSON only)")
+def sim_command(clients: int, rounds: int, seeds: int, first_seed: int, heterogeneity: str,
+                world: str, methods: str, k_pairs: int | None, linucb_params: tuple[str, ...], as_json: bool) -> None:
     """Synthetic matchmaking benchmark: every method on its own copy of the same world."""
+    _log_to_stderr()
     if clients < 2 or rounds < 1 or seeds < 1:
         raise click.UsageError("need clients ≥ 2, rounds ≥ 1, seeds ≥ 1")
     ms = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -261,17 +343,14 @@ def sim_command(clients: int, rounds: int, seeds: int, first_seed: int, heteroge
     try:
         kw = parse_linucb_params(linucb_params)
         res = run_sim(clients, rounds, range(first_seed, first_seed + seeds), heterogeneity, ms, k_pairs,
-                      linucb_kw=kw or None)
+                      linucb_kw=kw or None, world=world)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(json.dumps(res) if as_json else format_table(res))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m harness.sim``: logs go to stderr (INFO) so ``--json`` stdout stays pure."""
-    if not structlog.is_configured():
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-                            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    """``python -m harness.sim``; the command itself sends logs to stderr."""
     try:
         sim_command.main(args=list(argv) if argv is not None else None, prog_name="knexa-harness sim",
                          standalone_mode=False)

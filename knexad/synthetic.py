@@ -21,7 +21,13 @@ documented in docs/synthetic.md; in short, per agent:
   ρ⁺·½·s_c in every category the package covers. ``poison_from`` > 0 makes a
   "sleeper": honest until it has completed that many rounds, poisoned afterwards;
 * realised change = expected change × max(0, 1 + σ·ε), ε ~ N(0, 1) per exchange; the
-  measured loss adds N(0, σ_m) measurement noise.
+  measured loss adds N(0, σ_m) measurement noise;
+* *misspecified world* (``WorldParams.hidden_compat`` = w > 0, ``MISSPECIFIED``): every
+  agent also has a hidden latent u ∈ [0, 1) (a circle), drawn from its own random stream
+  and independent of everything in the profile, and every exchange is further scaled by
+  H(t, s) = 1 − w·d(u_t, u_s), d = twice the circular distance ∈ [0, 1]. Why: the CPM's
+  same-lineage flag mirrors the world's lineage groups exactly, so the standard world
+  cannot show how LinUCB fares when compatibility depends on something φ cannot see.
 
 ``expected_gain`` is the pure, noise-free expected loss decrease for a category-balanced
 package; the simulator's oracle uses it.
@@ -89,6 +95,14 @@ class WorldParams:
     noise: float = 0.25  # relative noise of a realised KD gain
     meas_noise: float = 0.002  # validation-loss measurement noise
     filler_bytes: int = 240  # completion text per item (package size realism)
+    hidden_compat: float = 0.0  # w of the hidden compatibility 1 − w·d(u_t, u_s); 0: standard world
+
+
+# The misspecified world of the benchmark (``harness.sim --world misspecified``): with w = 0.5
+# the hidden factor spans 0.5–1 (mean 0.75), the same range as the visible family
+# compatibility (0.5 / 0.8 / 1).
+MISSPECIFIED = WorldParams(hidden_compat=0.5)
+WORLDS = {"standard": WorldParams(), "misspecified": MISSPECIFIED}
 
 
 @dataclass(slots=True)
@@ -108,6 +122,7 @@ class AgentState:
     kd_rounds: int = 0
     gain_ema: float = 0.0
     poison_from: int = 0  # poisoned only once ``rounds`` ≥ this (0: from the start)
+    latent: float = 0.0  # hidden compatibility latent u (used only when hidden_compat > 0)
 
     @property
     def poisoning(self) -> bool:
@@ -124,7 +139,7 @@ class AgentState:
             "capacity": self.capacity, "skill": self.skill.tolist(), "poisoned": self.poisoned,
             "prev_pass1": self.prev_pass1, "prev_own": self.prev_own, "prev_ppl": self.prev_ppl,
             "rounds": self.rounds, "kd_rounds": self.kd_rounds, "gain_ema": self.gain_ema,
-            "poison_from": self.poison_from,
+            "poison_from": self.poison_from, "latent": self.latent,
         }
 
     @classmethod
@@ -138,6 +153,7 @@ class AgentState:
             poisoned=bool(d["poisoned"]), prev_pass1=float(d["prev_pass1"]), prev_own=float(d["prev_own"]),
             prev_ppl=float(d["prev_ppl"]), rounds=int(d["rounds"]), kd_rounds=int(d["kd_rounds"]),
             gain_ema=float(d["gain_ema"]), poison_from=int(d.get("poison_from", 0)),
+            latent=float(d.get("latent", 0.0)),
         )
 
 
@@ -192,6 +208,13 @@ def category_delta(teacher_quality: np.ndarray, student_skill: np.ndarray, compa
     return np.where(cover > 0, d, 0.0)
 
 
+def hidden_factor(u_t: float | np.ndarray, u_s: float | np.ndarray, params: WorldParams) -> np.ndarray:
+    """H = 1 − w·d(u_t, u_s), d = twice the circular distance: the hidden part of the
+    compatibility. Exactly 1 in the standard world (w = 0), so that world is unchanged."""
+    diff = np.abs(np.subtract(u_t, u_s, dtype=float)) % 1.0
+    return 1.0 - params.hidden_compat * 2.0 * np.minimum(diff, 1.0 - diff)
+
+
 def teacher_quality(st: AgentState) -> np.ndarray:
     """What a teacher's items are worth per category; negative when poisoning."""
     return -np.maximum(st.skill, 0.5) if st.poisoning else st.skill.copy()
@@ -201,6 +224,7 @@ def expected_gain(teacher_state: AgentState, student_state: AgentState, arm: Pro
                   params: WorldParams = WorldParams()) -> float:
     """Noise-free expected validation-loss decrease for a category-balanced package."""
     c = float(COMPAT[teacher_state.family, student_state.family])
+    c *= float(hidden_factor(teacher_state.latent, student_state.latent, params))
     d = category_delta(teacher_quality(teacher_state), student_state.skill, c, arm,
                        np.ones(N_CATEGORIES), params)
     return float(d.mean())
@@ -212,7 +236,8 @@ def expected_gain_matrix(states: list[AgentState], arm: ProtocolArm,
     S = np.stack([s.skill for s in states])
     Q = np.stack([teacher_quality(s) for s in states])
     fam = np.array([s.family for s in states])
-    Cm = COMPAT[fam[:, None], fam[None, :]]
+    u = np.array([s.latent for s in states])
+    Cm = COMPAT[fam[:, None], fam[None, :]] * hidden_factor(u[:, None], u[None, :], params)
     e = arm_efficiency(arm) * Cm[:, :, None] * params.eta
     a = float(arm.alpha)
     up = np.minimum(0.9, e * a)
@@ -290,7 +315,10 @@ class SyntheticAgent:
                     completion=_completion(c, float(q[c]), int(tid), j, self.params.filler_bytes),
                     category=c, score=float(self.state.skill[c]),
                 ))
-        return KnowledgePackage(self.family, tuple(items), {"round": request.round, "agent": self.agent_id})
+        meta: dict[str, float | int | str] = {"round": request.round, "agent": self.agent_id}
+        if self.params.hidden_compat:  # the world's physics needs it at the student; the CPM never sees packages
+            meta["latent"] = float(self.state.latent)
+        return KnowledgePackage(self.family, tuple(items), meta)
 
     def _package_delta(self, package: KnowledgePackage, arm: ProtocolArm) -> tuple[np.ndarray, int]:
         """Noise-free expected per-category skill change from ``package``; items used."""
@@ -309,7 +337,11 @@ class SyntheticAgent:
         cover = cats * N_CATEGORIES / used
         qual = np.where(cats > 0, qsum / np.maximum(cats, 1), 0.0)
         fam = FAMILIES.index(package.teacher_family) if package.teacher_family in FAMILIES else len(FAMILIES) - 1
-        d = category_delta(qual, self.state.skill, float(COMPAT[fam, self.state.family]), arm, cover, self.params)
+        compat = float(COMPAT[fam, self.state.family])
+        u_t = package.meta.get("latent")
+        if self.params.hidden_compat and isinstance(u_t, (int, float)) and math.isfinite(u_t):
+            compat *= float(hidden_factor(float(u_t), self.state.latent, self.params))
+        d = category_delta(qual, self.state.skill, compat, arm, cover, self.params)
         return d, used
 
     def expected_learn_gain(self, package: KnowledgePackage, arm: ProtocolArm) -> float:
@@ -408,16 +440,27 @@ def _parse_item(item: KnowledgeItem) -> tuple[int | None, float]:
     return c, max(-1.0, min(1.0, q))
 
 
+_LATENT_STREAM = 0x4C41  # "LA": the hidden latents' own random stream
+
+
 def make_population(n: int, *, alpha: float, seed: int, poisoned: tuple[int, ...] = (),
                     params: WorldParams = WorldParams(), poison_from: int = 0) -> list[SyntheticAgent]:
     """n agents, deterministic by seed; indices in ``poisoned`` are poisoned teachers
-    (from their ``poison_from``-th completed round on; 0 = from the start)."""
+    (from their ``poison_from``-th completed round on; 0 = from the start).
+
+    With ``params.hidden_compat`` > 0 each agent also gets its hidden latent, drawn from a
+    stream of its own: the visible agents are then the same as in the standard world with
+    the same seed, and the latent is independent of everything in their profiles."""
     ss = np.random.SeedSequence(seed)
     seeds = ss.generate_state(n)
     agents = [SyntheticAgent.random(int(s), alpha=alpha, agent_id=f"a{i:04d}", poisoned=i in poisoned, params=params)
               for i, s in enumerate(seeds)]
     for i in poisoned:
         agents[i].state.poison_from = int(poison_from)
+    if params.hidden_compat:
+        latents = np.random.default_rng([seed, _LATENT_STREAM]).random(n)
+        for a, u in zip(agents, latents):
+            a.state.latent = float(u)
     return agents
 
 
@@ -428,5 +471,6 @@ def package_kb(package: KnowledgePackage) -> float:
 
 __all__ = [
     "FAMILIES", "COMPAT", "WorldParams", "AgentState", "SyntheticAgent", "expected_gain",
-    "expected_gain_matrix", "make_population", "package_kb", "random_state", "loss",
+    "expected_gain_matrix", "make_population", "package_kb", "random_state", "loss", "MISSPECIFIED", "WORLDS",
+    "hidden_factor",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -171,3 +172,98 @@ def test_fast_match_scores_are_exact_ucb_of_its_triples() -> None:
     ref = BANDIT.ucb(F.batch_context(P, f.teacher, f.student, f.arm))
     np.testing.assert_allclose(f.score, ref, rtol=1e-9, atol=1e-12)
     assert len(f) == 200
+
+
+# ---- the simulator's ceiling: exact optimum vs greedy (cpm/optimum.py) ----------------
+
+
+def _brute_optimum(W: np.ndarray, k_pairs: int) -> float:
+    """Best total of at most ``k_pairs`` disjoint pairs, W[a, b] the pair's best value
+    (either direction), by enumerating every matching."""
+    def best(free: tuple[int, ...], left: int) -> float:
+        if left == 0 or len(free) < 2:
+            return 0.0
+        a, rest = free[0], free[1:]
+        out = best(rest, left)  # a stays unpaired
+        for j, b in enumerate(rest):
+            out = max(out, W[a, b] + best(rest[:j] + rest[j + 1 :], left - 1))
+        return out
+
+    return best(tuple(range(W.shape[0])), k_pairs)
+
+
+def _candidates(G: np.ndarray) -> tuple[np.ndarray, ...]:
+    """All ordered pairs of a (K, N, N) value array, best arm per pair (canonical order)."""
+    from cpm.matching import _all_pairs
+
+    t, s = _all_pairs(G.shape[1])
+    sc = G[:, t, s].T
+    k = sc.argmax(axis=1)
+    return t, s, k, sc[np.arange(k.size), k]
+
+
+def test_optimum_is_exact_and_never_below_greedy_on_random_instances() -> None:
+    from cpm.matching import greedy_disjoint
+    from cpm.optimum import optimal_disjoint
+
+    rng = np.random.default_rng(0)
+    strictly = 0
+    for _ in range(150):
+        n = int(rng.integers(2, 9))
+        k_pairs = int(rng.integers(1, n // 2 + 2))  # includes K_p < N/2 (cardinality-limited) and ≥ N/2
+        G = rng.normal(0.2, 1.0, (2, n, n))
+        cand = _candidates(G)
+        opt = optimal_disjoint(*cand, n_agents=n, k_pairs=k_pairs)
+        greedy = greedy_disjoint(*cand, n_agents=n, k_pairs=k_pairs)
+        agents = opt.teacher.tolist() + opt.student.tolist()
+        assert len(opt) <= k_pairs and len(set(agents)) == len(agents)
+        np.testing.assert_allclose(opt.score, G[opt.arm, opt.teacher, opt.student])  # real (t, s, k) values
+        W = G.max(axis=0)
+        assert opt.total() == pytest.approx(_brute_optimum(np.maximum(W, W.T), k_pairs), abs=1e-9)
+        assert opt.total() >= greedy.total() - 1e-12
+        strictly += opt.total() > greedy.total() + 1e-9
+    assert strictly > 10  # greedy is often not optimal on such instances
+
+
+def test_optimum_beats_greedy_where_greedy_takes_the_best_pair_first() -> None:
+    from cpm.matching import greedy_disjoint
+    from cpm.optimum import optimal_disjoint
+    from cpm.strategies import OracleStrategy
+
+    G = np.full((1, 4, 4), -1.0)
+    G[0, 0, 1] = 10.0  # greedy takes it first, which leaves only 2–3
+    G[0, 0, 2] = G[0, 3, 1] = 9.0  # the optimum pairs 0→2 and 3→1
+    G[0, 2, 3] = 1.0
+    cand = _candidates(G)
+    assert greedy_disjoint(*cand, n_agents=4, k_pairs=2).total() == 11.0
+    opt = optimal_disjoint(*cand, n_agents=4, k_pairs=2)
+    assert opt.total() == 18.0 and sorted(opt.triples()) == [(0, 2, 0), (3, 1, 0)]
+    assert optimal_disjoint(*cand, n_agents=4, k_pairs=1).triples() == [(0, 1, 0)]  # one pair: the best one
+    assert OracleStrategy(matrix_fn=lambda k: G[k], n_arms=1).match(4, 2).total() == 18.0
+    assert OracleStrategy(matrix_fn=lambda k: G[k], n_arms=1, solver="greedy").match(4, 2).total() == 11.0
+    assert len(optimal_disjoint(*_candidates(-np.ones((1, 4, 4))), n_agents=4, k_pairs=2)) == 0  # nothing helps
+
+
+def test_dropping_lineage_is_exactly_the_layout_1_bandit() -> None:
+    """``LinUCBStrategy(drop="lineage")`` (the sim's ablation) scores every candidate like
+    a bandit that never had the lineage dims, after the same feedback."""
+    from cpm.strategies import Feedback, LinUCBStrategy
+
+    rng = np.random.default_rng(2)
+    P = _profiles(16, 21)
+    ids = [f"a{i}" for i in range(16)]
+    strat = LinUCBStrategy(drop="lineage", beta0=0.7, reinvert_every=7)
+    ref = LinUCB(F.v1_context_dim(3), beta0=0.7)
+    keep = F.v1_dims(3)
+    for rd in range(6):
+        for p in strat.select(P, ids, rd, 8, rng):
+            fb = Feedback(1.0, 1.0 - float(rng.normal(0.01, 0.01)), 3.0)
+            strat.update(p, fb)
+            ref.update_feedback(p.context[keep], fb.loss_pre, fb.loss_post, fb.kb)
+    t = np.repeat(np.arange(16), 15)
+    s = np.concatenate([np.delete(np.arange(16), i) for i in range(16)])
+    got = exact_pair_scores(P, t, s, strat.bandit, 3, strat.bandit.beta())
+    for k in range(3):
+        X = F.batch_context(P, t, s, np.full(t.size, k))
+        np.testing.assert_allclose(got[:, k], ref.ucb(X[:, keep]), rtol=1e-8, atol=1e-10)
+    assert np.any(F.batch_context(P, t, s, np.zeros(t.size, dtype=int))[:, F.OFF_LIN])  # the dims were there
