@@ -11,7 +11,7 @@ agents. The node writes it once per group-commit batch instead
 one run, on the real engine (``RoundEngine``, SQLite in WAL with ``synchronous=FULL``,
 LinUCB, no network):
 
-* ``batched``: the node's way — feedbacks inside ``db.grouped()``, a COMMIT every
+* ``batched``: the node's way — feedbacks inside ``store.grouped()``, a COMMIT every
   ``--batch`` of them (under load the node's batches hold tens to hundreds);
 * ``per_feedback``: every feedback its own transaction, the state serialised each time
   (what the node did before; still what ``group_commit=False`` does).
@@ -41,17 +41,17 @@ T0 = 1_700_000_000_000
 def _matched_world(path: Path, agents: int) -> None:
     """A database where round 1 of ``agents`` agents is matched (LinUCB)."""
     from cpm.rounds import RoundEngine
-    from cpm.store import Store
+    from cpm.store import open_store
     from protocol.envelope import Identity
     from protocol.messages import Profile, Register
 
-    store = Store(path)
+    store = open_store(path)
     cfg = _config()
     engine = RoundEngine(store, cfg, Identity(bytes(32)))
     engine.start(T0)
     rng = np.random.default_rng(0)
     peers = [f"agent-{i:06d}" for i in range(agents)]
-    with store.db.grouped():
+    with store.grouped():
         for i, peer in enumerate(peers):
             with store.transaction():
                 store.admit(peer, f"org{i}", T0)
@@ -61,7 +61,7 @@ def _matched_world(path: Path, agents: int) -> None:
             vec[20:32] /= vec[20:32].sum()
             with store.transaction():
                 engine.profile(peer, Profile(1, tuple(float(v) for v in vec), cfg.transfer_hash), T0 + 1)
-    store.db.commit_batch()
+    store.commit_batch()
     assert engine.current is not None and engine.current.state == "matched", "round 1 did not match"
     store.close()
 
@@ -77,11 +77,11 @@ def _config() -> Any:
 def _record_all(path: Path, batch: int | None) -> dict[str, Any]:
     """Every directive's Feedback; ``batch`` None = one transaction per feedback."""
     from cpm.rounds import RoundEngine
-    from cpm.store import Store
+    from cpm.store import open_store
     from protocol.envelope import Identity
     from protocol.messages import Feedback
 
-    store = Store(path)
+    store = open_store(path)
     engine = RoundEngine(store, _config(), Identity(bytes(32)))
     engine.start(T0 + 2)
     directives = store.list_directives(1)
@@ -94,11 +94,11 @@ def _record_all(path: Path, batch: int | None) -> dict[str, Any]:
             with store.transaction():
                 engine.feedback(d.student, fb, T0 + 3)
         else:
-            with store.db.grouped(), store.transaction():
+            with store.grouped(), store.transaction():
                 engine.feedback(d.student, fb, T0 + 3)
             if (i + 1) % batch == 0:
-                store.db.commit_batch()
-    store.db.commit_batch()
+                store.commit_batch()
+    store.commit_batch()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     saved = store.load_bandit_state()
     stored = len(store.list_feedback(1))

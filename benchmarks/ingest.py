@@ -277,22 +277,22 @@ async def _drive_against(server: Any, mode: str, profiles: int, clients: int, pi
 
 
 def add_background_agents(store: Any, n: int, now: int) -> None:
-    """``n`` admitted, registered, active agents with a profile in round 1 (SQL only)."""
-    vector = json.dumps([0.25] * 32)
-    with store.transaction() as db:
+    """``n`` admitted, registered, active agents with a profile in round 1, written in
+    one transaction through the store (no engine, no network: setup, not measured)."""
+    vector = [0.25] * 32
+    with store.transaction():
         for i in range(n):
             peer = f"background-{i:06d}"
-            db.execute("INSERT INTO agents (peer_id, org, admitted, revoked, admitted_at, registered_at, last_seen) "
-                       "VALUES (?, 'background', 1, 0, ?, ?, ?)", (peer, now, now, now))
-            db.execute("INSERT INTO profiles (peer_id, round, vector, transfer_hash, received_at) "
-                       "VALUES (?, 1, ?, 'background', ?)", (peer, vector, now))
+            store.admit(peer, "background", now)
+            store.register(peer, org="background", family="", listen_addrs=(), agent_version="", now_ms=now)
+            store.put_profile(peer, 1, vector, "background", now)
 
 
 async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home: Path,
                     window_s: float, registered: int = 0) -> dict[str, Any]:
     from cpm.config import CpmConfig
     from cpm.service import CpmService
-    from cpm.store import Store
+    from cpm.store import open_store
     from protocol.envelope import Identity, now_ms
 
     cfg = CpmConfig(strategy="random", min_agents=clients + registered + 1, round_timer_s=86_400.0,
@@ -307,7 +307,7 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
         res, cpu = await _drive_against(echo, mode, profiles, clients, pipeline, cfg.transfer_hash)
         out["verified"] = echo.served == res["acked"] + clients  # + one "Register" each
     else:
-        store = Store(home / "cpm.db")
+        store = open_store(home / "cpm.db")
         for i in range(clients):
             store.admit(Identity(client_seed(i)).peer_id, "bench", 1)
         add_background_agents(store, registered, now_ms())
@@ -318,7 +318,7 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
         finally:
             store.close()
         # verify on the database reopened from disk: every client's last acked profile is stored
-        check = Store(home / "cpm.db")
+        check = open_store(home / "cpm.db")
         stored = {row["peer_id"]: row["vector"] for row in check.list_profiles(1)
                   if not row["peer_id"].startswith("background-")}
         check.close()
@@ -358,10 +358,10 @@ def verify_ceiling(n: int = 3000) -> dict[str, Any]:
 
 def commit_ms(n: int = 40) -> float:
     """One standalone COMMIT (``synchronous=FULL``: an fsync of the WAL) on this disk."""
-    from cpm.store import Store
+    from cpm.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="knexa-commit-") as tmp:
-        store = Store(Path(tmp) / "cpm.db")
+        store = open_store(Path(tmp) / "cpm.db")
         store.admit("peer", "", 0)
         t0 = time.perf_counter()
         for i in range(n):

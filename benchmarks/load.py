@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -207,15 +206,18 @@ def _rss_kb(pid: int) -> int | None:
 
 
 def _latest_round(db: Path) -> tuple[int, str]:
+    """The running CPM's latest round, read-only (never takes its write lock)."""
+    from cpm.store import StoreError, open_store
+
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        store = open_store(db, readonly=True)
         try:
-            row = con.execute("SELECT round, state FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+            row = store.latest_round()
         finally:
-            con.close()
-    except sqlite3.Error:
+            store.close()
+    except StoreError:
         return 0, "none"
-    return (int(row[0]), str(row[1])) if row else (0, "none")
+    return (row.round, row.state) if row else (0, "none")
 
 
 def _setup_cpm(home: Path, rounds: int, strategy: str) -> None:
@@ -307,16 +309,21 @@ def _report(agents: int, rounds: int, drivers: int, strategy: str, db: Path, out
         errors += doc["errors"]
         for k in totals:
             totals[k] += doc[k]
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    stored = [r[0] for r in con.execute("SELECT directive_id FROM feedback")]
-    n_dir = con.execute("SELECT COUNT(*) FROM directives").fetchone()[0]
-    n_prof = con.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
-    n_agents_db = con.execute("SELECT COUNT(*) FROM agents WHERE registered_at IS NOT NULL").fetchone()[0]
-    closed = con.execute("SELECT COUNT(*) FROM rounds WHERE state = 'closed'").fetchone()[0]
-    times = con.execute("SELECT MIN(opened_at), MAX(closed_at) FROM rounds").fetchone()
-    durs = [r[0] / 1000 for r in con.execute(
-        "SELECT closed_at - opened_at FROM rounds WHERE closed_at IS NOT NULL ORDER BY round")]
-    con.close()
+    from cpm.store import open_store
+
+    store = open_store(db, readonly=True)
+    try:
+        stored = [f.directive_id for f in store.list_feedback()]
+        counts = store.counts()
+        n_dir, n_prof = counts["directives"], counts["profiles"]
+        n_agents_db = sum(1 for a in store.list_agents() if a.registered_at is not None)
+        rows = store.list_rounds()
+    finally:
+        store.close()
+    closed = sum(1 for r in rows if r.state == "closed")
+    ended = [r.closed_at for r in rows if r.closed_at is not None]
+    times = (min((r.opened_at for r in rows), default=None), max(ended, default=None))
+    durs = [(r.closed_at - r.opened_at) / 1000 for r in rows if r.closed_at is not None]
     span = max((times[1] - times[0]) / 1000, 1e-9) if times[0] and times[1] else wall
     per_round: dict[int, int] = {}
     for rnd, kb in rss:

@@ -1,7 +1,7 @@
 """Admin operations: listings shared by the CLI, the ``/knexa/admin/1.0.0`` handler and
 the request/response client used by ``knexa-cpm --remote`` (and by tests).
 
-Why one module: the local CLI (acting on the SQLite file) and the remote admin protocol
+Why one module: the local CLI (acting on the home's store) and the remote admin protocol
 must produce the same rows, so both call ``query_rows``. Only peers listed in the
 config's ``admins`` may use the admin protocol; everyone else gets ``unauthorized``
 before their frame is even read.

@@ -1,5 +1,5 @@
-"""The CPM's SQLite connection: per-call transactions, or group commit of many messages
-in one write transaction with one fsync.
+"""The SQLite backend's connection (``cpm.store_sqlite``): per-call transactions, or
+group commit of many messages in one write transaction with one fsync.
 
 Why: with ``synchronous=FULL`` each COMMIT costs an fsync (milliseconds: ``commit_ms``
 in ``benchmarks/ingest.py``), and the CPM must not acknowledge anything that is not
@@ -16,6 +16,10 @@ durable. Group commit keeps that guarantee and pays one fsync per *batch*:
 ``commit_batch`` may run on a worker thread so the event loop keeps serving while the
 disk syncs: every statement runs under one re-entrant lock and returns its rows already
 fetched, so the connection is never used by two threads at once.
+
+Errors leave here backend-neutral where callers act on them: a
+``sqlite3.OperationalError`` (locked past the busy timeout, disk full, I/O) becomes
+``cpm.store.StoreUnavailable``, a failed batch ``cpm.store.BatchCommitError``.
 """
 
 from __future__ import annotations
@@ -28,16 +32,11 @@ from typing import Any
 
 import structlog
 
+from cpm.store import BatchCommitError, StoreError, StoreUnavailable
+
+__all__ = ["BatchCommitError", "BatchDb", "Result"]
+
 log = structlog.get_logger(__name__)
-
-
-class BatchCommitError(Exception):
-    """The COMMIT of a group-commit batch failed; the batch was rolled back."""
-
-    def __init__(self, batch: int, cause: BaseException) -> None:
-        super().__init__(f"commit of batch {batch} failed: {cause}")
-        self.batch = batch
-        self.cause = cause
 
 
 class Result:
@@ -76,8 +75,11 @@ class BatchDb:
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Result:
         with self.lock:
-            cur = self.conn.execute(sql, args)
-            return Result(cur.fetchall(), cur.rowcount)
+            try:
+                cur = self.conn.execute(sql, args)
+                return Result(cur.fetchall(), cur.rowcount)
+            except sqlite3.OperationalError as exc:  # busy, full, I/O: the caller may retry
+                raise StoreUnavailable(str(exc)) from exc
 
     def defer_until_commit(self, key: str, write: Callable[[], None]) -> bool:
         """In an open batch: run ``write`` right before the batch's COMMIT, once per
@@ -138,7 +140,7 @@ class BatchDb:
         if self._batch is not None and not self.conn.in_transaction:
             # SQLite rolled the whole batch back (e.g. disk full): its COMMIT will fail
             # and fail its waiters; a savepoint now would silently autocommit
-            raise sqlite3.OperationalError(f"batch {self._batch} was rolled back by SQLite")
+            raise StoreUnavailable(f"batch {self._batch} was rolled back by SQLite")
         if self._batch is None:
             self.execute("BEGIN IMMEDIATE")
             self._batches += 1
@@ -185,7 +187,7 @@ class BatchDb:
                 if self.conn.in_transaction:
                     try:
                         self.execute("ROLLBACK")
-                    except sqlite3.Error as exc2:
+                    except (sqlite3.Error, StoreError) as exc2:
                         log.error("cpm.store.rollback_failed", batch=batch, error=str(exc2))
                 raise BatchCommitError(batch, exc) from exc
             finally:

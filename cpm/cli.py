@@ -11,8 +11,9 @@ Exit codes (every command; docs/cpm.md):
 5    not admitted / unauthorized (``--remote`` with a non-admin key)
 ==== =====================================================
 
-Admin commands act on the home's SQLite file (WAL), which the running node re-reads per
-request, so ``admit``/``revoke`` take effect without a restart. ``--remote MADDR --key
+Admin commands act on the home's store (``cpm.store``: today its SQLite file in WAL mode),
+which the running node re-reads per request, so ``admit``/``revoke`` take effect
+without a restart. ``--remote MADDR --key
 FILE`` sends the same operation over ``/knexa/admin/1.0.0`` instead. ``release`` is the
 exception: the running node holds the teacher reputation in memory and would overwrite
 a release written to its file, so it needs ``--remote`` — or ``--offline``, the
@@ -36,7 +37,7 @@ import click
 import structlog
 
 from cpm import config as C
-from cpm.store import Store, StoreError
+from cpm.store import Store, StoreError, StoreUnavailable, open_home_store
 from p2p.process import ExitCode, HomeLock, exit_code_for, first_leaf, run_cli, version_option
 from protocol.errors import ConfigError, KnexaError
 
@@ -44,6 +45,10 @@ log = structlog.get_logger(__name__)
 
 
 def _exit_code(exc: BaseException) -> int:
+    """A store that is unusable is a configuration problem (3); one that is busy or out
+    of disk right now is a runtime one (1)."""
+    if isinstance(exc, StoreUnavailable):
+        return ExitCode.RUNTIME
     return ExitCode.CONFIG if isinstance(exc, StoreError) else exit_code_for(exc)
 
 
@@ -98,7 +103,7 @@ _wide_option = click.option("--wide", is_flag=True, help="Full peer IDs in the t
 
 def _open_store(home: Path) -> Store:
     C.load_config(home)  # a home without a valid config is a config error (exit 3)
-    return Store(C.db_path(home))
+    return open_home_store(home)
 
 
 def _remote(remote: str, key_file: Path | None, message: Any) -> Any:
@@ -163,7 +168,7 @@ def init(home: Path, open_admission: bool | None, transfer_hash: str | None, for
         cfg.transfer_hash = C.default_transfer_hash(cfg.transfer_size)
     C.save_config(home, cfg)
     ident = C.load_identity(home) if C.identity_path(home).exists() else C.create_identity(home)
-    Store(C.db_path(home)).close()
+    open_home_store(home).close()
     click.echo(ident.peer_id)
     if existed:
         click.echo(f"rewrote {C.config_path(home)}; a running `knexa-cpm serve` reads it only at start: "
@@ -201,7 +206,7 @@ def serve(home: Path, listen: tuple[str, ...], strategy: str | None, ready_file:
     configure_logging(cfg.log_format)
     ident = C.load_identity(home)
     with HomeLock(home, "knexa-cpm serve"):
-        store = Store(C.db_path(home))
+        store = open_home_store(home)
         try:
             trio.run(_serve, cfg, ident, store, ready_file)
         finally:
@@ -413,7 +418,7 @@ def watch(home: Path, interval_s: float, count: int, remote: str | None, key_fil
         max_rounds = C.load_config(home).max_rounds
 
         def fetch(what: str, round_: int) -> list[dict[str, Any]]:
-            store = _open_store(home)  # per refresh: the running node commits meanwhile
+            store = open_home_store(home, readonly=True)  # per refresh: the node commits meanwhile
             try:
                 return query_rows(store, what, round_, max_rounds=max_rounds)
             finally:

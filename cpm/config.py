@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from cpm.strategies import NODE_STRATEGIES, make_strategy
 from p2p import keyfile
 from p2p.files import atomic_write
 from protocol.envelope import Identity
@@ -27,8 +28,8 @@ CONFIG_FILE = "config.toml"
 IDENTITY_FILE = "identity.key"
 DB_FILE = "cpm.db"
 
-# ``oracle`` needs the simulator's ground truth, so the CPM node cannot run it.
-STRATEGIES = ("linucb", "random", "heuristic", "local-only", "central-kd")
+# what a node can run, from the strategy registry (``oracle`` needs the simulator's truth)
+STRATEGIES = NODE_STRATEGIES
 LOG_FORMATS = ("auto", "console", "json")
 
 
@@ -48,6 +49,7 @@ def default_transfer_hash(transfer_size: int = DEFAULT_TRANSFER_SIZE) -> str:
 class CpmConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     strategy: str = "linucb"
+    strategy_params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the strategy, e.g. {lam = 0.3, beta0 = 1.0} for linucb (cpm/strategies.py)
     seed: int = 0  # strategy RNG seed (per round: seed ⊕ round → restart-safe)
     k_pairs: int = 0  # 0 = as many as possible (N // 2)
     quorum: float = 1.0  # fraction of active admitted agents with a fresh profile
@@ -162,6 +164,10 @@ def config_from_dict(data: dict[str, Any]) -> CpmConfig:
         cfg.open_admission = data["open_admission"]
     if "arms" in data:
         cfg.arms = _arms(data["arms"], cfg.transfer_size)
+    if "strategy_params" in data:
+        if not isinstance(data["strategy_params"], dict):
+            raise ConfigError("strategy_params", "must be a table of the strategy's keyword arguments")
+        cfg.strategy_params = dict(data["strategy_params"])
     validate(cfg)
     return cfg
 
@@ -171,6 +177,10 @@ def validate(cfg: CpmConfig) -> None:
         raise ConfigError("listen", "needs at least one multiaddr")
     if cfg.strategy not in STRATEGIES:
         raise ConfigError("strategy", f"must be one of {', '.join(STRATEGIES)}")
+    try:  # the strategy's own constructor is the one check of its parameters
+        make_strategy(cfg.strategy, **cfg.strategy_params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("strategy_params", f"not accepted by {cfg.strategy}: {exc}") from None
     if cfg.k_pairs < 0:
         raise ConfigError("k_pairs", "must be ≥ 0 (0 = as many as possible)")
     if not 0.0 < cfg.quorum <= 1.0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -29,42 +28,37 @@ PROBE_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
 def check_database(home: Path) -> K.Check:
-    """The file exists, is a database in WAL mode (so admin commands from another process
-    never block the node for long), passes ``quick_check``; summary counts."""
-    path = C.db_path(home)
-    if not path.exists():
-        return K.fail("database", f"{path} not found", f"knexa-cpm init --home {home}", K.EXIT_CONFIG)
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            mode = str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
-            integrity = str(db.execute("PRAGMA quick_check").fetchone()[0])
-            version = db.execute("SELECT version FROM schema_version").fetchone()
-            agents = dict(db.execute(
-                "SELECT 'admitted', COUNT(*) FROM agents WHERE admitted = 1 AND revoked = 0 "
-                "UNION ALL SELECT 'revoked', COUNT(*) FROM agents WHERE revoked = 1 "
-                "UNION ALL SELECT 'rounds', COUNT(*) FROM rounds").fetchall())
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as exc:
-        return K.fail("database", f"{path}: {exc}",
-                      "restore the latest backup (docs/operations.md: backups)", K.EXIT_CONFIG)
-    from cpm.schema import SCHEMA_VERSION
+    """The store exists, is a CPM database in its durable mode (SQLite: WAL, so admin
+    commands from another process never block the node for long), passes its integrity
+    check; summary counts. Read-only (``cpm.store.open_home_store(readonly=True)``)."""
+    from cpm.store import StoreError, StoreNotFound, open_home_store
 
-    if version is None or int(version[0]) != SCHEMA_VERSION:
-        return K.fail("database", f"{path}: schema version {version[0] if version else '?'}, this build "
-                      f"needs {SCHEMA_VERSION}", "run the knexa version that wrote it, or restore a backup "
+    try:
+        store = open_home_store(home, readonly=True)
+    except StoreNotFound as exc:
+        return K.fail("database", str(exc), f"knexa-cpm init --home {home}", K.EXIT_CONFIG)
+    except StoreError as exc:
+        return K.fail("database", str(exc), "restore the latest backup (docs/operations.md: backups)", K.EXIT_CONFIG)
+    try:
+        health = store.health()
+    except StoreError as exc:
+        return K.fail("database", str(exc), "restore the latest backup (docs/operations.md: backups)", K.EXIT_CONFIG)
+    finally:
+        store.close()
+    where, version = health.location, health.schema_version
+    if version != health.schema_expected:
+        return K.fail("database", f"{where}: schema version {'?' if version is None else version}, this build "
+                      f"needs {health.schema_expected}", "run the knexa version that wrote it, or restore a backup "
                       "made by this version (docs/operations.md: upgrading)", K.EXIT_CONFIG)
-    if integrity != "ok":
-        return K.fail("database", f"{path}: quick_check says {integrity[:200]}",
+    if health.integrity != "ok":
+        return K.fail("database", f"{where}: integrity check says {health.integrity[:200]}",
                       "stop the node and restore the latest backup (docs/operations.md: backups)", K.EXIT_CONFIG)
-    detail = (f"{path} ok ({agents.get('admitted', 0)} admitted, {agents.get('revoked', 0)} revoked, "
-              f"{agents.get('rounds', 0)} rounds)")
-    if mode != "wal":
-        return K.warn("database", f"{detail}; journal_mode={mode}",
-                      "`knexa-cpm serve` switches it to WAL on start; a filesystem without WAL support "
-                      "(network FS) is not supported")
-    return K.ok("database", f"{detail}, WAL")
+    counts = health.counts
+    detail = (f"{where} ok ({counts.get('admitted', 0)} admitted, {counts.get('revoked', 0)} revoked, "
+              f"{counts.get('rounds', 0)} rounds)")
+    if health.durability_warning is not None:
+        return K.warn("database", f"{detail}; {health.durability_warning}", health.durability_hint)
+    return K.ok("database", f"{detail}, {health.durability}")
 
 
 def check_admission(cfg: C.CpmConfig) -> K.Check:

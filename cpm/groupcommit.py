@@ -3,15 +3,18 @@ answer before the COMMIT that holds its request returned.
 
 Why: ``synchronous=FULL`` costs an fsync per COMMIT (milliseconds: ``commit_ms`` in
 ``benchmarks/ingest.py``), so committing per message caps the node at one message per
-fsync and stalls its event loop for every one. Here requests write into one open batch (``cpm.batchdb``: a SAVEPOINT
-each), a committer task commits the batch shortly after it opened — on a worker thread,
-so the loop keeps reading and verifying requests while the disk syncs — and then wakes
-every request of the batch, which only then sends its answer.
+fsync and stalls its event loop for every one. Here requests write into one open batch
+(``Store.grouped()``; the SQLite backend gives each message a SAVEPOINT, ``cpm.batchdb``),
+a committer task commits the batch shortly after it opened — on a worker thread, so the
+loop keeps reading and verifying requests while the disk syncs — and then wakes every
+request of the batch, which only then sends its answer. It needs only the store's
+``GroupCommit`` side (``open_batch``, ``commit_batch``, ``set_batch_hooks``;
+``cpm.store``), whatever the backend.
 
 Protocol for callers (``cpm.service``), all on the trio thread:
 
 1. ``await gate()`` before touching the engine/store: never while a COMMIT is running on
-   the worker thread (the connection is not shared between threads, see ``BatchDb``);
+   the worker thread (the store is not shared between threads beyond ``commit_batch``);
 2. the engine call itself is synchronous; right after it, with no ``await`` in between,
    ``join()`` returns the batch that now holds everything the call wrote *or read*
    (batches commit in order and a new one opens only after the previous one ended);
@@ -28,7 +31,7 @@ from typing import Any
 import structlog
 import trio
 
-from cpm.batchdb import BatchCommitError, BatchDb
+from cpm.store import BatchCommitError, GroupCommit
 from protocol.errors import KnexaError
 
 log = structlog.get_logger(__name__)
@@ -60,9 +63,9 @@ class GroupCommitter:
     ``window_s`` after it opened, at once when ``max_batch`` joined); a failed COMMIT
     fails every waiter and calls ``on_failure``."""
 
-    def __init__(self, db: BatchDb, *, window_s: float = COMMIT_WINDOW_S, max_batch: int = COMMIT_MAX_BATCH,
+    def __init__(self, store: GroupCommit, *, window_s: float = COMMIT_WINDOW_S, max_batch: int = COMMIT_MAX_BATCH,
                  in_thread: bool = True, on_failure: Callable[[BaseException], None] | None = None) -> None:
-        self.db = db
+        self.store = store
         self.window_s = window_s
         self.max_batch = max_batch
         self.in_thread = in_thread
@@ -73,8 +76,8 @@ class GroupCommitter:
         self._kick = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
-        db.on_batch_open = lambda _number: self._kick.set()
-        db.on_batch_end = self._resolve  # a standalone writer (the admin handler) committed it
+        # on_end: a standalone writer (the admin handler) committed the open batch
+        store.set_batch_hooks(on_open=lambda _number: self._kick.set(), on_end=self._resolve)
 
     async def gate(self) -> None:
         while self.committing:
@@ -83,7 +86,7 @@ class GroupCommitter:
     def join(self) -> Batch | None:
         """The batch holding what the engine call that just returned wrote or read;
         None when nothing is pending (it was all committed already)."""
-        number = self.db.open_batch
+        number = self.store.open_batch
         if number is None:
             return None
         batch = self._batch(number)
@@ -110,7 +113,7 @@ class GroupCommitter:
         while True:
             await self._kick.wait()
             self._kick = trio.Event()
-            number = self.db.open_batch
+            number = self.store.open_batch
             if number is None:
                 continue
             await self._gather(self._batch(number))
@@ -134,9 +137,9 @@ class GroupCommitter:
         error: BaseException | None = None
         try:
             if self.in_thread:  # not abandoned on cancel: a COMMIT is never left half-observed
-                number = await trio.to_thread.run_sync(self.db.commit_batch)
+                number = await trio.to_thread.run_sync(self.store.commit_batch)
             else:
-                number = self.db.commit_batch()
+                number = self.store.commit_batch()
         except BatchCommitError as exc:
             number, error = exc.batch, exc.cause
         finally:

@@ -49,8 +49,7 @@ from cpm.config import CpmConfig
 from cpm.store import DirectiveRow, FeedbackRow, RoundRow, Store
 from cpm.bandit import LinUCB, RunningZ
 from cpm.reputation import Reputation, TeacherRecord
-from cpm.strategies import STRATEGIES as STRATEGY_CLASSES
-from cpm.strategies import Pair, Strategy, make_strategy
+from cpm.strategies import Pair, Strategy, make_strategy, strategy_class
 from protocol.envelope import Identity, seal
 from protocol.errors import MalformedFrame, ProtocolError, Unauthorized
 from protocol.messages import Directive, Feedback, NoDirective, PeerAddrs, Profile, Register, Registered
@@ -63,9 +62,10 @@ MAX_SELECT_PASSES = 4  # strategy.select calls per round when quarantined teache
 
 
 def build_strategy(config: CpmConfig) -> Strategy:
-    """``make_strategy`` with the configured number of arms where the strategy takes it."""
-    kw: dict[str, Any] = {}
-    if "n_arms" in inspect.signature(STRATEGY_CLASSES[config.strategy]).parameters:
+    """``make_strategy`` with the configured parameters, and the configured number of
+    arms where the strategy takes it."""
+    kw: dict[str, Any] = dict(config.strategy_params)
+    if "n_arms" in inspect.signature(strategy_class(config.strategy)).parameters:
         kw["n_arms"] = len(config.arms)
     return make_strategy(config.strategy, **kw)
 

@@ -35,7 +35,6 @@ thread so the loop keeps reading and verifying requests meanwhile.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +46,7 @@ from cpm.admin import AdminHandler
 from cpm.groupcommit import COMMIT_MAX_BATCH, COMMIT_WINDOW_S, Batch, GroupCommitter
 from cpm.config import CpmConfig
 from cpm.rounds import MAX_WAIT_MS, Pending, RoundEngine
-from cpm.store import Store
+from cpm.store import Store, StoreUnavailable
 from p2p.host import build_host, listening_addrs, parse_listen_addrs
 from p2p.ratelimit import PeerRateLimiter
 from p2p.streams import FramedStream, serving
@@ -84,7 +83,7 @@ class _Answer:
 
 class Metrics:
     """Optional Prometheus endpoint on 127.0.0.1. Values are read at scrape time from
-    plain counters, so the HTTP thread never touches SQLite (single-threaded)."""
+    plain counters, so the HTTP thread never touches the store (one thread at a time)."""
 
     def __init__(self, engine: RoundEngine, rejected: dict[str, int]) -> None:
         self.engine = engine
@@ -154,7 +153,7 @@ class CpmService:
         self.clock = clock
         self.committer: GroupCommitter | None = None
         if group_commit:
-            self.committer = GroupCommitter(store.db, window_s=commit_window_s, max_batch=commit_max_batch,
+            self.committer = GroupCommitter(store, window_s=commit_window_s, max_batch=commit_max_batch,
                                             in_thread=commit_in_thread, on_failure=self._reload_engine)
         self.replay = ReplayGuard()
         self.limiter = PeerRateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
@@ -197,7 +196,7 @@ class CpmService:
 
     def _grouped(self) -> Any:
         """Writes of the block join the open batch (group commit) or commit on their own."""
-        return self.store.db.grouped() if self.committer is not None else contextlib.nullcontext()
+        return self.store.grouped() if self.committer is not None else contextlib.nullcontext()
 
     async def _gate(self) -> None:
         if self.committer is not None:
@@ -226,7 +225,7 @@ class CpmService:
             try:
                 with self._grouped():
                     deadline = self.engine.tick(now)
-            except sqlite3.OperationalError as exc:  # e.g. the admin CLI holds the lock > busy_timeout
+            except StoreUnavailable as exc:  # e.g. the admin CLI holds the lock > busy_timeout
                 log.warning("cpm.tick.retry", error=str(exc))
                 deadline = None
             self._after_engine()

@@ -1,42 +1,53 @@
-"""The CPM's durable state: one SQLite file in WAL mode; nothing is acknowledged before
-it is committed.
+"""The CPM's storage seam: everything the round engine, the service, the admin tools,
+the harness and the benchmarks may ask of the database — and nothing about how a
+backend keeps it.
 
-Why SQLite/WAL: the CPM must survive ``kill -9`` with nothing acknowledged lost, and the
-admin CLI (another process) must be able to admit/revoke while the node runs. WAL lets
-that second writer in without stopping readers; ``synchronous=FULL`` makes every COMMIT
-durable across power loss (an ``Ack`` is only sent after the COMMIT returned). The
-running node reads the allowlist from the database on every request, so admin changes
-apply immediately; ``data_version()`` lets callers notice foreign commits cheaply.
+Why a seam: SQLite details (connections, SQL, PRAGMAs, savepoints) used to show through
+``Store``, so a second backend would have touched most of ``cpm/``, the harness and the
+benchmarks. Now callers see only this module: the row types, the ``Store`` protocol,
+the errors, and ``open_store``, which maps a location to a backend. SQLite is the first
+backend (``cpm.store_sqlite``, with ``cpm.batchdb`` and ``cpm.schema``); PostgreSQL,
+planned next, is one new module plus one line in ``BACKENDS``
+(docs/architecture.md, "Storage seam"). ``tests/unit/test_store_contract.py`` states
+the contract below as tests, parametrized over backends.
 
-All writes go through ``transaction()``: a message's effects (e.g. feedback row +
-directive state + bandit state) land together or not at all. By default each one is a
-``BEGIN IMMEDIATE`` … ``COMMIT`` (one fsync); the running node uses group commit instead
-(``db.grouped()`` + ``db.commit_batch()``, see ``cpm.batchdb``): many messages, one fsync,
-still nothing acknowledged before its COMMIT returned.
+The contract every backend keeps:
+
+* **Durable before answered.** A write method, or an outermost ``transaction()``,
+  called outside ``grouped()`` returns only once its writes are committed durably
+  (SQLite: ``synchronous=FULL``), so the node may acknowledge what it stored.
+* **Atomic messages.** ``transaction()`` is one atomic unit, rolled back on any
+  exception; an inner ``transaction()`` joins the outer one. A message's effects
+  (feedback row + directive state + bandit state) land together or not at all.
+* **Group commit.** Inside ``grouped()`` an outermost ``transaction()`` writes into the
+  shared open *batch* (one savepoint per message: a failing message rolls back only
+  itself) and nothing is committed until ``commit_batch()`` — one durable commit for
+  many messages. ``cpm.groupcommit`` answers a message only after the commit of its
+  batch returned, and fails every message of a batch whose commit failed
+  (``BatchCommitError``: the whole batch rolled back). ``commit_batch`` may run on a
+  worker thread while the event loop reads; calls from two threads are serialised by
+  the backend. A standalone ``transaction()`` while a batch is open joins it and
+  commits it (``on_end`` hook). ``save_bandit_state_at_commit`` defers the (large)
+  strategy state to the batch's commit: serialised once per batch, same transaction.
+* **Several processes.** The admin CLI writes from another process while the node
+  runs; every read sees what others committed (the allowlist is read per request).
+* **Restart-safe.** All engine state is in the store; ``close()`` commits a pending
+  batch (nothing in it was acknowledged, but the engine's own transitions should
+  not be lost).
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
+import importlib
+import os
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
-import structlog
-
-from cpm.batchdb import BatchDb
-from cpm.schema import ACTIVITY_BUCKET_MS, SchemaError, migrate
-
-log = structlog.get_logger(__name__)
-
-_SAVE_BANDIT_STATE = (
-    "INSERT INTO bandit_state (id, strategy, state, updated_at) VALUES (1, ?, ?, ?) "
-    "ON CONFLICT(id) DO UPDATE SET strategy = excluded.strategy, state = excluded.state, "
-    "updated_at = excluded.updated_at"
-)
+# ---- rows ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +67,7 @@ class AgentRow:
 @dataclass(frozen=True, slots=True)
 class RoundRow:
     round: int
-    state: str
+    state: str  # open | matched | closed
     opened_at: int
     matched_at: int | None
     closed_at: int | None
@@ -72,10 +83,10 @@ class DirectiveRow:
     params: dict[str, Any]
     score: float
     context: list[float]
-    state: str
+    state: str  # issued | used | expired | failed
     issued_at: int
     expires_at: int
-    envelope: bytes
+    envelope: bytes  # the CPM-signed Directive, served verbatim
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,396 +103,311 @@ class FeedbackRow:
     received_at: int
 
 
+class ProfileRecord(TypedDict):
+    """One stored profile as ``list_profiles`` returns it: a dict because the export
+    (``knexa-cpm export --format json``) writes it as is."""
+
+    peer_id: str
+    round: int
+    vector: list[float]
+    transfer_hash: str
+    received_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What ``knexa-cpm doctor`` reports about a store, read without changing it."""
+
+    location: str  # for messages (the SQLite backend: the file's path)
+    schema_version: int | None  # None: the store records none
+    schema_expected: int  # what this build reads and writes
+    integrity: str  # "ok", or the backend's first complaint
+    durability: str  # the durable mode the node runs in, e.g. "WAL"
+    durability_warning: str | None  # set when the store is not in that mode now …
+    durability_hint: str  # … and what to do about it
+    counts: dict[str, int]  # ``Store.counts()``
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+
 class StoreError(Exception):
-    """The database file is unusable (wrong schema version, not a database)."""
+    """The store is unusable (wrong schema version, not a database, cannot be opened).
+    Base of every storage error, so callers that only report can catch one type; the
+    CLI maps it to exit 3 (configuration), except ``StoreUnavailable`` (exit 1)."""
 
 
-class Store:
-    """Thin typed access to the CPM database. One instance per process."""
+class StoreNotFound(StoreError):
+    """Nothing at the location, and the caller asked not to create it (``readonly``)."""
 
-    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
-        self.path = str(path)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_ms / 1000,
-                               check_same_thread=False)  # commit_batch may run on a worker thread
-        conn.row_factory = sqlite3.Row
-        self._db = BatchDb(conn)
-        try:
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StoreError(f"{self.path}: {exc}") from None
-        if str(mode).lower() != "wal":
-            log.warning("cpm.store.no_wal", path=self.path, mode=mode)
 
-    def close(self) -> None:
-        self._db.close()
+class StoreUnavailable(StoreError):
+    """The store could not do it now — another writer held the lock past the busy
+    timeout, the disk is full, an I/O error: nothing of the operation was stored; try
+    again later (the node's ticker does)."""
 
-    # ---- plumbing ---------------------------------------------------------------
+
+class UnsupportedBackend(StoreError):
+    """``open_store`` got a location whose scheme no backend of this build handles."""
+
+
+class BatchCommitError(StoreError):
+    """The commit of a group-commit batch failed; the whole batch was rolled back."""
+
+    def __init__(self, batch: int, cause: BaseException) -> None:
+        super().__init__(f"commit of batch {batch} failed: {cause}")
+        self.batch = batch
+        self.cause = cause
+
+
+# ---- the protocol ----------------------------------------------------------------------
+
+BatchOpenHook = Callable[[int], None]
+BatchEndHook = Callable[[int, BaseException | None], None]
+
+
+@runtime_checkable
+class GroupCommit(Protocol):
+    """What ``cpm.groupcommit.GroupCommitter`` needs: the open batch, its commit, and
+    hooks called when a batch opens or is ended by a standalone writer."""
+
     @property
-    def db(self) -> BatchDb:
-        """The connection with its group-commit controls (``grouped``, ``commit_batch``,
-        ``open_batch``, hooks) for ``cpm.service.GroupCommitter``."""
-        return self._db
+    def open_batch(self) -> int | None:
+        """Number of the batch holding uncommitted writes, or None."""
+        ...
 
-    def transaction(self) -> AbstractContextManager[BatchDb]:
-        """Atomic unit (rollback on any exception). Re-entrant: an inner ``transaction()``
-        joins the outer one. Commits before returning unless inside ``db.grouped()``."""
-        return self._db.transaction()
+    def commit_batch(self) -> int | None:
+        """Commit the open batch durably (may run on a worker thread); returns its
+        number, None if none was open. On failure: rolled back, ``BatchCommitError``."""
+        ...
 
-    def _migrate(self) -> None:
-        with self.transaction() as db:
-            try:
-                migrate(db)
-            except SchemaError as exc:
-                raise StoreError(str(exc)) from None
+    def set_batch_hooks(self, on_open: BatchOpenHook | None, on_end: BatchEndHook | None) -> None:
+        """``on_open(batch)`` right when a batch opens (it must then get committed);
+        ``on_end(batch, error)`` when a standalone ``transaction()`` committed it."""
+        ...
 
-    def schema_version(self) -> int:
-        return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
 
-    def data_version(self) -> int:
-        """Changes whenever *another* connection commits (SQLite ``PRAGMA data_version``)."""
-        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+@runtime_checkable
+class Store(GroupCommit, Protocol):
+    """The CPM database as the rest of the code sees it. One instance per process and
+    connection; not for concurrent use except ``commit_batch`` (see the module doc).
+    Times are epoch milliseconds; peer IDs are base58 strings."""
 
-    def pragma(self, name: str) -> Any:
-        return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+    @property
+    def location(self) -> str:
+        """Where the data lives, for messages (never a secret: no password)."""
+        ...
 
-    # ---- agents -----------------------------------------------------------------
+    def close(self) -> None: ...
+
+    # -- transactions and group commit
+    def transaction(self) -> AbstractContextManager[None]:
+        """Atomic unit, re-entrant; commits before returning unless inside ``grouped()``."""
+        ...
+
+    def grouped(self) -> AbstractContextManager[None]:
+        """Writes inside join the shared batch instead of committing on their own."""
+        ...
+
+    # -- health
+    def schema_version(self) -> int: ...
+
+    def health(self) -> StoreHealth:
+        """For the doctor: version, integrity, durability mode, counts. Raises
+        ``StoreError`` when the store cannot even answer that."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """agents, admitted, revoked, profiles, rounds, feedback, directives, and
+        directives_<state> for issued, used, expired, failed."""
+        ...
+
+    # -- agents (the allowlist is read on every request: keep these cheap)
     def admit(self, peer_id: str, org: str, now_ms: int) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO agents (peer_id, org, admitted, revoked, admitted_at) VALUES (?, ?, 1, 0, ?) "
-                "ON CONFLICT(peer_id) DO UPDATE SET admitted = 1, revoked = 0, admitted_at = excluded.admitted_at, "
-                "org = CASE WHEN excluded.org != '' THEN excluded.org ELSE agents.org END",
-                (peer_id, org, now_ms),
-            )
+        """Admit (and un-revoke); an empty ``org`` keeps the known one."""
+        ...
 
     def revoke(self, peer_id: str, now_ms: int) -> bool:
-        """Mark revoked (an unknown peer is recorded as revoked too: a pre-emptive ban).
-        Returns whether the peer was known before."""
-        with self.transaction() as db:
-            cur = db.execute("UPDATE agents SET admitted = 0, revoked = 1 WHERE peer_id = ?", (peer_id,))
-            if cur.rowcount > 0:
-                return True
-            db.execute("INSERT INTO agents (peer_id, admitted, revoked) VALUES (?, 0, 1)", (peer_id,))
-            return False
+        """Revoke; an unknown peer is recorded revoked. Returns whether it was known."""
+        ...
 
     def admission(self, peer_id: str) -> tuple[bool, bool]:
-        """(admitted, revoked) in one query — the check every request makes."""
-        row = self._db.execute("SELECT admitted, revoked FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
-        return (False, False) if row is None else (bool(row["admitted"]), bool(row["revoked"]))
+        """(admitted, revoked), one lookup."""
+        ...
 
-    def is_admitted(self, peer_id: str) -> bool:
-        admitted, revoked = self.admission(peer_id)
-        return admitted and not revoked
+    def is_admitted(self, peer_id: str) -> bool: ...
 
-    def is_revoked(self, peer_id: str) -> bool:
-        return self.admission(peer_id)[1]
+    def is_revoked(self, peer_id: str) -> bool: ...
 
-    def register(
-        self,
-        peer_id: str,
-        *,
-        org: str,
-        family: str,
-        listen_addrs: Sequence[str],
-        agent_version: str,
-        now_ms: int,
-        admit: bool = False,
-    ) -> None:
-        """Record a Register. ``admit`` (open admission) inserts unknown peers as admitted;
-        it never un-revokes a revoked one."""
-        addrs = json.dumps(list(listen_addrs))
-        with self.transaction() as db:
-            exists = db.execute("SELECT 1 FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
-            if exists is None:
-                db.execute(
-                    "INSERT INTO agents (peer_id, org, admitted, revoked, admitted_at) VALUES (?, ?, ?, 0, ?)",
-                    (peer_id, org, 1 if admit else 0, now_ms if admit else None),
-                )
-            db.execute(
-                "UPDATE agents SET registered_at = ?, last_seen = ?, family = ?, listen_addrs = ?, "
-                "agent_version = ?, org = CASE WHEN org = '' THEN ? ELSE org END WHERE peer_id = ?",
-                (now_ms, now_ms, family, addrs, agent_version, org, peer_id),
-            )
+    def register(self, peer_id: str, *, org: str, family: str, listen_addrs: Sequence[str],
+                 agent_version: str, now_ms: int, admit: bool = False) -> None:
+        """Record a Register (sets registered_at and last_seen; an admin's org wins).
+        ``admit`` inserts an unknown peer admitted; it never un-revokes."""
+        ...
 
     def touch(self, peer_id: str, now_ms: int) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE agents SET last_seen = ? WHERE peer_id = ?", (now_ms, peer_id))
+        """last_seen = now."""
+        ...
 
-    def get_agent(self, peer_id: str) -> AgentRow | None:
-        row = self._db.execute("SELECT * FROM agents WHERE peer_id = ?", (peer_id,)).fetchone()
-        return _agent(row) if row is not None else None
+    def get_agent(self, peer_id: str) -> AgentRow | None: ...
 
     def list_agents(self) -> list[AgentRow]:
-        return [_agent(r) for r in self._db.execute("SELECT * FROM agents ORDER BY peer_id")]
+        """Ordered by peer ID."""
+        ...
 
     def count_active(self, since_ms: int) -> int:
-        """Admitted, registered agents seen since ``since_ms`` (the quorum denominator).
-        Asked on every request, so it is O(active window in seconds), not O(agents):
-        whole seconds after ``since_ms`` come from ``activity_tally`` (``cpm.schema``),
-        the second that holds ``since_ms`` is counted exactly along ``agents_active``."""
-        bucket = since_ms // ACTIVITY_BUCKET_MS
-        row = self._db.execute(
-            "SELECT (SELECT COALESCE(SUM(agents), 0) FROM activity_tally WHERE bucket > ?) + "
-            "(SELECT COUNT(*) FROM agents WHERE admitted = 1 AND revoked = 0 AND registered_at IS NOT NULL "
-            "AND last_seen >= ? AND last_seen < ?)", (bucket, since_ms, (bucket + 1) * ACTIVITY_BUCKET_MS)).fetchone()
-        return int(row[0])
+        """Admitted, unrevoked, registered agents with last_seen ≥ ``since_ms`` (the
+        quorum's denominator; asked per request, so not O(agents))."""
+        ...
 
-    def put_profile(self, peer_id: str, round_: int, vector: Sequence[float], transfer_hash: str, now_ms: int) -> None:
-        """Latest profile per (agent, round) wins; also refreshes ``last_seen``."""
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO profiles (peer_id, round, vector, transfer_hash, received_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(peer_id, round) DO UPDATE SET vector = excluded.vector, "
-                "transfer_hash = excluded.transfer_hash, received_at = excluded.received_at",
-                (peer_id, round_, json.dumps([float(v) for v in vector]), transfer_hash, now_ms),
-            )
-            db.execute("UPDATE agents SET last_seen = ? WHERE peer_id = ?", (now_ms, peer_id))
+    # -- profiles
+    def put_profile(self, peer_id: str, round_: int, vector: Sequence[float], transfer_hash: str,
+                    now_ms: int) -> None:
+        """Latest profile per (agent, round) wins; refreshes last_seen."""
+        ...
 
     def fresh_profiles(self, round_: int) -> list[tuple[str, list[float]]]:
-        """Profiles of ``round_`` from currently admitted agents, ordered by peer ID."""
-        rows = self._db.execute(
-            "SELECT p.peer_id, p.vector FROM profiles p JOIN agents a ON a.peer_id = p.peer_id "
-            "WHERE p.round = ? AND a.admitted = 1 AND a.revoked = 0 ORDER BY p.peer_id",
-            (round_,),
-        )
-        return [(r["peer_id"], json.loads(r["vector"])) for r in rows]
+        """Profiles of ``round_`` from admitted, unrevoked agents, ordered by peer ID."""
+        ...
 
     def count_fresh(self, round_: int) -> int:
-        """``len(fresh_profiles(round_))`` in O(log n): read from ``round_tally``, which
-        triggers keep equal to that join count (``cpm.schema``). The engine asks on every
-        request; counting the join made ingesting a round of N agents cost O(N²)."""
-        row = self._db.execute("SELECT fresh FROM round_tally WHERE round = ?", (round_,)).fetchone()
-        return 0 if row is None else int(row[0])
+        """``len(fresh_profiles(round_))`` without loading them (asked per request)."""
+        ...
 
     def first_profile_at(self, round_: int) -> int | None:
-        row = self._db.execute("SELECT MIN(received_at) FROM profiles WHERE round = ?", (round_,)).fetchone()
-        return None if row[0] is None else int(row[0])
+        """Earliest received_at of ``round_``'s profiles (the round timer's start)."""
+        ...
 
-    def list_profiles(self, round_: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT peer_id, round, vector, transfer_hash, received_at FROM profiles"
-        args: tuple[Any, ...] = ()
-        if round_ is not None:
-            sql += " WHERE round = ?"
-            args = (round_,)
-        rows = self._db.execute(sql + " ORDER BY round, peer_id", args)
-        return [{**dict(r), "vector": json.loads(r["vector"])} for r in rows]
+    def list_profiles(self, round_: int | None = None) -> list[ProfileRecord]:
+        """Ordered by round, then peer ID."""
+        ...
 
-    # ---- rounds -----------------------------------------------------------------
-    def open_round(self, round_: int, now_ms: int) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT INTO rounds (round, state, opened_at) VALUES (?, 'open', ?)", (round_, now_ms))
+    # -- rounds
+    def open_round(self, round_: int, now_ms: int) -> None: ...
 
-    def set_round_matched(self, round_: int, now_ms: int) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE rounds SET state = 'matched', matched_at = ? WHERE round = ?", (now_ms, round_))
+    def set_round_matched(self, round_: int, now_ms: int) -> None: ...
 
-    def set_round_closed(self, round_: int, now_ms: int) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE rounds SET state = 'closed', closed_at = ? WHERE round = ?", (now_ms, round_))
+    def set_round_closed(self, round_: int, now_ms: int) -> None: ...
 
-    def latest_round(self) -> RoundRow | None:
-        row = self._db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
-        return _round(row) if row is not None else None
+    def latest_round(self) -> RoundRow | None: ...
 
-    def get_round(self, round_: int) -> RoundRow | None:
-        row = self._db.execute("SELECT * FROM rounds WHERE round = ?", (round_,)).fetchone()
-        return _round(row) if row is not None else None
+    def get_round(self, round_: int) -> RoundRow | None: ...
 
     def list_rounds(self) -> list[RoundRow]:
-        return [_round(r) for r in self._db.execute("SELECT * FROM rounds ORDER BY round")]
+        """Ordered by round."""
+        ...
 
-    # ---- directives -------------------------------------------------------------
-    def add_directive(self, d: DirectiveRow) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO directives (directive_id, round, teacher, student, arm, params, score, context, "
-                "state, issued_at, expires_at, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    d.directive_id,
-                    d.round,
-                    d.teacher,
-                    d.student,
-                    d.arm,
-                    json.dumps(d.params, sort_keys=True),
-                    float(d.score),
-                    json.dumps([float(v) for v in d.context]),
-                    d.state,
-                    d.issued_at,
-                    d.expires_at,
-                    d.envelope,
-                ),
-            )
+    # -- directives
+    def add_directive(self, d: DirectiveRow) -> None: ...
 
-    def get_directive(self, directive_id: str) -> DirectiveRow | None:
-        row = self._db.execute("SELECT * FROM directives WHERE directive_id = ?", (directive_id,)).fetchone()
-        return _directive(row) if row is not None else None
+    def get_directive(self, directive_id: str) -> DirectiveRow | None: ...
 
     def directives_for_round(self, round_: int) -> list[DirectiveRow]:
-        rows = self._db.execute("SELECT * FROM directives WHERE round = ? ORDER BY directive_id", (round_,))
-        return [_directive(r) for r in rows]
+        """Ordered by directive ID."""
+        ...
 
     def list_directives(self, round_: int | None = None) -> list[DirectiveRow]:
-        if round_ is not None:
-            return self.directives_for_round(round_)
-        return [_directive(r) for r in self._db.execute("SELECT * FROM directives ORDER BY round, directive_id")]
+        """Ordered by round, then directive ID."""
+        ...
 
     def directive_for_peer(self, round_: int, peer_id: str) -> DirectiveRow | None:
-        row = self._db.execute(
-            "SELECT * FROM directives WHERE round = ? AND (teacher = ? OR student = ?) "
-            "ORDER BY (student = ?) DESC, directive_id LIMIT 1",  # central-kd hub: any one of its
-            (round_, peer_id, peer_id, peer_id),
-        ).fetchone()
-        return _directive(row) if row is not None else None
+        """The directive of ``round_`` naming ``peer_id``; as a student first (a
+        central-kd hub teaches many: any one of those, the lowest ID)."""
+        ...
 
-    def set_directive_state(self, directive_id: str, state: str) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE directives SET state = ? WHERE directive_id = ?", (state, directive_id))
+    def set_directive_state(self, directive_id: str, state: str) -> None: ...
 
     def has_issued(self, round_: int) -> bool:
-        """Whether a directive of ``round_`` still awaits feedback or expiry — asked on
-        every request while a round is matched: O(log n) on ``directives_issued`` (a
-        count made each feedback cost O(pairs), a round O(pairs²))."""
-        row = self._db.execute(
-            "SELECT EXISTS (SELECT 1 FROM directives WHERE round = ? AND state = 'issued')", (round_,)
-        ).fetchone()
-        return bool(row[0])
+        """Whether a directive of ``round_`` is still ``issued`` (asked per request)."""
+        ...
 
     def expirable(self, round_: int, now_ms: int) -> list[DirectiveRow]:
-        rows = self._db.execute(
-            "SELECT * FROM directives WHERE round = ? AND state = 'issued' AND expires_at < ? ORDER BY directive_id",
-            (round_, now_ms),
-        )
-        return [_directive(r) for r in rows]
+        """``issued`` directives of ``round_`` with expires_at < now, by directive ID."""
+        ...
 
     def next_expiry(self, round_: int) -> int | None:
-        row = self._db.execute(
-            "SELECT MIN(expires_at) FROM directives WHERE round = ? AND state = 'issued'", (round_,)
-        ).fetchone()
-        return None if row[0] is None else int(row[0])
+        """Earliest expires_at among ``round_``'s ``issued`` directives."""
+        ...
 
-    # ---- feedback ---------------------------------------------------------------
+    # -- feedback
     def add_feedback(self, f: FeedbackRow) -> bool:
-        """Insert unless this directive already has feedback; True if inserted."""
-        with self.transaction() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO feedback (directive_id, round, loss_pre, loss_post, kb, ok, failure, "
-                "raw_reward, reward, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    f.directive_id,
-                    f.round,
-                    f.loss_pre,
-                    f.loss_post,
-                    f.kb,
-                    1 if f.ok else 0,
-                    f.failure,
-                    f.raw_reward,
-                    f.reward,
-                    f.received_at,
-                ),
-            )
-            return cur.rowcount > 0
+        """Insert unless this directive already has feedback; True if inserted (also
+        when another process raced us: exactly once)."""
+        ...
 
-    def get_feedback(self, directive_id: str) -> FeedbackRow | None:
-        row = self._db.execute("SELECT * FROM feedback WHERE directive_id = ?", (directive_id,)).fetchone()
-        return _feedback(row) if row is not None else None
+    def get_feedback(self, directive_id: str) -> FeedbackRow | None: ...
 
     def list_feedback(self, round_: int | None = None) -> list[FeedbackRow]:
-        if round_ is not None:
-            rows = self._db.execute("SELECT * FROM feedback WHERE round = ? ORDER BY directive_id", (round_,))
-        else:
-            rows = self._db.execute("SELECT * FROM feedback ORDER BY round, directive_id")
-        return [_feedback(r) for r in rows]
+        """Ordered by round, then directive ID."""
+        ...
 
-    # ---- bandit state -----------------------------------------------------------
-    def save_bandit_state(self, strategy: str, state: dict[str, Any], now_ms: int) -> None:
-        with self.transaction() as db:
-            db.execute(_SAVE_BANDIT_STATE, (strategy, json.dumps(state), now_ms))
+    # -- strategy state (one row: strategy name + JSON-able state)
+    def save_bandit_state(self, strategy: str, state: dict[str, Any], now_ms: int) -> None: ...
 
-    def save_bandit_state_at_commit(self, strategy: str, state: Callable[[], dict[str, Any]], now_ms: int) -> None:
-        """``save_bandit_state(strategy, state(), now_ms)`` — inside a group-commit batch
-        deferred to the batch's COMMIT (``BatchDb.defer_until_commit``), so the strategy
-        state and the reputation (JSON that grows with the number of teachers) are
-        serialised once per batch instead of once per feedback. Same guarantee: the state
-        commits in the same transaction as every feedback row of the batch."""
-        def write() -> None:
-            self._db.execute(_SAVE_BANDIT_STATE, (strategy, json.dumps(state()), now_ms))
+    def save_bandit_state_at_commit(self, strategy: str, state: Callable[[], dict[str, Any]],
+                                    now_ms: int) -> None:
+        """In an open batch: ``state()`` is called and saved right before the batch's
+        commit, once per batch (a later call replaces an earlier one); outside a
+        batch: saved now. ``state`` must read nothing the loop changes meanwhile (the
+        engine is gated while a batch commits)."""
+        ...
 
-        if not self._db.defer_until_commit("bandit_state", write):
-            self.save_bandit_state(strategy, state(), now_ms)
-
-    def load_bandit_state(self) -> tuple[str, dict[str, Any]] | None:
-        row = self._db.execute("SELECT strategy, state FROM bandit_state WHERE id = 1").fetchone()
-        return None if row is None else (row["strategy"], json.loads(row["state"]))
-
-    # ---- stats ------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        q = self._db.execute
-        out = {
-            "agents": int(q("SELECT COUNT(*) FROM agents").fetchone()[0]),
-            "admitted": int(q("SELECT COUNT(*) FROM agents WHERE admitted = 1 AND revoked = 0").fetchone()[0]),
-            "revoked": int(q("SELECT COUNT(*) FROM agents WHERE revoked = 1").fetchone()[0]),
-            "profiles": int(q("SELECT COUNT(*) FROM profiles").fetchone()[0]),
-            "rounds": int(q("SELECT COUNT(*) FROM rounds").fetchone()[0]),
-            "feedback": int(q("SELECT COUNT(*) FROM feedback").fetchone()[0]),
-            "directives": int(q("SELECT COUNT(*) FROM directives").fetchone()[0]),
-        }
-        for state in ("issued", "used", "expired", "failed"):
-            row = q("SELECT COUNT(*) FROM directives WHERE state = ?", (state,)).fetchone()
-            out[f"directives_{state}"] = int(row[0])
-        return out
+    def load_bandit_state(self) -> tuple[str, dict[str, Any]] | None: ...
 
 
-def _agent(r: sqlite3.Row) -> AgentRow:
-    return AgentRow(
-        peer_id=r["peer_id"],
-        org=r["org"],
-        admitted=bool(r["admitted"]),
-        revoked=bool(r["revoked"]),
-        admitted_at=r["admitted_at"],
-        registered_at=r["registered_at"],
-        last_seen=r["last_seen"],
-        family=r["family"],
-        listen_addrs=tuple(json.loads(r["listen_addrs"])),
-        agent_version=r["agent_version"],
-    )
+# ---- backends --------------------------------------------------------------------------
+
+# scheme → "module:function" that opens such a location; imported on first use, so a
+# backend's driver is only needed by whoever uses it. Adding a backend = its module +
+# one line here (and the contract test's parametrization).
+BACKENDS: dict[str, str] = {
+    "sqlite": "cpm.store_sqlite:open_sqlite",
+}
+# schemes we know and mean to support: a clear "not yet" instead of "unknown"
+PLANNED: dict[str, str] = {
+    "postgresql": "PostgreSQL",
+    "postgres": "PostgreSQL",
+}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two characters at least: not a drive letter
 
 
-def _round(r: sqlite3.Row) -> RoundRow:
-    return RoundRow(r["round"], r["state"], r["opened_at"], r["matched_at"], r["closed_at"])
+def scheme_of(target: str | os.PathLike[str]) -> str:
+    """The backend a location names: ``sqlite:PATH`` and a plain path (or ``Path``) are
+    SQLite; ``postgresql://…`` is PostgreSQL. A plain path whose first component holds
+    a colon must be written ``./name:…`` or ``sqlite:name:…``."""
+    if isinstance(target, os.PathLike):
+        return "sqlite"
+    match = _SCHEME.match(target)
+    return match.group(1).lower() if match else "sqlite"
 
 
-def _directive(r: sqlite3.Row) -> DirectiveRow:
-    return DirectiveRow(
-        directive_id=r["directive_id"],
-        round=r["round"],
-        teacher=r["teacher"],
-        student=r["student"],
-        arm=r["arm"],
-        params=json.loads(r["params"]),
-        score=float(r["score"]),
-        context=json.loads(r["context"]),
-        state=r["state"],
-        issued_at=r["issued_at"],
-        expires_at=r["expires_at"],
-        envelope=bytes(r["envelope"]),
-    )
+def open_store(target: str | os.PathLike[str], *, readonly: bool = False) -> Store:
+    """Open (and, unless ``readonly``, create or migrate) the store at ``target``.
+
+    ``readonly``: for observers (doctor, harness, load benchmark) — no migration, no
+    write, ``StoreNotFound`` when nothing is there. Raises ``UnsupportedBackend`` for a
+    scheme this build does not handle, ``StoreError`` when the store is unusable.
+    """
+    scheme = scheme_of(target)
+    spec = BACKENDS.get(scheme)
+    if spec is None:
+        if scheme in PLANNED:
+            raise UnsupportedBackend(f"{scheme}: the {PLANNED[scheme]} store backend is not available yet "
+                                     f"(this build has: {', '.join(sorted(BACKENDS))})")
+        raise UnsupportedBackend(f"{scheme}: unknown store backend (this build has: {', '.join(sorted(BACKENDS))})")
+    module, _, function = spec.partition(":")
+    opener: Callable[..., Store] = getattr(importlib.import_module(module), function)
+    return opener(os.fspath(target), readonly=readonly)
 
 
-def _feedback(r: sqlite3.Row) -> FeedbackRow:
-    return FeedbackRow(
-        directive_id=r["directive_id"],
-        round=r["round"],
-        loss_pre=float(r["loss_pre"]),
-        loss_post=float(r["loss_post"]),
-        kb=float(r["kb"]),
-        ok=bool(r["ok"]),
-        failure=r["failure"],
-        raw_reward=r["raw_reward"],
-        reward=r["reward"],
-        received_at=r["received_at"],
-    )
+def home_store_location(home: Path) -> str:
+    """Where the store of a CPM home lives. Today always its SQLite file; the one place
+    to change when a home can name another backend (a config key, docs/architecture.md)."""
+    from cpm.config import db_path
+
+    return f"sqlite:{db_path(home)}"
+
+
+def open_home_store(home: Path, *, readonly: bool = False) -> Store:
+    """``open_store`` for a CPM home (the CLI, the doctor, the harness)."""
+    return open_store(home_store_location(home), readonly=readonly)

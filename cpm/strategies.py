@@ -11,6 +11,13 @@
 * ``central-kd`` — **the centralized baseline, not P2P**: one hub (best pass@1) teaches up
                    to k students per round (neediest first). It breaks the "each agent in
                    at most one pair per round" rule on purpose; that rule is P2P's.
+* ``fedid-central-kd`` — the paper's sixth baseline, centralized too: a *fixed* hub (the
+                   first agent in ID order, like a federation's designated server) and
+                   the clients distill interactively within pairwise directives — every
+                   round the hub teaches every client but one, and that one (in rotation)
+                   teaches the hub. FedID's server-side ensemble of all clients' logits
+                   does not exist here (one directive per student per round, text
+                   knowledge); this is its closest pairwise form, labelled as such.
 * ``oracle``     — the exact per-round optimum on a true expected-reward function
                    (maximum-weight matching, ``cpm/optimum.py``; simulation only).
 
@@ -36,18 +43,10 @@ from cpm import features as F
 from cpm.bandit import LinUCB
 from cpm.matching import MatchResult, exact_match, fast_match, greedy_disjoint
 from cpm.optimum import optimal_disjoint
-from knexad.agent_api import ProtocolArm
 from protocol.errors import ConfigError
+from protocol.profile import DEFAULT_ARM_INDEX, DEFAULT_ARMS  # noqa: F401 — the contract's arms, re-exported
 
 log = structlog.get_logger(__name__)
-
-# Protocol arms k (Eq. 2 knobs): gentle, default, strong-with-two-samples.
-DEFAULT_ARMS: tuple[ProtocolArm, ...] = (
-    ProtocolArm(alpha=0.2, temperature=1.5, n_samples=1),
-    ProtocolArm(alpha=0.4, temperature=2.0, n_samples=1),
-    ProtocolArm(alpha=0.6, temperature=2.5, n_samples=2),
-)
-DEFAULT_ARM_INDEX = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +301,28 @@ class CentralKDStrategy(_Stateless):
         return [Pair(agent_ids[hub], agent_ids[s], self.arm, 0.0) for s in others[: min(k_pairs, n - 1)]]
 
 
+class FedIDCentralKDStrategy(_Stateless):
+    """CENTRALIZED BASELINE (FedID-CentralKD, pairwise form): a fixed hub teaches all
+    clients but one per round; that client, in rotation, teaches the hub."""
+
+    name = "fedid-central-kd"
+    centralized = True
+
+    def __init__(self, n_arms: int = len(DEFAULT_ARMS), arm: int = DEFAULT_ARM_INDEX) -> None:
+        self.arm = min(arm, n_arms - 1)
+
+    def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
+               rng: np.random.Generator) -> list[Pair]:
+        _check(profiles, agent_ids)
+        if len(agent_ids) < 2 or k_pairs <= 0:
+            return []
+        hub, *clients = sorted(agent_ids)
+        upward = clients[round % len(clients)]
+        pairs = [Pair(upward, hub, self.arm, 0.0)]
+        pairs += [Pair(hub, c, self.arm, 0.0) for c in clients if c != upward][: max(0, k_pairs - 1)]
+        return pairs
+
+
 class OracleStrategy(_Stateless):
     """The exact per-round optimum on the true expected reward (simulation only: it needs
     the world's truth); ``solver="greedy"`` is the ``oracle-greedy`` variant.
@@ -314,6 +335,7 @@ class OracleStrategy(_Stateless):
     """
 
     name = "oracle"
+    needs_world = True  # the true expected reward: simulation only, never a CPM node
     SOLVERS = ("optimal", "greedy")
 
     def __init__(self, gain_fn: Callable[[int, int, int], float] | None = None, n_arms: int = len(DEFAULT_ARMS),
@@ -364,6 +386,7 @@ STRATEGIES: dict[str, Callable[..., Any]] = {
     "heuristic": HeuristicStrategy,
     "local-only": LocalOnlyStrategy,
     "central-kd": CentralKDStrategy,
+    "fedid-central-kd": FedIDCentralKDStrategy,
     "oracle": OracleStrategy,
 }
 
@@ -375,14 +398,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def strategy_class(name: str) -> Callable[..., Any]:
+    """The class behind a strategy or variant name (ValueError for unknown names)."""
+    base = VARIANTS.get(name, (name, {}))[0]
+    if base not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted([*STRATEGIES, *VARIANTS])}")
+    return STRATEGIES[base]
+
+
 def make_strategy(name: str, **kw: Any) -> Strategy:
     """Registry: ``make_strategy("linucb", beta0=0.5)``, a ``VARIANTS`` name too;
     unknown names raise ValueError."""
-    if name in VARIANTS:
-        name, fixed = VARIANTS[name]
-        kw = {**kw, **fixed}
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {sorted([*STRATEGIES, *VARIANTS])}") from None
-    return cls(**kw)
+    cls = strategy_class(name)
+    return cls(**{**kw, **VARIANTS.get(name, (name, {}))[1]})
+
+
+# What a CPM node (and so `knexa-harness up/compare`) can run: everything but the
+# strategies that need the simulator's ground truth. The one list every CLI offers.
+NODE_STRATEGIES: tuple[str, ...] = tuple(
+    name for name in (*STRATEGIES, *VARIANTS) if not getattr(strategy_class(name), "needs_world", False)
+)

@@ -13,7 +13,7 @@ group under ``harness.procs.Supervisor``; logs in ``<out>/logs/<name>.log``):
    each node's ``[agent] budget`` the way an operator edits config.toml;
 4. ``knexad run --ready-file`` per node (or ``knexa-harness run-pack`` for K nodes per
    process, see docs/harness.md §Scale; ``harness.procs.run_pack``);
-5. watch the CPM database read-only (``cpm.store``, SQLite WAL) until R rounds are
+5. watch the CPM database read-only (``cpm.store.open_home_store``) until R rounds are
    ``closed``; crashed children are reported and the run continues or aborts
    (``--on-crash``);
 6. stop everything (SIGTERM, grace, SIGKILL), then build results from the now-quiescent
@@ -334,11 +334,10 @@ class Federation:
 
     # -- rounds -----------------------------------------------------------------------
     def _drive(self, sup: Supervisor) -> None:
-        from cpm.config import db_path
-        from cpm.store import Store
+        from cpm.store import open_home_store
 
         cfg = self.cfg
-        store = Store(db_path(self.cpm_home))
+        store = open_home_store(self.cpm_home, readonly=True)
         progress, task = self._progress()
         deadline = time.monotonic() + cfg.effective_timeout()
         reported: set[int] = set()
@@ -414,13 +413,12 @@ class Federation:
 
     # -- results ----------------------------------------------------------------------
     def _collect(self, status: str) -> tuple[dict[str, Any], dict[str, Path]]:
-        from cpm.config import db_path
-        from cpm.store import Store
+        from cpm.store import StoreNotFound, open_home_store
 
-        path = db_path(self.cpm_home)
-        if not path.exists():
-            raise RuntimeError(f"no CPM database at {path}")
-        store = Store(path)
+        try:
+            store = open_home_store(self.cpm_home, readonly=True)
+        except StoreNotFound as exc:
+            raise RuntimeError(f"no CPM database: {exc}") from None
         try:
             data = collect_from_store(store)
         finally:

@@ -1,8 +1,8 @@
 """A CPM node (group commit, the default) killed with -9 while agents stream profiles
 at it: every profile it acknowledged is in the database afterwards.
 
-Mirrors tests/unit/test_store.py::test_committed_write_survives_kill_9 (per-message
-commit) for the running node, where many requests share one COMMIT. The node runs in a
+Mirrors tests/unit/test_store_contract.py::test_committed_writes_survive_kill_9_an_open_batch_does_not
+(the store alone) for the running node, where many requests share one COMMIT. The node runs in a
 child process built like ``knexa-cpm serve`` on a slow disk (each COMMIT starts 0.2 s
 late): a kill -9 only loses what was never *written* (fsync matters for power loss, not
 for a killed process), so on a fast disk an Ack sent before its COMMIT would be lost
@@ -19,7 +19,7 @@ import multiaddr
 import pytest
 import trio
 
-from cpm.store import Store
+from cpm.store import open_store
 from p2p.host import build_host, parse_peer_addr
 from p2p.streams import FramedStream
 from protocol.envelope import NONCE_BYTES, Identity, open_envelope, seal
@@ -39,14 +39,14 @@ from pathlib import Path
 import trio
 from cpm import config as C
 from cpm.service import CpmService
-from cpm.store import Store
+from cpm.store import open_store
 home = Path(sys.argv[1])
-store = Store(C.db_path(home))
-commit = store.db.commit_batch
+store = open_store(C.db_path(home))
+commit = store.commit_batch
 def slow_disk_commit():
     time.sleep(0.2)
     return commit()
-store.db.commit_batch = slow_disk_commit
+store.commit_batch = slow_disk_commit  # what the node's GroupCommitter calls
 async def main():
     svc = CpmService(C.load_config(home), C.load_identity(home), store)
     async with trio.open_nursery() as nursery:
@@ -111,7 +111,7 @@ async def test_kill9_during_group_commit_loses_no_acked_profile(tmp_path, procs)
         for i, ident in enumerate(idents):
             nursery.start_soon(_agent, i, ident, addr, acked, total, killed, cpm)
 
-    store = Store(home / "cpm.db")
+    store = open_store(home / "cpm.db")
     stored = {p["peer_id"]: p["vector"] for p in store.list_profiles(1)}
     store.close()
     assert total[0] >= KILL_AFTER_ACKS and len(acked) == CLIENTS

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from cpm.cli import cli
-from cpm.store import Store
+from cpm.store import open_store
 from protocol.envelope import Identity, now_ms
 from protocol.errors import MalformedFrame, NotQuarantined, Unauthorized
 from protocol.ids import ADMIN_PROTOCOL
@@ -148,7 +148,7 @@ def test_cli_lists_and_releases_offline(tmp_path: Path) -> None:
     assert f"{bad[:12]}…{bad[-4:]}" in table and bad not in table and "p_value" in table  # people: short IDs
     assert bad in runner.invoke(cli, ["quarantine", "--wide", "--home", str(home)]).output
 
-    store = Store(home / "cpm.db")
+    store = open_store(home / "cpm.db")
     strategy_before = store.load_bandit_state()[1]["strategy"]
     store.close()
     res = runner.invoke(cli, ["release", bad, "--home", str(home)])
@@ -162,7 +162,7 @@ def test_cli_lists_and_releases_offline(tmp_path: Path) -> None:
     assert runner.invoke(cli, ["release", bad, "--home", str(home), "--offline"]).exit_code == 1  # already
     assert runner.invoke(cli, ["quarantine", "--home", str(home)]).output.strip() == "(no quarantined teachers)"
 
-    store = Store(home / "cpm.db")
+    store = open_store(home / "cpm.db")
     name, state = store.load_bandit_state()
     store.close()
     assert name == "random" and state["strategy"] == strategy_before  # only the reputation changed

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from cpm.admin import call
 from cpm.config import CpmConfig
 from cpm.service import CpmService
-from cpm.store import Store
+from cpm.store import Store, open_store
 from p2p.host import parse_peer_addr
 from p2p.streams import FramedStream
 from protocol.envelope import NONCE_BYTES, Identity, now_ms, open_envelope, seal
@@ -34,9 +34,9 @@ pytestmark = pytest.mark.timeout(120)
 async def running_cpm(tmp_path, *, cfg_kw=None, **service_kw):
     cfg = CpmConfig(**{"strategy": "random", "request_timeout_s": 5.0, "min_agents": 100,
                        "round_timer_s": 3600.0, **(cfg_kw or {})})
-    store = Store(tmp_path / "cpm.db")
+    store = open_store(tmp_path / "cpm.db")
     service = CpmService(cfg, Identity.generate(), store, **service_kw)
-    other = Store(tmp_path / "cpm.db")  # sees only what is committed
+    other = open_store(tmp_path / "cpm.db")  # sees only what is committed
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(service.run)
         yield service, parse_peer_addr(addrs[0]), other
@@ -120,7 +120,7 @@ async def test_every_ack_is_already_committed_and_concurrent_requests_share_comm
             assert stats["messages"] >= n * (per_client + 1)  # every request waited for a commit
             assert stats["batches"] * 2 <= stats["messages"]  # … and they shared commits
         else:
-            assert svc.committer is None and svc.store.db.open_batch is None
+            assert svc.committer is None and svc.store.open_batch is None
 
 
 async def test_a_failing_request_does_not_fail_its_batch(tmp_path):

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 from cpm.admin import call
 from cpm.config import CpmConfig
 from cpm.service import CpmService
-from cpm.store import Store
+from cpm.store import open_store
 from p2p.host import build_host, parse_peer_addr
 from p2p.streams import FramedStream
 from protocol.directives import verify_directive
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.timeout(120)
 async def running_cpm(tmp_path, **cfg_kw):
     cfg = CpmConfig(**{"strategy": "random", "request_timeout_s": 2.0, **cfg_kw})
     ident = Identity.generate()
-    store = Store(tmp_path / "cpm.db")
+    store = open_store(tmp_path / "cpm.db")
     service = CpmService(cfg, ident, store)
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(service.run)

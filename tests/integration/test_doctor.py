@@ -24,7 +24,7 @@ from cpm import config as C
 from cpm.doctor import config_group as cpm_config_group
 from cpm.doctor import doctor_command as cpm_doctor
 from cpm.service import CpmService
-from cpm.store import Store
+from cpm.store import open_store
 from knexad.agents import build_agent
 from knexad.config import from_mapping, write_config
 from knexad.doctor import config_group, doctor_command
@@ -159,7 +159,7 @@ async def running_cpm(tmp_path: Path, *, clock_offset_ms: int = 0, transfer_hash
     if transfer_hash is not None:
         cfg.transfer_hash = transfer_hash
     ident = Identity.generate()
-    store = Store(tmp_path / "cpm.db")
+    store = open_store(tmp_path / "cpm.db")
     service = CpmService(cfg, ident, store, clock=lambda: now_ms() + clock_offset_ms)
     try:
         async with trio.open_nursery() as nursery:
@@ -253,7 +253,7 @@ def init_cpm_home(home: Path, **overrides) -> Identity:
     cfg = C.CpmConfig(**overrides)
     C.save_config(home, cfg)
     ident = C.create_identity(home)
-    Store(C.db_path(home)).close()
+    open_store(C.db_path(home)).close()
     return ident
 
 
@@ -287,7 +287,7 @@ def test_cpm_doctor_failures(tmp_path: Path) -> None:
 async def test_cpm_doctor_probes_the_running_node(tmp_path: Path) -> None:
     home = tmp_path / "cpm"
     ident = init_cpm_home(home, request_timeout_s=3.0)
-    store = Store(C.db_path(home))
+    store = open_store(C.db_path(home))
     service = CpmService(C.load_config(home), ident, store)
     try:
         async with trio.open_nursery() as nursery:

@@ -22,7 +22,7 @@ import trio
 from cpm.admin import call
 from cpm.config import CpmConfig
 from cpm.service import CpmService
-from cpm.store import Store
+from cpm.store import open_store
 from knexad.agents import AgentWorker
 from knexad.exchange import ExchangeServer, UsedDirectives
 from knexad.state import StateFile
@@ -44,7 +44,7 @@ async def running_cpm(tmp_path: Path, **cfg_kw: Any) -> AsyncIterator[tuple[CpmS
     # limiter off unless a test asks: fuzz and hostile campaigns send many frames from one
     # identity and must reach the parser (the limiter: tests/integration/test_ratelimit_cpm.py)
     cfg = CpmConfig(**{"strategy": "random", "request_timeout_s": 1.0, "rate_limit_per_s": 0.0, **cfg_kw})
-    store = Store(tmp_path / "cpm.db")
+    store = open_store(tmp_path / "cpm.db")
     service = CpmService(cfg, Identity.generate(), store)
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(service.run)

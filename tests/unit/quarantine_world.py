@@ -18,7 +18,7 @@ import numpy as np
 
 from cpm.config import CpmConfig
 from cpm.rounds import RoundEngine
-from cpm.store import Store
+from cpm.store import open_store
 from knexad.agent_api import ProtocolArm, TeachRequest
 from knexad.synthetic import make_population, package_kb
 from protocol.envelope import Identity
@@ -67,7 +67,7 @@ class EngineWorld:
         self.peers = [_identity(seed, f"agent{i}").peer_id for i in range(n)]
         self.index = {p: i for i, p in enumerate(self.peers)}
         self.now = T0
-        self.store = Store(self.path)
+        self.store = open_store(self.path)
         self.engine = RoundEngine(self.store, self.cfg, self.cpm)
         self.engine.start(self.now)
         for i, peer in enumerate(self.peers):
@@ -78,7 +78,7 @@ class EngineWorld:
     def restart(self) -> None:
         """What ``kill -9`` + restart leaves: a new engine on the same database."""
         self.store.close()
-        self.store = Store(self.path)
+        self.store = open_store(self.path)
         self.engine = RoundEngine(self.store, self.cfg, self.cpm)
         self.engine.start(self.now)
 

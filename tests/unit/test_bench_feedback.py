@@ -1,6 +1,6 @@
 """benchmarks/feedback.py runs end to end on a small federation: every directive of the
 matched round gets its feedback stored in both modes, with the reputation it primed in
-the saved state (the once-per-batch write itself: tests/unit/test_store_group_commit.py)."""
+the saved state (the once-per-batch write itself: tests/unit/test_store_contract.py)."""
 
 from __future__ import annotations
 

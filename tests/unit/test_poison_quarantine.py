@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cpm.reputation import ReputationPolicy, TeacherRecord, binomial_tail_half, reputation_from_saved
+from cpm.store import StoreUnavailable
 from tests.unit.quarantine_world import EngineWorld, WorldLog, strongest
 from tests.unit.test_rounds import World
 
@@ -38,7 +38,7 @@ MAX_HARMLESS_LOOKING = 3  # u: more would mean the poison is too weak to see, no
 def db_dir(tmp_path: Path) -> Iterator[Path]:
     """RAM-backed directory for the CPM database where there is one: every message is a
     ``synchronous=FULL`` commit, and these tests check matching, not fsync (durability
-    has its own tests in test_store.py and the kill -9 tests)."""
+    has its own tests in test_store_contract.py and the kill -9 tests)."""
     shm = Path("/dev/shm")
     if not (shm.is_dir() and os.access(shm, os.W_OK)):
         yield tmp_path
@@ -222,9 +222,9 @@ def test_failed_release_write_leaves_the_quarantine_in_place(tmp_path: Path,
     _play(w, bad, until=lambda d: w.engine.reputation.is_quarantined(bad))
 
     def disk_full(*args: object, **kwargs: object) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
+        raise StoreUnavailable("database or disk is full")
 
     monkeypatch.setattr(w.store, "save_bandit_state", disk_full)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreUnavailable):
         w.engine.release_teacher(bad, w.now)
     assert w.engine.reputation.is_quarantined(bad) and w.engine.reputation.released == {}

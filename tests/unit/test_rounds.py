@@ -9,7 +9,7 @@ from cpm.bandit import DELTA_PER_KB
 
 from cpm.config import CpmConfig
 from cpm.rounds import Pending, RoundEngine
-from cpm.store import Store
+from cpm.store import open_store
 from protocol.directives import verify_directive
 from protocol.envelope import Identity
 from protocol.errors import Expired, MalformedFrame, ProtocolError, Unauthorized
@@ -25,7 +25,7 @@ class World:
         self.path = tmp_path / "cpm.db"
         self.cfg = CpmConfig(**{"strategy": "random", "round_timer_s": 30.0, "directive_ttl_s": 60.0, **cfg_kw})
         self.cpm = Identity.generate()
-        self.store = Store(self.path)
+        self.store = open_store(self.path)
         self.now = T0
         self.agents = [Identity.generate().peer_id for _ in range(n)]
         self.engine = RoundEngine(self.store, self.cfg, self.cpm)
@@ -36,7 +36,7 @@ class World:
 
     def restart(self) -> None:
         self.store.close()
-        self.store = Store(self.path)
+        self.store = open_store(self.path)
         self.engine = RoundEngine(self.store, self.cfg, self.cpm)
         self.engine.start(self.now)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cpm.schema import ACTIVITY_BUCKET_MS, TABLES
-from cpm.store import Store
+from cpm.store_sqlite import SqliteStore
 
 FRESH_SQL = ("SELECT COUNT(*) FROM profiles p JOIN agents a ON a.peer_id = p.peer_id "
              "WHERE p.round = ? AND a.admitted = 1 AND a.revoked = 0")
@@ -35,7 +35,7 @@ def plain_counts(path: Path, sinces: list[int]) -> tuple[list[int], list[int]]:
         con.close()
 
 
-def random_op(rng: random.Random, store: Store, peers: list[str], now: int) -> None:
+def random_op(rng: random.Random, store: SqliteStore, peers: list[str], now: int) -> None:
     peer = rng.choice(peers)
     op = rng.choice(("admit", "revoke", "register", "touch", "profile", "profile"))
     if op == "admit":
@@ -55,7 +55,7 @@ def random_op(rng: random.Random, store: Store, peers: list[str], now: int) -> N
 def test_tallies_equal_the_plain_counts_after_random_writes(tmp_path, seed):
     rng = random.Random(seed)
     path = tmp_path / "cpm.db"
-    node, cli = Store(path), Store(path)  # cli: a second connection, like the admin CLI process
+    node, cli = SqliteStore(path), SqliteStore(path)  # cli: a second connection, like the admin CLI process
     peers = [f"peer{i:03d}" for i in range(24)]
     now = 1_700_000_000_000
     try:
@@ -67,16 +67,16 @@ def test_tallies_equal_the_plain_counts_after_random_writes(tmp_path, seed):
                     random_op(rng, node, peers, now)
                     raise Rollback
             elif rng.random() < 0.2:  # group commit: savepoints in one batch, committed later
-                with node.db.grouped(), node.transaction():
+                with node.grouped(), node.transaction():
                     random_op(rng, node, peers, now)
                 if rng.random() < 0.5:
-                    node.db.commit_batch()
+                    node.commit_batch()
             else:
                 if who is cli:
-                    node.db.commit_batch()  # the CLI could not write while the node holds a batch
+                    node.commit_batch()  # the CLI could not write while the node holds a batch
                 random_op(rng, who, peers, now)
             if step % 10 == 0 or step == 399:
-                node.db.commit_batch()
+                node.commit_batch()
                 base = now - rng.randrange(0, 20_000)
                 # the edges of a bucket are where an off-by-one would hide
                 sinces = [base, base - base % ACTIVITY_BUCKET_MS, base - base % ACTIVITY_BUCKET_MS - 1,
@@ -105,7 +105,7 @@ def test_a_database_from_before_the_tallies_is_filled_on_open(tmp_path):
         con.execute("INSERT INTO profiles (peer_id, round, vector, transfer_hash, received_at) VALUES (?, ?, '[]', 'h', 1)",
                     (peer, round_))
     con.close()
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         assert [store.count_fresh(r) for r in (1, 2, 3)] == [2, 1, 0]
         assert [store.count_active(s) for s in (0, 1_001, 2_500, 2_501)] == [2, 1, 1, 0]
