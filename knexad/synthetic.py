@@ -35,7 +35,6 @@ package; the simulator's oracle uses it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, replace
@@ -46,6 +45,13 @@ import numpy as np
 import structlog
 
 from knexad.agent.profile import FAMILIES as PROFILE_FAMILIES  # plain Python, no torch
+from knexad.agent.profile import PerfMetrics, build_profile, kd_gain
+from protocol.profile import (
+    DEFAULT_TRANSFER_SIZE,
+    FAMILY_LINEAGE,
+    synthetic_transfer_hash,
+    synthetic_transfer_prompts,
+)
 from knexad.agent_api import (
     N_CATEGORIES,
     KnowledgeItem,
@@ -61,17 +67,16 @@ log = structlog.get_logger(__name__)
 # profile's order (an own copy once had mistral and phi swapped: a synthetic "mistral"
 # advertised the "phi" slot). Group and capacity are given by name for the same reason.
 FAMILIES = PROFILE_FAMILIES
-# Lineage groups (shared tokenizer style / architecture): same family 1.0, same group
-# 0.8, otherwise 0.5 — text KD across tokenizers loses some signal.
-_GROUP = {"qwen2": 0, "llama": 0, "mistral": 0, "gpt2": 1, "gpt_neox": 1, "bloom": 1, "phi": 2, "other": 2}
+# Lineage groups (the contract's LINEAGE_OF): same family 1.0, same lineage 0.8,
+# otherwise 0.5 — text KD across tokenizers loses some signal.
 _CAPACITY = {"qwen2": 0.95, "gpt2": 0.75, "gpt_neox": 0.8, "bloom": 0.75, "llama": 0.95, "mistral": 0.9,
              "phi": 0.85, "other": 0.7}
-FAMILY_GROUP = tuple(_GROUP[f] for f in FAMILIES)
+FAMILY_GROUP = FAMILY_LINEAGE
 FAMILY_CAPACITY = tuple(_CAPACITY[f] for f in FAMILIES)
 # Family order of states saved before the fix (no "family_name" key): read them by name.
 _V1_FAMILIES = ("qwen2", "gpt2", "gpt_neox", "bloom", "llama", "mistral", "phi", "other")
 STATE_FILE = "synthetic_agent.json"
-TRANSFER_SET_SIZE = 128  # the paper's transfer-set size; also the CPM's default transfer_size
+TRANSFER_SET_SIZE = DEFAULT_TRANSFER_SIZE  # the paper's transfer-set size; the CPM's default too
 
 
 def compat_matrix() -> np.ndarray:
@@ -115,9 +120,8 @@ class AgentState:
     capacity: float
     skill: np.ndarray
     poisoned: bool = False
-    prev_pass1: float = 0.0
-    prev_own: float = 0.0
-    prev_ppl: float = 0.0
+    prev_metrics: tuple[float, ...] | None = None  # last round's PerfMetrics (the profile's Δ slots)
+    kd_gain: float = 0.0  # tanh(L_pre − L_post) of the last learn, as the ML agent reports it
     rounds: int = 0
     kd_rounds: int = 0
     gain_ema: float = 0.0
@@ -137,8 +141,8 @@ class AgentState:
             "family": self.family, "family_name": FAMILIES[self.family], "hist": self.hist.tolist(),
             "n_data": self.n_data,
             "capacity": self.capacity, "skill": self.skill.tolist(), "poisoned": self.poisoned,
-            "prev_pass1": self.prev_pass1, "prev_own": self.prev_own, "prev_ppl": self.prev_ppl,
-            "rounds": self.rounds, "kd_rounds": self.kd_rounds, "gain_ema": self.gain_ema,
+            "prev_metrics": None if self.prev_metrics is None else list(self.prev_metrics),
+            "kd_gain": self.kd_gain, "rounds": self.rounds, "kd_rounds": self.kd_rounds, "gain_ema": self.gain_ema,
             "poison_from": self.poison_from, "latent": self.latent,
         }
 
@@ -150,8 +154,9 @@ class AgentState:
         return cls(
             family=FAMILIES.index(str(name)), hist=np.asarray(d["hist"], dtype=float), n_data=int(d["n_data"]),
             capacity=float(d["capacity"]), skill=np.asarray(d["skill"], dtype=float),
-            poisoned=bool(d["poisoned"]), prev_pass1=float(d["prev_pass1"]), prev_own=float(d["prev_own"]),
-            prev_ppl=float(d["prev_ppl"]), rounds=int(d["rounds"]), kd_rounds=int(d["kd_rounds"]),
+            poisoned=bool(d["poisoned"]),
+            prev_metrics=tuple(float(v) for v in d["prev_metrics"]) if d.get("prev_metrics") else None,
+            kd_gain=float(d.get("kd_gain", 0.0)), rounds=int(d["rounds"]), kd_rounds=int(d["kd_rounds"]),
             gain_ema=float(d["gain_ema"]), poison_from=int(d.get("poison_from", 0)),
             latent=float(d.get("latent", 0.0)),
         )
@@ -167,7 +172,6 @@ def random_state(rng: np.random.Generator, alpha: float, params: WorldParams = W
     st = AgentState(fam, hist, n_data, min(cap, 0.99), np.zeros(N_CATEGORIES), poisoned)
     d = st.data_level(params)
     st.skill = np.clip(params.base + 0.6 * (d - params.base), 0.0, 1.0)
-    st.prev_pass1, st.prev_own, st.prev_ppl = _pass1(st), _own(st), _ppl(st)
     return st
 
 
@@ -177,6 +181,19 @@ def _pass1(st: AgentState) -> float:
 
 def _own(st: AgentState) -> float:
     return float(st.hist @ st.skill)
+
+
+def _other(st: AgentState) -> float:
+    """pass@1 on the categories it lacks (< 5 % of its data, the ML agent's threshold)."""
+    lacking = st.hist < 0.05
+    return float(st.skill[lacking].mean()) if lacking.any() else _pass1(st)
+
+
+def _metrics(st: AgentState) -> PerfMetrics:
+    """This world's measurements in the contract's six performance slots. Token accuracy
+    gives partial credit, so it is above pass@1 and saturates sooner (√skill)."""
+    return PerfMetrics(pass1=_pass1(st), pass1_own=_own(st), pass1_other=_other(st),
+                       task_score=float(np.mean(np.sqrt(st.skill))), ppl_norm=_ppl(st), kd_gain=st.kd_gain)
 
 
 def _ppl(st: AgentState) -> float:
@@ -252,16 +269,14 @@ def expected_gain_matrix(states: list[AgentState], arm: ProtocolArm,
 
 
 def transfer_prompts(size: int = TRANSFER_SET_SIZE) -> list[str]:
-    """The shared synthetic transfer set: prompt i belongs to category i mod 12."""
-    return [f'def task_{i}(x):\n    """Category {i % N_CATEGORIES}: transform x (case {i})."""\n' for i in range(size)]
+    """The shared synthetic transfer set (defined by the contract: the CPM's default
+    transfer hash is this set's)."""
+    return synthetic_transfer_prompts(size)
 
 
 def transfer_hash(size: int = TRANSFER_SET_SIZE) -> str:
     """Hex SHA-256 of the synthetic transfer set — the CPM's default ``transfer_hash``."""
-    h = hashlib.sha256()
-    for p in transfer_prompts(size):
-        h.update(p.encode())
-    return h.hexdigest()
+    return synthetic_transfer_hash(size)
 
 
 class SyntheticAgent:
@@ -289,19 +304,12 @@ class SyntheticAgent:
         return transfer_hash(len(self._prompts))
 
     def profile(self) -> list[float]:
-        """32-d profile: family one-hot, 12 performance dims in [0, 1], histogram."""
+        """The contract's 32-d profile (protocol/profile.py), built by the ML agent's own
+        builder from this world's measurements, so the CPM sees the same fields from a
+        synthetic agent as from a real one."""
         st = self.state
-        p1, own, ppl = _pass1(st), _own(st), _ppl(st)
-        part = st.kd_rounds / st.rounds if st.rounds else 0.0
-        perf = [
-            p1, _delta01(p1 - st.prev_pass1), own, _delta01(own - st.prev_own),
-            ppl, _delta01(ppl - st.prev_ppl), float(st.skill.min()), float(st.skill.max()),
-            min(1.0, 2.0 * float(st.skill.std())), part, _delta01(st.gain_ema, 10.0),
-            math.log(st.n_data) / math.log(5000.0),
-        ]
-        fam = [0.0] * len(FAMILIES)
-        fam[st.family] = 1.0
-        return fam + [float(np.clip(v, 0.0, 1.0)) for v in perf] + [float(v) for v in st.hist]
+        previous = None if st.prev_metrics is None else PerfMetrics(*st.prev_metrics)
+        return build_profile(FAMILIES[st.family], _metrics(st), previous, st.hist.tolist())
 
     def teach(self, request: TeachRequest) -> KnowledgePackage:
         q = teacher_quality(self.state)
@@ -364,6 +372,7 @@ class SyntheticAgent:
         m = self.params.meas_noise
         pre = pre_true + m * float(self.rng.standard_normal())
         post = post_true + m * float(self.rng.standard_normal())
+        st.kd_gain = kd_gain(pre, post)
         return LearnResult(loss_pre=pre, loss_post=post, items_used=used, train_seconds=0.0)
 
     def evaluate(self) -> dict[str, float]:
@@ -401,16 +410,11 @@ class SyntheticAgent:
         agent calls it once per round it takes part in.
         """
         st = self.state
-        st.prev_pass1, st.prev_own, st.prev_ppl = _pass1(st), _own(st), _ppl(st)
+        st.prev_metrics = _metrics(st).as_tuple()
         d = st.data_level(self.params)
         s = st.skill
         st.skill = np.where(s < d, s + self.params.eta_local * (d - s), s - self.params.forget * (s - d))
         st.rounds += 1
-
-
-def _delta01(x: float, scale: float = 5.0) -> float:
-    """Map a signed change into [0, 1] around 0.5."""
-    return float(np.clip(0.5 + scale * x, 0.0, 1.0))
 
 
 def _completion(category: int, quality: float, tid: int, sample: int, filler: int) -> str:
