@@ -32,7 +32,8 @@ reported as untouched, are not: the same-lineage feature was trialled on them.) 
 afterwards on seeds 1000–1009, never used before (docs/matchmaking.md, N = 32, high
 heterogeneity): λ = 0.3 reaches 0.911 of the per-round optimum's gain, λ = 1 0.893
 (paired difference −0.017 ± 0.012), λ = 0.03 0.922 — the plateau holds, 0.3 is not its
-best point.
+best point. (With synthetic profiles that carry only the contract's fields: 0.907 and
+0.898.)
 
 Reward (Eq. 3): raw r = γ·(L_pre − L_post) − δ·KB, then a running z-score (Welford) is
 applied *before* the update, so reward scale does not depend on the task or on how far

@@ -5,8 +5,9 @@ Subcommands (docs/harness.md):
 * ``up``      — a CPM node + N daemons as real subprocesses on 127.0.0.1, R rounds,
                 results.json / rounds.csv / plots;
 * ``compare`` — the same population under several strategies and seeds, side by side;
-* ``demo``    — what ``make demo`` runs: ``up`` with 4 daemons of two tiny model families
-                (or synthetic agents when the ML stack is missing — it says which);
+* ``demo``    — what ``make demo`` runs: the same 4-daemon population (two tiny model
+                families, or synthetic agents when the ML stack is missing — it says
+                which) twice, LinUCB then LocalOnly, and one side-by-side comparison;
 * ``sim``     — synthetic matchmaking benchmark (``harness/sim.py``), registered only
                 when that module exists, and imported only when used.
 
@@ -30,9 +31,9 @@ from pathlib import Path
 import click
 
 from knexad.config import AGENT_BUDGETS as BUDGETS  # a light module: no torch, no libp2p
+from cpm.strategies import NODE_STRATEGIES as STRATEGIES  # what a real CPM runs
 from p2p.process import run_cli, version_option
 
-STRATEGIES = ("linucb", "random", "heuristic", "local-only", "central-kd", "oracle")
 TINY = ("tiny-qwen2", "tiny-gpt2", "tiny-neox", "tiny-bloom")
 _BUDGET_HELP = ("--agent ml: training budget of every daemon ([agent] budget): fast = 100 local LoRA "
                 "/ 60 KD steps, standard = 200 / 150, thorough = 400 / 300. Same tasks under each.")
@@ -192,16 +193,23 @@ def compare_command(strategies: str, seeds: str, **kw) -> None:
     sys.exit(code)
 
 
+DEMO_STRATEGIES = ("linucb", "local-only")
+
+
 @main.command("demo")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True)
-@click.option("--rounds", "-r", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--rounds", "-r", type=click.IntRange(1, 100), default=4, show_default=True)
 @click.option("--agent", type=click.Choice(["auto", "ml", "synthetic"]), default="auto", show_default=True)
-@click.option("--budget", type=click.Choice(BUDGETS), default="standard", show_default=True, help=_BUDGET_HELP)
+@click.option("--budget", type=click.Choice(BUDGETS), default="fast", show_default=True, help=_BUDGET_HELP)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="The population (both runs).")
 @click.option("--no-progress", is_flag=True)
-def demo_command(out: Path, rounds: int, agent: str, budget: str, no_progress: bool) -> None:
-    """4 daemons (tiny-qwen2 + tiny-gpt2) on the embedded task set, a few rounds, on CPU."""
-    from harness.federation import UpConfig, ml_available, run_up
+def demo_command(out: Path, rounds: int, agent: str, budget: str, seed: int, no_progress: bool) -> None:
+    """The story in small: 4 daemons (tiny-qwen2 + tiny-gpt2) on the embedded task set,
+    run twice on the same population — LinUCB matchmaking, then LocalOnly (every agent
+    trains on its own data only, same steps) — then one side-by-side table and plot."""
+    from harness.compare import print_side_by_side, run_compare
+    from harness.federation import UpConfig, ml_available
 
     console = _console()
     if agent == "auto":
@@ -211,12 +219,15 @@ def demo_command(out: Path, rounds: int, agent: str, budget: str, no_progress: b
             console.print(f"[yellow]ML agent not importable ({why}); running SyntheticAgents instead.[/yellow]")
     what = (f"ML agents: tiny-qwen2 ×2 + tiny-gpt2 ×2, LoRA, embedded Python task set, CPU, budget {budget}"
             if agent == "ml" else "SyntheticAgents (numeric learning model, no torch)")
-    console.print(f"[bold]KNEXA demo[/bold]: CPM (linucb) + 4 daemons as real processes · {what} · {rounds} rounds")
+    console.print(f"[bold]KNEXA demo[/bold]: CPM + 4 daemons as real processes · {what} · {rounds} rounds · "
+                  f"the same population (seed {seed}) twice: {' vs '.join(DEMO_STRATEGIES)}", soft_wrap=True)
     cfg = UpConfig(nodes=4, rounds=rounds, out=out, agent=agent, models=("tiny-qwen2", "tiny-gpt2"),
-                   progress=not no_progress, budget=budget)
+                   progress=not no_progress, budget=budget, seed=seed)
     _setup_logging(out)
-    outcome = run_up(cfg, console)
-    _finish(console, outcome, demo_agent=agent)
+    code, doc = run_compare(cfg, DEMO_STRATEGIES, (seed,), console)
+    print_side_by_side(console, doc)
+    console.print(f"agents used: [bold]{'ML (tiny LMs)' if agent == 'ml' else 'synthetic'}[/bold]")
+    sys.exit(code)
 
 
 @main.command("run-pack", hidden=True)
@@ -229,10 +240,10 @@ def run_pack_command(homes: tuple[Path, ...], ready_file: Path) -> None:
     sys.exit(run_pack(list(homes), ready_file))
 
 
-def _finish(console, outcome, demo_agent: str | None = None) -> None:
+def _finish(console, outcome) -> None:
     from harness.results import print_run_summary
 
-    print_run_summary(console, outcome.status, outcome.message, outcome.doc, demo_agent=demo_agent)
+    print_run_summary(console, outcome.status, outcome.message, outcome.doc)
     sys.exit(outcome.exit_code)
 
 

@@ -227,6 +227,7 @@ class Federation:
             try:
                 self._bring_up(sup)
                 self._drive(sup)
+                self._await_finished()
                 self._export(sup)
             except RunAborted as exc:
                 status, code, message = exc.status, exc.exit_code, str(exc)
@@ -359,6 +360,26 @@ class Federation:
                     time.sleep(POLL_S)
         finally:
             store.close()
+
+    def _await_finished(self) -> None:
+        """After the last round closes, wait until every daemon has said it is done
+        (state ``finished``: an idle agent trains for the last round first — equal
+        compute), so stopping them does not cut that training short."""
+        from knexad.state import pid_alive, read_state
+
+        def done(node: Node) -> bool:  # finished, or gone (a crash is reported elsewhere)
+            st = read_state(node.home)
+            return st is not None and (st.role == "finished" or st.status == "stopped" or not pid_alive(st.pid))
+
+        wait_s = 60.0 if self.cfg.agent == "synthetic" else 900.0
+        deadline = time.monotonic() + wait_s
+        pending = [n for n in self.nodes if n.peer]
+        while pending and time.monotonic() < deadline:
+            pending = [n for n in pending if not done(n)]
+            if pending:
+                time.sleep(POLL_S)
+        if pending:
+            log.warning("harness.finish.timeout", nodes=[n.name for n in pending], waited_s=wait_s)
 
     def _progress(self) -> tuple[Any, Any]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

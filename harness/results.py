@@ -14,6 +14,12 @@ Definitions (stable; docs/harness.md quotes them):
   ``cumulative_reward`` sums **raw** rewards (z-scores are relative to a run's own
   history and cannot be compared across strategies).
 * ``gain`` — final mean pass@1 − first-round mean pass@1.
+* ``bytes`` of a round — wire bytes the students received (Feedback ``kb`` × 1024, as
+  the students measured them), summed over the round's pairs with feedback.
+* the *curve* of a run — mean pass@1 after r rounds, r = 0 … R: r = 0 the initial value,
+  0 < r < R the profiles sent for round r + 1, r = R the final evaluation; its first and
+  last points are exactly the summary's ``initial_pass1`` and ``final_pass1``, so a
+  plot of curves agrees with a table of finals (``curve_after_rounds``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ SCHEMA = "knexa-harness/results/1"
 COMPARE_SCHEMA = "knexa-harness/compare/1"
 ROUND_COLUMNS = (
     "round", "pairs", "feedback", "failures", "mean_reward", "mean_raw_reward",
-    "cumulative_reward", "mean_pass1", "agents_reporting",
+    "cumulative_reward", "mean_pass1", "agents_reporting", "bytes",
 )
 
 
@@ -67,6 +73,7 @@ class RoundRow:
     cumulative_reward: float = 0.0
     mean_pass1: float | None = None
     agents_reporting: int = 0
+    bytes: int = 0  # wire bytes students received this round (Feedback kb × 1024)
 
 
 @dataclass(slots=True)
@@ -82,6 +89,7 @@ class AgentFinal:
     learned: int = 0
     steps_trained: int = 0  # KD + local optimizer steps the daemon reported (equal compute)
     local_rounds: int = 0
+    pass1_rounds: list[float | None] = field(default_factory=list)  # [r - 1]: profile of round r
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,6 +112,71 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
         return mu, 0.0
     var = sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)
     return mu, math.sqrt(var)
+
+
+# Two-sided 95 % quantiles of Student's t, df = 1 … 30 (t_{0.975, df});
+# tests/unit/test_harness_results.py checks them against a numerical integral.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """t_{0.975, df}; the normal quantile 1.96 beyond the table (within 2 % from df 31)."""
+    if df < 1:
+        raise ValueError("df must be ≥ 1")
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def ci95(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, half-width of the 95 % t-interval, n) over the finite values; the
+    half-width is None below two values — one seed has no spread to show."""
+    vals = _finite(values)
+    mu, sd = mean_std(vals)
+    if mu is None or len(vals) < 2:
+        return mu, None, len(vals)
+    return mu, t975(len(vals) - 1) * (sd or 0.0) / math.sqrt(len(vals)), len(vals)
+
+
+def curve_after_rounds(doc: Mapping[str, Any]) -> list[float | None]:
+    """Mean pass@1 after r rounds, r = 0 … R, of one results document (module docstring):
+    ``[initial_pass1, rounds[1].mean_pass1, …, rounds[R-1].mean_pass1, final_pass1]``."""
+    rows = list(doc.get("rounds", []))
+    summary = doc.get("summary", {})
+    if not rows:
+        return []
+    middle = [r.get("mean_pass1") for r in rows[1:]]
+    return [summary.get("initial_pass1"), *middle, summary.get("final_pass1")]
+
+
+def area_under(curve: Sequence[float | None]) -> float | None:
+    """Trapezoidal area under a curve over r = 0 … R, divided by R: the run's mean
+    pass@1 level (same unit as pass@1; rewards learning early, not only at the end).
+    None when a point is missing or there are fewer than two."""
+    if len(curve) < 2 or any(v is None or not math.isfinite(float(v)) for v in curve):
+        return None
+    vals = [float(v) for v in curve]  # type: ignore[arg-type]
+    return sum((a + b) / 2 for a, b in zip(vals, vals[1:])) / (len(vals) - 1)
+
+
+def aggregate_curves(curves: Sequence[Sequence[float | None]], spread: str = "std") -> dict[str, Any]:
+    """Per point r: mean over runs and a band, ``spread`` = ``std`` (± sample std) or
+    ``ci95`` (± the 95 % t-interval); returns ``{"x", "mean", "lo", "hi", "n"}``."""
+    if spread not in ("std", "ci95"):
+        raise ValueError(f"spread must be std or ci95, got {spread!r}")
+    length = max((len(c) for c in curves), default=0)
+    out: dict[str, Any] = {"x": list(range(length)), "mean": [], "lo": [], "hi": [], "n": len(curves)}
+    for i in range(length):
+        column = [c[i] for c in curves if i < len(c)]
+        if spread == "std":
+            mu, half = mean_std(column)
+            half = half if len(_finite(column)) > 1 else None
+        else:
+            mu, half, _ = ci95(column)
+        out["mean"].append(mu)
+        out["lo"].append(None if mu is None or half is None else mu - half)
+        out["hi"].append(None if mu is None or half is None else mu + half)
+    return out
 
 
 def build_round_rows(
@@ -129,6 +202,7 @@ def build_round_rows(
                 cumulative_reward=cumulative,
                 mean_pass1=mean_or_none(pass1.values()),
                 agents_reporting=len(pass1),
+                bytes=round(sum(_finite(p.kb for p in done)) * 1024),
             )
         )
     return rows
@@ -146,6 +220,7 @@ def build_agent_finals(
     (from the latest profile) wins over the last per-round value when present.
     """
     out = []
+    last_round = max(pass1_by_round, default=0)
     for peer, info in peers.items():
         series = [(r, v[peer]) for r, v in sorted(pass1_by_round.items()) if peer in v]
         initial = series[0][1] if series else None
@@ -163,6 +238,7 @@ def build_agent_finals(
                 learned=sum(1 for p in pairs if p.student == peer),
                 steps_trained=int(info.get("steps_trained", 0)),
                 local_rounds=int(info.get("local_rounds", 0)),
+                pass1_rounds=[pass1_by_round.get(r, {}).get(peer) for r in range(1, last_round + 1)],
             )
         )
     return out
@@ -183,6 +259,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], agents: Sequence[Mapping[str, A
         "cumulative_reward": cumulative,
         "gain": (final - first) if final is not None and first is not None else None,
         "pairs": sum(int(r.get("pairs", 0)) for r in rows),
+        "bytes": sum(int(r.get("bytes", 0)) for r in rows),
     }
 
 
@@ -243,54 +320,6 @@ def write_rounds_csv(path: Path, rows: Sequence[RoundRow | Mapping[str, Any]]) -
     return path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_rounds(
-    path: Path, rows: Sequence[RoundRow | Mapping[str, Any]], title: str = "", final_pass1: float | None = None
-) -> Path:
-    """Two panels: mean pass@1 per round, cumulative raw reward per round.
-
-    Round r's pass@1 is measured before round r's exchange; ``final_pass1`` (after the
-    last round) is drawn as a separate marker one step to the right.
-    """
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    data = [asdict(r) if isinstance(r, RoundRow) else dict(r) for r in rows]
-    rounds = [d["round"] for d in data]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    pts = [(d["round"], d["mean_pass1"]) for d in data if d.get("mean_pass1") is not None]
-    if pts:
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="before round r")
-    if final_pass1 is not None and rounds:
-        ax1.plot([max(rounds) + 1], [final_pass1], marker="*", markersize=12, linestyle="none",
-                 color="tab:green", label="after last round")
-        ax1.legend(loc="lower right", fontsize=8)
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax1.set_xlabel("round")
-    ax1.set_ylabel("mean pass@1 (agents' profiles)")
-    ax1.set_ylim(bottom=0)
-    ax1.grid(alpha=0.3)
-    ax2.plot(rounds, [d["cumulative_reward"] for d in data], marker="o", color="tab:orange")
-    ax2.set_xlabel("round")
-    ax2.set_ylabel("cumulative raw reward")
-    ax2.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
 def pair_matrix(pairs: Sequence[PairRecord], order: Sequence[str]) -> list[list[int]]:
     """counts[t][s] = how often agent ``order[t]`` taught agent ``order[s]``."""
     index = {peer: i for i, peer in enumerate(order)}
@@ -301,60 +330,19 @@ def pair_matrix(pairs: Sequence[PairRecord], order: Sequence[str]) -> list[list[
     return counts
 
 
+def plot_rounds(path: Path, rows: Sequence[RoundRow | Mapping[str, Any]], title: str = "",
+                final_pass1: float | None = None, initial_pass1: float | None = None) -> Path:
+    """rounds.png (``harness.plots.rounds_figure``)."""
+    from harness.plots import plot_rounds as plot
+
+    return plot(path, rows, title, final_pass1, initial_pass1)
+
+
 def plot_pair_heatmap(path: Path, pairs: Sequence[PairRecord], order: Sequence[str], labels: Sequence[str]) -> Path:
-    """Teacher × student heat-map of directive counts over the whole run."""
-    plt = _pyplot()
-    counts = pair_matrix(pairs, order)
-    n = max(len(order), 1)
-    size = min(3 + 0.35 * n, 16)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(counts if order else [[0]], cmap="viridis", interpolation="nearest")
-    if n <= 24:
-        ax.set_xticks(range(len(order)), labels=list(labels), rotation=90, fontsize=7)
-        ax.set_yticks(range(len(order)), labels=list(labels), fontsize=7)
-        for t, row in enumerate(counts):
-            for s, c in enumerate(row):
-                if c:
-                    ax.text(s, t, str(c), ha="center", va="center", color="w", fontsize=7)
-    ax.set_xlabel("student")
-    ax.set_ylabel("teacher")
-    ax.set_title("pairs per (teacher, student)")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    """pairs_heatmap.png: teacher × student directive counts over the whole run."""
+    from harness.plots import _save, pair_heatmap_figure
 
-
-def plot_compare(path: Path, curves: Mapping[str, Sequence[Sequence[float | None]]]) -> Path:
-    """Mean pass@1 per round for each strategy (mean over seeds, ±1 std band).
-
-    ``curves[strategy]`` is one per-round series per seed.
-    """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, series in curves.items():
-        length = max((len(s) for s in series), default=0)
-        xs, mus, sds = [], [], []
-        for i in range(length):
-            mu, sd = mean_std(s[i] for s in series if i < len(s))
-            if mu is not None:
-                xs.append(i + 1)
-                mus.append(mu)
-                sds.append(sd or 0.0)
-        if not xs:
-            continue
-        ax.plot(xs, mus, marker="o", label=name)
-        ax.fill_between(xs, [m - s for m, s in zip(mus, sds)], [m + s for m, s in zip(mus, sds)], alpha=0.15)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean pass@1 (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(pair_heatmap_figure(pair_matrix(pairs, order), labels), path)
 
 
 def write_run_outputs(out: Path, doc: Mapping[str, Any], pairs: Sequence[PairRecord], labels: Mapping[str, str]) -> dict[str, Path]:
@@ -366,7 +354,8 @@ def write_run_outputs(out: Path, doc: Mapping[str, Any], pairs: Sequence[PairRec
         "results": write_json(out / "results.json", doc),
         "rounds_csv": write_rounds_csv(out / "rounds.csv", doc["rounds"]),
         "rounds_plot": plot_rounds(out / "rounds.png", doc["rounds"], title=_title(doc),
-                                   final_pass1=doc.get("summary", {}).get("final_pass1")),
+                                   final_pass1=doc.get("summary", {}).get("final_pass1"),
+                                   initial_pass1=doc.get("summary", {}).get("initial_pass1")),
         "pairs_plot": plot_pair_heatmap(out / "pairs_heatmap.png", pairs, order, [labels[p] for p in order]),
     }
     log.info("harness.results.written", out=str(out), rounds=len(doc["rounds"]), pairs=len(pairs))
@@ -375,7 +364,8 @@ def write_run_outputs(out: Path, doc: Mapping[str, Any], pairs: Sequence[PairRec
 
 def _title(doc: Mapping[str, Any]) -> str:
     cfg = doc.get("config", {})
-    return f"{cfg.get('strategy', '?')} · {cfg.get('nodes', '?')} nodes · {cfg.get('agent', '?')} agents"
+    return (f"{cfg.get('strategy', '?')} · seed {cfg.get('seed', '?')} · {cfg.get('nodes', '?')} nodes · "
+            f"{cfg.get('agent', '?')} agents · {cfg.get('rounds', '?')} rounds")
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -385,12 +375,11 @@ def load_results(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def print_run_summary(console: Any, status: str, message: str, doc: Mapping[str, Any] | None,
-                      demo_agent: str | None = None) -> None:
+def print_run_summary(console: Any, status: str, message: str, doc: Mapping[str, Any] | None) -> None:
     """Terminal report of one run: status, rounds table, agents table, where files are."""
     from rich.table import Table
 
@@ -403,22 +392,20 @@ def print_run_summary(console: Any, status: str, message: str, doc: Mapping[str,
         rounds.add_column(col, justify="right")
     for r in doc["rounds"]:
         rounds.add_row(str(r["round"]), str(r["pairs"]), str(r["feedback"]), str(r["failures"]),
-                       _fmt(r["mean_raw_reward"]), _fmt(r["cumulative_reward"]), _fmt(r["mean_pass1"]))
+                       fmt(r["mean_raw_reward"]), fmt(r["cumulative_reward"]), fmt(r["mean_pass1"]))
     console.print(rounds)
     agents = Table(title="agents")
     for col in ("node", "family", "pass@1 first", "pass@1 final", "taught", "learned", "local rounds",
                 "steps trained", "reward as student"):
         agents.add_column(col, justify="left" if col in ("node", "family") else "right")
     for a in doc["agents"]:
-        agents.add_row(a["name"], a["family"], _fmt(a["pass1_initial"]), _fmt(a["pass1_final"]), str(a["taught"]),
+        agents.add_row(a["name"], a["family"], fmt(a["pass1_initial"]), fmt(a["pass1_final"]), str(a["taught"]),
                        str(a["learned"]), str(a.get("local_rounds", 0)), str(a.get("steps_trained", 0)),
-                       _fmt(a["reward_sum"]))
+                       fmt(a["reward_sum"]))
     console.print(agents)
     s = doc["summary"]
-    console.print(f"mean pass@1 {_fmt(s['initial_pass1'])} → {_fmt(s['final_pass1'])} (gain {_fmt(s['gain'])}), "
-                  f"cumulative raw reward {_fmt(s['cumulative_reward'])}, {s['pairs']} pairs")
-    if demo_agent is not None:
-        console.print(f"agents used: [bold]{'ML (tiny LMs)' if demo_agent == 'ml' else 'synthetic'}[/bold]")
+    console.print(f"mean pass@1 {fmt(s['initial_pass1'])} → {fmt(s['final_pass1'])} (gain {fmt(s['gain'])}), "
+                  f"cumulative raw reward {fmt(s['cumulative_reward'])}, {s['pairs']} pairs")
     out = Path(doc["config"]["out"])
     console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}; plots: {out / 'rounds.png'}, "
                   f"{out / 'pairs_heatmap.png'}; logs: {out / 'logs'}", soft_wrap=True)

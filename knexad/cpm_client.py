@@ -280,7 +280,10 @@ class CpmClient:
                          outbox=st.outbox_size, last_error=st.last_error)
                 return directive.round + 1
             nd = reply.message
-            if nd.reason == "not_matched":
+            # not paired this round — or it was the run's last and is over already (the CPM
+            # then says "finished"): the round is done for us as for everyone, and an idle
+            # agent trains for it before its next Profile (equal compute, also in round R)
+            if nd.reason == "not_matched" or (nd.reason == "finished" and nd.round == round_):
                 log.info("cpm.directive.none", round=nd.round, reason=nd.reason)
                 self.state.update(role="idle", rounds_completed=self.state.state.rounds_completed + 1)
                 st = self.state.state

@@ -24,8 +24,10 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +39,40 @@ from knexad.agent import tasks
 from knexad.agent.distill import collate, encode_pair, lm_loss
 
 log = structlog.get_logger(__name__)
+
+
+def quiet_libraries() -> None:
+    """Keep transformers / peft / torch chatter off the terminal and out of the logs.
+
+    Why: a daemon's stdout+stderr is its JSON log, and the harness builds and evaluates
+    agents in its own process, whose stderr is the user's terminal — transformers'
+    "Loading weights" progress bar and FutureWarnings raised through peft
+    (``is_gradient_checkpointing``) would spill there on every model load. Runs when
+    this module is imported, before any transformers import of ours; if transformers
+    was imported earlier, its switches are flipped directly. An operator who wants the
+    output sets ``TRANSFORMERS_VERBOSITY=warning`` (or info) and
+    ``HF_HUB_DISABLE_PROGRESS_BARS=0``: theirs win, and the warnings stay on.
+    """
+    # setdefault: a user's value wins, and so does the one a parent process set (the
+    # harness imports this module before it starts the daemons, which inherit it)
+    verbosity = os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error").lower()
+    bars_off = os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1").lower() in ("1", "true", "yes", "on")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warning from the sandbox's subprocesses
+    quiet = verbosity in ("error", "critical")
+    if quiet:
+        for module in ("transformers", "peft", "torch"):
+            for category in (FutureWarning, UserWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=module)
+    if "transformers" in sys.modules:  # imported before us: it read the variables already
+        from transformers.utils import logging as hf_logging
+
+        if quiet:
+            hf_logging.set_verbosity_error()
+        if bars_off:
+            hf_logging.disable_progress_bar()
+
+
+quiet_libraries()
 
 TINY_FAMILIES = ("tiny-qwen2", "tiny-gpt2", "tiny-neox", "tiny-bloom")
 RECIPE_VERSION = 1

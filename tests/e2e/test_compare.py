@@ -67,7 +67,9 @@ def _check(out: Path, text: str, strategies: list[str], seeds: list[int]) -> dic
         assert res["status"] == "ok" and res["rounds_completed"] == 2
         assert res["config"]["strategy"] == run["strategy"] and res["config"]["seed"] == run["seed"]
         assert run["summary"] == res["summary"]
-        assert run["curve"] == [r["mean_pass1"] for r in res["rounds"]]
+        # the curve: after r = 0 … R rounds, from the initial value to the final evaluation
+        assert run["curve"] == [res["summary"]["initial_pass1"], *[r["mean_pass1"] for r in res["rounds"][1:]],
+                                res["summary"]["final_pass1"]]
         assert (run_dir / "rounds.csv").read_text().count("\n") == 3  # header + 2 rounds
         assert (run_dir / "rounds.png").read_bytes()[:4] == b"\x89PNG"
         _no_survivors(run_dir)
@@ -91,6 +93,7 @@ def _check(out: Path, text: str, strategies: list[str], seeds: list[int]) -> dic
             assert row[f"{metric}_mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
             expected_std = statistics.stdev(values) if len(values) > 1 else 0.0
             assert (row[f"{metric}_std"] or 0.0) == pytest.approx(expected_std, abs=1e-12)
+        assert row["curve_mean"][-1] == row["final_pass1_mean"]  # compare.png ends at the printed value
         cells = next(c for c in _table_rows(text) if c[0] == row["strategy"])
         assert cells[1] == f"{row['final_pass1_mean']:.3f} ± {row['final_pass1_std'] or 0.0:.3f}", cells
         assert cells[-1] == f"{row['ok']}/{row['runs']}", cells

@@ -282,3 +282,25 @@ def test_transfer_set_mismatch_exits_3(tmp_path: Path, spawn) -> None:
     daemon = fed.start_daemon(0)
     assert daemon.wait(60) == 3
     assert daemon.events("cpm.transfer_hash_mismatch")
+
+
+def test_every_round_counts_for_an_idle_daemon_the_last_one_too(tmp_path: Path, spawn) -> None:
+    """LocalOnly pairs nobody: each round closes at once, and the last one is already
+    over ("finished") when a daemon asks for its directive. It must still count as a
+    round done — an idle ML agent trains for it before its next Profile (equal compute) —
+    not be skipped."""
+    fed = Federation(tmp_path, spawn)
+    fed.init_cpm("--open", "--max-rounds", "2", "--strategy", "local-only")
+    fed.start_cpm()
+    for i in range(2):
+        fed.init_daemon(i)
+    daemons = [fed.start_daemon(i) for i in range(2)]
+    everyone = (fed.cpm, *daemons)
+    from knexad.state import read_state
+
+    states = lambda: [read_state(tmp_path / f"d{i}") for i in range(2)]  # noqa: E731
+    wait_for(lambda: all(st is not None and st.role == "finished" for st in states()), 90, "both finished", everyone)
+    for d in daemons:  # the last round is done for it, as every other: it then profiles on (and trains)
+        assert 2 in {e["round"] for e in d.events("daemon.round.done")}, d.events("daemon.round.done")
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from harness import results as R
+from harness.plots import plot_curves
 
 PEERS = ["peerA", "peerB", "peerC", "peerD"]
 
@@ -124,9 +125,61 @@ def test_load_results_rejects_other_documents(tmp_path) -> None:
         R.load_results(path)
 
 
-def test_compare_plot_handles_uneven_series(tmp_path) -> None:
-    out = R.plot_compare(
-        tmp_path / "compare.png",
-        {"linucb": [[0.1, 0.2, 0.3], [0.1, 0.3]], "random": [[0.1, None, 0.15]], "empty": []},
-    )
+def test_curves_plot_handles_uneven_series_and_missing_bands(tmp_path) -> None:
+    curves = [
+        {"strategy": "linucb", **R.aggregate_curves([[0.1, 0.2, 0.3], [0.1, 0.3]], spread="ci95")},
+        {"strategy": "random", **R.aggregate_curves([[0.1, None, 0.15]], spread="std")},
+        {"strategy": "empty", **R.aggregate_curves([], spread="std")},
+    ]
+    out = plot_curves(tmp_path / "compare.png", curves, title="t", band="b")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def _t_cdf_upper_half(t: float, df: int, steps: int = 20_000) -> float:
+    """P(0 < T < t) for Student's t by Simpson's rule (independent of the table)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    h = t / steps
+    f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+    return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 19, 30])
+def test_t975_table_is_the_two_sided_95_percent_quantile(df: int) -> None:
+    assert _t_cdf_upper_half(R.t975(df), df) == pytest.approx(0.475, abs=2e-4)
+
+
+def test_ci95_is_a_t_interval_and_absent_for_one_value() -> None:
+    mu, half, n = R.ci95([0.1, 0.2, 0.3, None])
+    assert (mu, n) == (pytest.approx(0.2), 3)
+    assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert R.ci95([0.4]) == (0.4, None, 1)
+    assert R.ci95([]) == (None, None, 0)
+
+
+def test_curve_after_rounds_starts_at_initial_and_ends_at_final() -> None:
+    doc = {"rounds": [{"mean_pass1": 0.2}, {"mean_pass1": 0.25}, {"mean_pass1": 0.3}],
+           "summary": {"initial_pass1": 0.21, "final_pass1": 0.4}}
+    curve = R.curve_after_rounds(doc)
+    assert curve == [0.21, 0.25, 0.3, 0.4]  # r = 0 … R; round 1's profile is the initial value
+    assert R.area_under(curve) == pytest.approx(((0.21 + 0.25) / 2 + (0.25 + 0.3) / 2 + (0.3 + 0.4) / 2) / 3)
+    assert R.area_under([0.1, None, 0.2]) is None and R.curve_after_rounds({"rounds": []}) == []
+
+
+def test_aggregate_curves_bands() -> None:
+    agg = R.aggregate_curves([[0.1, 0.2], [0.3, 0.4]], spread="std")
+    assert agg["x"] == [0, 1] and agg["mean"] == [pytest.approx(0.2), pytest.approx(0.3)] and agg["n"] == 2
+    assert agg["hi"][0] - agg["mean"][0] == pytest.approx(math.sqrt(0.02))
+    ci = R.aggregate_curves([[0.1, 0.2], [0.3, 0.4]], spread="ci95")
+    assert ci["hi"][0] - ci["mean"][0] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    one = R.aggregate_curves([[0.1, 0.2]], spread="ci95")
+    assert one["lo"] == [None, None] and one["mean"] == [0.1, 0.2]  # one seed: no band
+    with pytest.raises(ValueError):
+        R.aggregate_curves([], spread="sem")
+
+
+def test_round_rows_sum_bytes_of_pairs_with_feedback() -> None:
+    rows = R.build_round_rows(_pairs(), _pass1(), rounds=[1, 2, 3])
+    assert [r.bytes for r in rows] == [10 * 1024, 10 * 1024, 0]
+    agents = {a.peer: a for a in R.build_agent_finals({p: {} for p in PEERS}, _pairs(), _pass1(), {})}
+    assert agents["peerA"].pass1_rounds == [0.5, 0.5, 0.6]
+    assert agents["peerC"].pass1_rounds == [0.2, 0.2, None]

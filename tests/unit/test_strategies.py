@@ -113,8 +113,50 @@ def test_linucb_update_and_state_round_trip() -> None:
         strat.update(Pair("a", "b", 0, 0.0, None), 0.1)
 
 
+def test_fedid_central_kd_is_centralized_interactive_and_rotates() -> None:
+    P = _profiles(5, 4)
+    ids = IDS[:5]
+    strat = make_strategy("fedid-central-kd")
+    assert strat.centralized
+    hub = sorted(ids)[0]  # fixed, whoever is best
+    seen_up = []
+    for r in range(4):
+        pairs = strat.select(P, ids, r, 10, np.random.default_rng(r))
+        up = [p for p in pairs if p.student == hub]
+        down = [p for p in pairs if p.teacher == hub]
+        assert len(up) == 1 and len(down) == len(ids) - 2 and len(pairs) == len(ids) - 1
+        assert up[0].teacher not in {p.student for p in down}  # the rotating client teaches, is not taught
+        seen_up.append(up[0].teacher)
+    assert seen_up == sorted(ids)[1:5]  # every client teaches the hub in turn
+    assert len(strat.select(P, ids, 0, 2, np.random.default_rng(0))) == 2  # k_pairs caps it
+
+
+def test_node_strategies_are_what_a_cpm_can_run() -> None:
+    from cpm.config import STRATEGIES as CONFIG_STRATEGIES
+    from cpm.strategies import NODE_STRATEGIES
+    from harness.cli import STRATEGIES as HARNESS_STRATEGIES
+
+    assert "oracle" not in NODE_STRATEGIES and "oracle-greedy" not in NODE_STRATEGIES
+    assert {"linucb", "random", "random-arm", "fedid-central-kd"} <= set(NODE_STRATEGIES)
+    assert CONFIG_STRATEGIES == HARNESS_STRATEGIES == NODE_STRATEGIES  # one list, offered everywhere
+
+
+def test_strategy_params_reach_the_strategy_from_the_config() -> None:
+    from cpm.config import CpmConfig, validate
+    from cpm.rounds import build_strategy
+    from protocol.errors import ConfigError
+
+    cfg = CpmConfig(strategy="linucb", strategy_params={"lam": 0.7})
+    validate(cfg)
+    assert build_strategy(cfg).bandit.lam == 0.7
+    with pytest.raises(ConfigError, match="strategy_params"):
+        validate(CpmConfig(strategy="linucb", strategy_params={"lambda": 1.0}))
+    assert build_strategy(CpmConfig(strategy="random-arm")).random_arm  # variants build too
+
+
 def test_registry() -> None:
-    assert set(STRATEGIES) == {"linucb", "random", "heuristic", "local-only", "central-kd", "oracle"}
+    assert set(STRATEGIES) == {"linucb", "random", "heuristic", "local-only", "central-kd", "fedid-central-kd",
+                               "oracle"}
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy("fedavg")
     with pytest.raises(ValueError):
@@ -204,11 +246,11 @@ def test_cpm_restart_on_a_store_saved_by_the_105_dim_release(tmp_path) -> None:
     with the typed error (the CLI's exit 3) instead of failing at the first match."""
     from cpm.config import CpmConfig
     from cpm.rounds import RoundEngine
-    from cpm.store import Store
+    from cpm.store import open_store
     from protocol.envelope import Identity
 
     state, old, _ = _v1_saved_state()
-    store = Store(tmp_path / "cpm.db")
+    store = open_store(tmp_path / "cpm.db")
     store.save_bandit_state("linucb", {"strategy": state}, 0)
     engine = RoundEngine(store, CpmConfig(strategy="linucb"), Identity.generate())
     assert engine.strategy.bandit.d == 112 and engine.strategy.bandit.t == old.t

@@ -136,3 +136,28 @@ def test_tiny_models_pin_one_cpu_thread_unless_the_operator_chose(monkeypatch) -
         assert zoo.configure_cpu_threads("tiny-gpt2", cpu) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_model_loading_leaves_no_library_output(tmp_path) -> None:
+    """A daemon's stderr is its JSON log and the harness's is the user's terminal: loading
+    a model must print no transformers/peft warning and no progress bar — also when
+    TRANSFORMERS_VERBOSITY=error was inherited from the harness (the daemons' case)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import dataclasses
+        from knexad.agent import zoo
+        for fam, r in list(zoo.TINY_RECIPES.items()):
+            zoo.TINY_RECIPES[fam] = dataclasses.replace(r, pretrain_steps=3, pretrain_batch=4)
+        zoo.load_model("tiny-gpt2")
+    """)
+    env = {**os.environ, "KNEXA_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ours = ("agent.zoo.",)  # our own structlog events (default renderer, stdout)
+    foreign = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()
+               and not any(tag in line for tag in ours)]
+    assert foreign == [], foreign
