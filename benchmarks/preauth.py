@@ -41,25 +41,18 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file too (python benchmarks/preauth.py)
+    sys.path.insert(0, str(REPO))
+
+from protocol.framing import encode_varint  # noqa: E402 — the multistream length prefix is the same varint
+
 MULTISTREAM_HEADER = b"/multistream/1.0.0\n"
 CHUNK = 64 * 1024
 
 
-def uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def hostile_preamble(announce: int) -> bytes:
     """A well-formed multistream header, then a protocol name ``announce`` bytes long."""
-    return uvarint(len(MULTISTREAM_HEADER)) + MULTISTREAM_HEADER + uvarint(announce)
+    return encode_varint(len(MULTISTREAM_HEADER)) + MULTISTREAM_HEADER + encode_varint(announce)
 
 
 @dataclass(slots=True)

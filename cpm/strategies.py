@@ -301,15 +301,11 @@ class CentralKDStrategy(_Stateless):
         return [Pair(agent_ids[hub], agent_ids[s], self.arm, 0.0) for s in others[: min(k_pairs, n - 1)]]
 
 
-class FedIDCentralKDStrategy(_Stateless):
+class FedIDCentralKDStrategy(CentralKDStrategy):
     """CENTRALIZED BASELINE (FedID-CentralKD, pairwise form): a fixed hub teaches all
     clients but one per round; that client, in rotation, teaches the hub."""
 
     name = "fedid-central-kd"
-    centralized = True
-
-    def __init__(self, n_arms: int = len(DEFAULT_ARMS), arm: int = DEFAULT_ARM_INDEX) -> None:
-        self.arm = min(arm, n_arms - 1)
 
     def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
                rng: np.random.Generator) -> list[Pair]:
