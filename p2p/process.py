@@ -103,23 +103,6 @@ class HomeLock:
         self.release()
 
 
-def holder_pid(home: Path) -> int | None:
-    """The pid of the process holding ``home``'s instance lock, or None when free."""
-    path = Path(home) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
-    return None
-
-
 def version_option(prog_name: str) -> Callable[[Any], Any]:
     """``--version``: the installed distribution's version (pyproject.toml)."""
     try:
