@@ -33,9 +33,17 @@ nothing): the engine's per-request work must not grow with the number of agents,
 round of N agents costs O(N²) to ingest. Compare ``--registered 0`` with
 ``--registered 10000``.
 
+``--store`` picks the backend, repeatable to compare them in one run: ``sqlite`` (the
+default: a fresh file per mode), ``postgresql`` (a throwaway PostgreSQL server started
+from the server binaries for this run — ``benchmarks.pgserver``, durable defaults — a
+fresh database per mode; its server processes' CPU is measured too), or a
+``postgresql://…`` URL (a fresh schema per mode in that database, left there). Results
+of other stores than ``sqlite`` are keyed ``<mode>@<store>``.
+
 Plus ``verify`` (the envelope check alone: ``open_envelope``, decode + Ed25519 verify,
-one thread) and ``commit_ms`` (one standalone ``BEGIN IMMEDIATE … COMMIT`` with
-``synchronous=FULL`` on this disk).
+one thread) and ``commit_ms`` (one standalone write transaction — SQLite: ``BEGIN
+IMMEDIATE … COMMIT`` with ``synchronous=FULL`` on this disk; PostgreSQL: the same
+through the store, ``synchronous_commit=on``).
 
 Measured: acked profiles / wall second from the first to the last profile, and the
 CPM process's CPU seconds per profile over the same window (what one core of CPM could
@@ -241,9 +249,10 @@ class _Echo:
 
 
 async def _drive_against(server: Any, mode: str, profiles: int, clients: int, pipeline: int,
-                         transfer_hash: str) -> tuple[dict[str, Any], float]:
+                         transfer_hash: str, db_cpu: Any = None) -> tuple[dict[str, Any], float]:
     """Start the driver subprocess against ``server``; returns its result and the CPU
-    seconds this process spent between "go" and the driver's exit."""
+    seconds this process spent between "go" and the driver's exit (``db_cpu()``: the
+    database server's CPU seconds so far, sampled at the same two points)."""
     import trio
 
     cmd = [sys.executable, "-m", "benchmarks.ingest", "--driver", "--profiles", str(profiles),
@@ -260,7 +269,7 @@ async def _drive_against(server: Any, mode: str, profiles: int, clients: int, pi
                 if not chunk:
                     raise RuntimeError(f"driver exited before it was ready (rc {await proc.wait()})")
                 buf += chunk
-        cpu0, sys0 = _cpu_s(), _sys_s()
+        cpu0, sys0, db0 = _cpu_s(), _sys_s(), db_cpu() if db_cpu else 0.0
         await proc.stdin.send_all(b"go\n")
         buf = buf.split(b"ready\n", 1)[1]
         with trio.fail_after(600):
@@ -268,11 +277,14 @@ async def _drive_against(server: Any, mode: str, profiles: int, clients: int, pi
                 buf += chunk
             rc = await proc.wait()
         cpu, sys_cpu = _cpu_s() - cpu0, _sys_s() - sys0
+        db_used = db_cpu() - db0 if db_cpu else 0.0
         nursery.cancel_scope.cancel()
     if rc != 0:
         raise RuntimeError(f"driver failed (rc {rc})")
     res = json.loads(buf.decode().strip().splitlines()[-1])
     res["cpm_sys_s"] = sys_cpu
+    if db_cpu:
+        res["db_cpu_s"] = db_used
     return res, cpu
 
 
@@ -288,8 +300,8 @@ def add_background_agents(store: Any, n: int, now: int) -> None:
             store.put_profile(peer, 1, vector, "background", now)
 
 
-async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home: Path,
-                    window_s: float, registered: int = 0) -> dict[str, Any]:
+async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, location: str,
+                    window_s: float, registered: int = 0, db_cpu: Any = None) -> dict[str, Any]:
     from cpm.config import CpmConfig
     from cpm.service import CpmService
     from cpm.store import open_store
@@ -307,18 +319,18 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
         res, cpu = await _drive_against(echo, mode, profiles, clients, pipeline, cfg.transfer_hash)
         out["verified"] = echo.served == res["acked"] + clients  # + one "Register" each
     else:
-        store = open_store(home / "cpm.db")
+        store = open_store(location)
         for i in range(clients):
             store.admit(Identity(client_seed(i)).peer_id, "bench", 1)
         add_background_agents(store, registered, now_ms())
         service = CpmService(cfg, Identity.generate(), store, group_commit=group_commit,
                              commit_window_s=window_s)
         try:
-            res, cpu = await _drive_against(service, mode, profiles, clients, pipeline, cfg.transfer_hash)
+            res, cpu = await _drive_against(service, mode, profiles, clients, pipeline, cfg.transfer_hash, db_cpu)
         finally:
             store.close()
         # verify on the database reopened from disk: every client's last acked profile is stored
-        check = open_store(home / "cpm.db")
+        check = open_store(location)
         stored = {row["peer_id"]: row["vector"] for row in check.list_profiles(1)
                   if not row["peer_id"].startswith("background-")}
         check.close()
@@ -338,6 +350,9 @@ async def _run_mode(mode: str, profiles: int, clients: int, pipeline: int, home:
                cpm_kernel_cpu_us_per_profile=round(res["cpm_sys_s"] / acked * 1e6, 1),
                cpm_cpu_bound_per_s=round(acked / cpu, 1) if cpu > 0 else 0.0,
                client_cpu_us_per_profile=round(res["client_cpu_s"] / acked * 1e6, 1))
+    if "db_cpu_s" in res:  # the database server's processes (PostgreSQL), beside the CPM's own
+        out.update(db_cpu_us_per_profile=round(res["db_cpu_s"] / acked * 1e6, 1),
+                   total_cpu_us_per_profile=round((cpu + res["db_cpu_s"]) / acked * 1e6, 1))
     return out
 
 
@@ -356,12 +371,14 @@ def verify_ceiling(n: int = 3000) -> dict[str, Any]:
     return {"ops": n, "ops_per_s": round(n / dt, 1), "us_per_op": round(dt / n * 1e6, 1)}
 
 
-def commit_ms(n: int = 40) -> float:
-    """One standalone COMMIT (``synchronous=FULL``: an fsync of the WAL) on this disk."""
+def commit_ms(n: int = 40, location: str | None = None) -> float:
+    """One standalone write transaction (SQLite ``synchronous=FULL``: an fsync of the
+    WAL; PostgreSQL ``synchronous_commit=on``: a WAL flush) at ``location`` (default: a
+    temp SQLite file)."""
     from cpm.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="knexa-commit-") as tmp:
-        store = open_store(Path(tmp) / "cpm.db")
+        store = open_store(location or Path(tmp) / "cpm.db")
         store.admit("peer", "", 0)
         t0 = time.perf_counter()
         for i in range(n):
@@ -371,25 +388,70 @@ def commit_ms(n: int = 40) -> float:
     return round(dt / n * 1000, 2)
 
 
+class _Stores:
+    """Fresh, empty store locations of one ``--store`` kind, one per mode; ``db_cpu``
+    reads the database server's CPU seconds where it runs here (a throwaway server)."""
+
+    def __init__(self, spec: str, tmp: Path) -> None:
+        self.spec, self.tmp, self.n = spec, tmp, 0
+        self.server: Any = None
+        self.label = "sqlite" if spec == "sqlite" else "postgresql"
+        if spec == "postgresql":
+            from benchmarks.pgserver import PgServer
+
+            self.server = PgServer().start()
+        elif spec != "sqlite" and not spec.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"--store {spec!r}: sqlite, postgresql or a postgresql:// URL")
+        self.db_cpu = self.server.cpu_s if self.server is not None else None
+
+    def new(self, name: str) -> str:
+        self.n += 1
+        if self.spec == "sqlite":
+            home = self.tmp / f"{name}-{self.n}"
+            home.mkdir()
+            return f"sqlite:{home / 'cpm.db'}"
+        if self.server is not None:
+            return self.server.create_database("ingest")
+        sep = "&" if "?" in self.spec else "?"  # a fresh schema per mode in the operator's database
+        return f"{self.spec}{sep}options=-csearch_path%3Dknexa_ingest_{os.getpid()}_{self.n}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
 def run(profiles: int = 1000, clients: int = 16, modes: tuple[str, ...] = tuple(MODES),
-        window_s: float = 0.002, pipeline: int = 16, registered: int = 0) -> dict[str, Any]:
+        window_s: float = 0.002, pipeline: int = 16, registered: int = 0,
+        stores: tuple[str, ...] = ("sqlite",)) -> dict[str, Any]:
     import trio
 
     from p2p.logs import configure_logging
 
     out: dict[str, Any] = {"profiles": profiles, "clients": clients, "pipeline": pipeline, "registered": registered,
-                           "target_per_s": TARGET_PER_S, "commit_window_ms": window_s * 1000,
-                           "load_avg": os.getloadavg(), "verify": verify_ceiling(), "commit_ms": commit_ms()}
+                           "target_per_s": TARGET_PER_S, "commit_window_ms": window_s * 1000, "stores": list(stores),
+                           "load_avg": os.getloadavg(), "verify": verify_ceiling(), "commit_ms": commit_ms(),
+                           "results": []}
     with tempfile.TemporaryDirectory(prefix="knexa-ingest-") as tmp:
         with open(Path(tmp) / "cpm.log", "w") as logfile:
             configure_logging("json", "info", stream=logfile)  # the node's INFO lines cost CPU too
-            for mode in modes:
-                home = Path(tmp) / mode
-                home.mkdir()
-                disk = commit_ms(20)  # fsync latency drifts on shared disks: sample it per mode
-                out[mode] = trio.run(_run_mode, mode, profiles, clients, pipeline, home, window_s, registered)
-                out[mode]["commit_ms_before"] = disk
-    rate = {m: out[m]["profiles_per_s"] for m in modes}
+            for spec in stores:
+                kind = _Stores(spec, Path(tmp))
+                try:
+                    for mode in modes:
+                        if MODES[mode][0] == "echo" and spec != stores[0]:
+                            continue  # no store involved: once is enough
+                        key = mode if kind.label == "sqlite" else f"{mode}@{kind.label}"
+                        location = kind.new(mode)
+                        # commit latency drifts on shared disks: sample it per mode (echo: the SQLite one)
+                        disk = commit_ms(20, location if MODES[mode][0] == "cpm" else None)
+                        out[key] = trio.run(_run_mode, mode, profiles, clients, pipeline, location, window_s,
+                                            registered, kind.db_cpu)
+                        out[key]["commit_ms_before"] = disk
+                        out[key]["store"] = kind.label
+                        out["results"].append(key)
+                finally:
+                    kind.close()
+    rate = {m: out[m]["profiles_per_s"] for m in modes if m in out}
     if rate.get("group") and rate.get("per_message"):
         out["ratio_group_vs_per_message"] = round(rate["group"] / rate["per_message"], 2)
     best = max((m for m in ("group", "group_pipelined") if m in rate), key=lambda m: rate[m], default=None)
@@ -408,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-ms", type=float, default=2.0, help="group-commit window")
     ap.add_argument("--registered", type=int, default=0,
                     help="extra admitted agents with a profile in the open round (they send nothing)")
+    ap.add_argument("--store", action="append", default=None, metavar="STORE",
+                    help="sqlite (default), postgresql (a throwaway server) or a postgresql:// URL; repeatable")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cpm", help=argparse.SUPPRESS)
@@ -421,23 +485,25 @@ def main(argv: list[str] | None = None) -> int:
     if (any(m not in MODES for m in modes) or args.pipeline < 1 or args.clients < 1 or args.profiles < 1
             or args.registered < 0):
         ap.error(f"--modes must be a subset of {','.join(MODES)}; counts must be ≥ 1")
-    res = run(args.profiles, args.clients, modes, args.window_ms / 1000, args.pipeline, args.registered)
-    ok = all(res[m]["verified"] for m in modes)
+    stores = tuple(args.store or ("sqlite",))
+    res = run(args.profiles, args.clients, modes, args.window_ms / 1000, args.pipeline, args.registered, stores)
+    keys = [k for k in res["results"]]
+    ok = all(res[k]["verified"] for k in keys)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0 if ok else 1
     print(f"ingest: {args.clients} agents (+{args.registered} registered, silent), {args.profiles} profiles per mode, "
-          f"load avg {res['load_avg'][0]:.2f}")
-    print(f"{'mode':17} {'in flight':>9} {'profiles/s':>11} {'CPM CPU µs/profile':>19} {'CPM-CPU bound/s':>16} "
-          f"{'mean batch':>11} {'fsync ms':>9}  verified")
-    for m in modes:
-        r = res[m]
-        print(f"{m:17} {r['in_flight']:>9} {r['profiles_per_s']:>11} {r['cpm_cpu_us_per_profile']:>19} "
-              f"{r['cpm_cpu_bound_per_s']:>16} {r.get('mean_batch', '—'):>11} {r['commit_ms_before']:>9}  "
-              f"{r['verified']}")
+          f"stores {', '.join(stores)}, load avg {res['load_avg'][0]:.2f}")
+    print(f"{'mode':28} {'in flight':>9} {'profiles/s':>11} {'CPM CPU µs/profile':>19} {'DB CPU µs/profile':>18} "
+          f"{'CPM-CPU bound/s':>16} {'mean batch':>11} {'commit ms':>10}  verified")
+    for k in keys:
+        r = res[k]
+        print(f"{k:28} {r['in_flight']:>9} {r['profiles_per_s']:>11} {r['cpm_cpu_us_per_profile']:>19} "
+              f"{r.get('db_cpu_us_per_profile', '—'):>18} {r['cpm_cpu_bound_per_s']:>16} "
+              f"{r.get('mean_batch', '—'):>11} {r['commit_ms_before']:>10}  {r['verified']}")
     v = res["verify"]
     print(f"verify only: {v['ops_per_s']}/s (open_envelope, one thread, {v['us_per_op']} µs); "
-          f"one COMMIT (fsync): {res['commit_ms']} ms")
+          f"one standalone COMMIT: {res['commit_ms']} ms")
     print(f"target ≥ {TARGET_PER_S:.0f} profiles/s: {res.get('best_mode', '—')}/target "
           f"{res.get('ratio_vs_target', '—')}; group/per_message {res.get('ratio_group_vs_per_message', '—')}")
     return 0 if ok else 1

@@ -1,5 +1,9 @@
-"""The SQLite backend's connection (``cpm.store_sqlite``): per-call transactions, or
-group commit of many messages in one write transaction with one fsync.
+"""The store backends' connection with group commit: per-call transactions, or many
+messages in one write transaction with one durable commit. This class is the SQLite
+backend's (``cpm.store_sqlite``); the PostgreSQL backend subclasses it
+(``cpm.pgdb.PgBatchDb``) and replaces only the driver-facing steps (``execute``,
+``_begin``, ``_commit``, ``_rollback``, ``_in_transaction``), so the batch logic that
+decides what may be acknowledged exists once.
 
 Why: with ``synchronous=FULL`` each COMMIT costs an fsync (milliseconds: ``commit_ms``
 in ``benchmarks/ingest.py``), and the CPM must not acknowledge anything that is not
@@ -27,12 +31,12 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import structlog
 
-from cpm.store import BatchCommitError, StoreError, StoreUnavailable
+from cpm.store import BatchCommitError, BatchEndHook, BatchOpenHook, StoreError, StoreUnavailable
 
 __all__ = ["BatchCommitError", "BatchDb", "Result"]
 
@@ -61,7 +65,11 @@ class Result:
 class BatchDb:
     """One SQLite connection (``isolation_level=None``) with explicit transactions."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    # errors of the driver a failed ROLLBACK may raise (logged, not raised: the batch
+    # has already failed)
+    driver_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
+    def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.lock = threading.RLock()
         self._in_tx = False
@@ -80,6 +88,28 @@ class BatchDb:
                 return Result(cur.fetchall(), cur.rowcount)
             except sqlite3.OperationalError as exc:  # busy, full, I/O: the caller may retry
                 raise StoreUnavailable(str(exc)) from exc
+
+    # ---- the driver-facing steps (``cpm.pgdb.PgBatchDb`` replaces them) ----------
+    def _begin(self) -> None:
+        """Start a write transaction; returns once this connection is the only writer."""
+        self.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        """Commit durably, or raise (then the transaction is still open or gone)."""
+        self.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        self.execute("ROLLBACK")
+
+    def _in_transaction(self) -> bool:
+        """Whether a transaction is open on the connection (SQLite may have rolled one
+        back by itself, e.g. on a full disk)."""
+        return bool(self.conn.in_transaction)
+
+    def _transaction_usable(self) -> bool:
+        """Whether the open transaction can take more statements (PostgreSQL: not
+        aborted by an error outside a savepoint)."""
+        return self._in_transaction()
 
     def defer_until_commit(self, key: str, write: Callable[[], None]) -> bool:
         """In an open batch: run ``write`` right before the batch's COMMIT, once per
@@ -123,26 +153,32 @@ class BatchDb:
                 if not self._grouping:  # a standalone writer returns only once durable
                     self._flush()
             else:
-                self.execute("BEGIN IMMEDIATE")
+                self._begin()
                 self._in_tx = True
                 try:
                     yield self
                 except BaseException:
-                    self.execute("ROLLBACK")
+                    self._rollback()
                     raise
                 else:
-                    self.execute("COMMIT")
+                    try:
+                        self._commit()
+                    except BaseException:
+                        if self._in_transaction():  # a refused COMMIT must not leave it open
+                            self._rollback()
+                        raise
                 finally:
                     self._in_tx = False
 
     @contextmanager
     def _savepoint(self) -> Iterator[None]:
-        if self._batch is not None and not self.conn.in_transaction:
-            # SQLite rolled the whole batch back (e.g. disk full): its COMMIT will fail
-            # and fail its waiters; a savepoint now would silently autocommit
-            raise StoreUnavailable(f"batch {self._batch} was rolled back by SQLite")
+        if self._batch is not None and not self._transaction_usable():
+            # the database rolled the whole batch back (SQLite: disk full; PostgreSQL: a
+            # failed statement outside a savepoint, a lost connection): its COMMIT will
+            # fail and fail its waiters; a savepoint now would silently autocommit
+            raise StoreUnavailable(f"batch {self._batch} was rolled back by the database")
         if self._batch is None:
-            self.execute("BEGIN IMMEDIATE")
+            self._begin()
             self._batches += 1
             self._batch = self._batches
             if self.on_batch_open is not None:  # at once: an open batch must always get committed
@@ -182,12 +218,12 @@ class BatchDb:
                 writes, self._before_commit = list(self._before_commit.values()), {}
                 for write in writes:  # the batch's last statements (defer_until_commit)
                     write()
-                self.execute("COMMIT")
+                self._commit()
             except Exception as exc:  # a failed deferred write fails the batch like a failed COMMIT
-                if self.conn.in_transaction:
+                if self._in_transaction():
                     try:
-                        self.execute("ROLLBACK")
-                    except (sqlite3.Error, StoreError) as exc2:
+                        self._rollback()
+                    except (*self.driver_errors, StoreError) as exc2:
                         log.error("cpm.store.rollback_failed", batch=batch, error=str(exc2))
                 raise BatchCommitError(batch, exc) from exc
             finally:
@@ -205,3 +241,31 @@ class BatchDb:
                 except BatchCommitError as exc:
                     log.warning("cpm.store.close_commit_failed", error=str(exc))
             self.conn.close()
+
+
+class BatchedStore:
+    """The ``Store`` methods that are the batch machinery's own, shared by every backend
+    built on ``BatchDb`` (SQLite, PostgreSQL): they only delegate to ``self._db``."""
+
+    _db: BatchDb
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Atomic unit (rollback on any exception). Re-entrant: an inner ``transaction()``
+        joins the outer one. Commits before returning unless inside ``grouped()``."""
+        with self._db.transaction():
+            yield
+
+    def grouped(self) -> AbstractContextManager[None]:
+        return self._db.grouped()
+
+    @property
+    def open_batch(self) -> int | None:
+        return self._db.open_batch
+
+    def commit_batch(self) -> int | None:
+        return self._db.commit_batch()
+
+    def set_batch_hooks(self, on_open: BatchOpenHook | None, on_end: BatchEndHook | None) -> None:
+        self._db.on_batch_open = on_open
+        self._db.on_batch_end = on_end

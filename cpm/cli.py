@@ -11,7 +11,8 @@ Exit codes (every command; docs/cpm.md):
 5    not admitted / unauthorized (``--remote`` with a non-admin key)
 ==== =====================================================
 
-Admin commands act on the home's store (``cpm.store``: today its SQLite file in WAL mode),
+Admin commands act on the home's store (``cpm.store``: its SQLite file in WAL mode, or the
+PostgreSQL database its config's ``store`` names),
 which the running node re-reads per request, so ``admit``/``revoke`` take effect
 without a restart. ``--remote MADDR --key
 FILE`` sends the same operation over ``/knexa/admin/1.0.0`` instead. ``release`` is the
@@ -37,7 +38,7 @@ import click
 import structlog
 
 from cpm import config as C
-from cpm.store import Store, StoreError, StoreUnavailable, open_home_store
+from cpm.store import Store, StoreError, StoreUnavailable, open_home_store, open_store, store_location
 from p2p.process import ExitCode, HomeLock, exit_code_for, first_leaf, run_cli, version_option
 from protocol.errors import ConfigError, KnexaError
 
@@ -140,11 +141,16 @@ def cli() -> None:
 @click.option("--listen", multiple=True, help="Listen multiaddr (repeatable).")
 @click.option("--admin", "admins", multiple=True, callback=lambda c, p, v: [_peer_arg(c, p, x) for x in v],
               help="Peer ID allowed on /knexa/admin/1.0.0 (repeatable).")
+@click.option("--store", metavar="LOCATION",
+              help="Where the state lives (default: <home>/cpm.db): sqlite:PATH or postgresql://user@host/db.")
 @click.option("--force", is_flag=True, help="Rewrite config.toml of an existing home (the key is kept).")
 @handle_errors
 def init(home: Path, open_admission: bool | None, transfer_hash: str | None, force: bool, listen: tuple[str, ...],
-         admins: list[str], **overrides: Any) -> None:
-    """Create the home: config.toml, identity key (0600) and the SQLite database."""
+         admins: list[str], store: str | None, **overrides: Any) -> None:
+    """Create the home: config.toml, identity key (0600) and the store.
+
+    The store is the home's SQLite database, or the tables in the PostgreSQL database
+    that --store names (created first: config.toml is written only once that worked)."""
     _quiet_logs()
     existed = C.config_path(home).exists()
     if existed and not force:
@@ -161,14 +167,17 @@ def init(home: Path, open_admission: bool | None, transfer_hash: str | None, for
         cfg.admins = list(admins)
     if open_admission is not None:
         cfg.open_admission = open_admission
+    if store is not None:
+        cfg.store = C.validate_store(store)
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
     if cfg.transfer_hash == C.default_transfer_hash() and cfg.transfer_size != C.DEFAULT_TRANSFER_SIZE:
         cfg.transfer_hash = C.default_transfer_hash(cfg.transfer_size)
+    C.validate(cfg)
+    open_store(store_location(home, cfg.store)).close()  # created or migrated before the home names it
     C.save_config(home, cfg)
     ident = C.load_identity(home) if C.identity_path(home).exists() else C.create_identity(home)
-    open_home_store(home).close()
     click.echo(ident.peer_id)
     if existed:
         click.echo(f"rewrote {C.config_path(home)}; a running `knexa-cpm serve` reads it only at start: "
@@ -183,9 +192,10 @@ def init(home: Path, open_admission: bool | None, transfer_hash: str | None, for
               help="Written atomically (JSON: peer_id, addrs, pid, metrics_port) once listening.")
 @click.option("--log-format", type=click.Choice(C.LOG_FORMATS))
 @click.option("--metrics-port", type=click.IntRange(0, 65535))
+@click.option("--store", metavar="LOCATION", help="Override the config's store location for this run.")
 @handle_errors
 def serve(home: Path, listen: tuple[str, ...], strategy: str | None, ready_file: Path | None,
-          log_format: str | None, metrics_port: int | None) -> None:
+          log_format: str | None, metrics_port: int | None, store: str | None) -> None:
     """Run the CPM node until SIGINT/SIGTERM (then exit 0)."""
     import trio
 
@@ -201,16 +211,19 @@ def serve(home: Path, listen: tuple[str, ...], strategy: str | None, ready_file:
         cfg.log_format = log_format
     if metrics_port is not None:
         cfg.metrics_port = metrics_port
+    if store is not None:
+        cfg.store = store
     C.validate(cfg)
     parse_listen_addrs(cfg.listen)
     configure_logging(cfg.log_format)
     ident = C.load_identity(home)
     with HomeLock(home, "knexa-cpm serve"):
-        store = open_home_store(home)
+        db = open_store(store_location(home, cfg.store))
+        log.info("cpm.store.opened", location=db.location)
         try:
-            trio.run(_serve, cfg, ident, store, ready_file)
+            trio.run(_serve, cfg, ident, db, ready_file)
         finally:
-            store.close()
+            db.close()
 
 
 async def _serve(cfg: C.CpmConfig, ident: Any, store: Store, ready_file: Path | None) -> None:

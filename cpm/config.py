@@ -1,4 +1,5 @@
-"""CPM home directory: ``config.toml``, the identity seed and the SQLite file.
+"""CPM home directory: ``config.toml``, the identity seed and the SQLite file (unless
+``store`` names another location, e.g. a PostgreSQL database).
 
 Why one home directory: the operator (and ``knexa-cpm admit`` from another process) must
 find the same key, settings and database without flags. The config is plain TOML, read
@@ -16,6 +17,7 @@ from typing import Any
 
 import tomli_w
 
+from cpm.store import BACKENDS, has_password, scheme_of
 from cpm.strategies import NODE_STRATEGIES, make_strategy
 from p2p import keyfile
 from p2p.files import atomic_write
@@ -68,6 +70,7 @@ class CpmConfig:
     request_timeout_s: float = 10.0  # per network step (read one frame, write one frame)
     rate_limit_per_s: float = 10.0  # per-peer sustained requests/s on /knexa/cpm (0 = off)
     rate_limit_burst: float = 50.0  # per-peer bucket size (requests allowed back to back)
+    store: str = ""  # "" = <home>/cpm.db; "sqlite:PATH" (relative to the home) or "postgresql://user@host/db"
 
     def to_toml(self) -> dict[str, Any]:
         data = asdict(self)
@@ -153,7 +156,7 @@ def config_from_dict(data: dict[str, Any]) -> CpmConfig:
         cfg.listen = _str_list("listen", data["listen"])
     if "admins" in data:
         cfg.admins = _str_list("admins", data["admins"])
-    for key in ("strategy", "transfer_hash", "log_format"):
+    for key in ("strategy", "transfer_hash", "log_format", "store"):
         if key in data:
             if not isinstance(data[key], str):
                 raise ConfigError(key, "must be a string")
@@ -206,9 +209,26 @@ def validate(cfg: CpmConfig) -> None:
         raise ConfigError("metrics_port", "must be a TCP port (0 = off)")
     for i, admin in enumerate(cfg.admins):
         validate_peer_id(admin, f"admins[{i}]")
+    validate_store(cfg.store)
     for i, arm in enumerate(cfg.arms):
         if arm.items > cfg.transfer_size:
             raise ConfigError(f"arms[{i}].items", f"exceeds transfer_size={cfg.transfer_size}")
+
+
+def validate_store(location: str, key: str = "store") -> str:
+    """A store location this build can open, without a password: config.toml is
+    world-readable (0644) and ``knexa-cpm config show`` prints it, so a database
+    password goes to libpq's ``~/.pgpass`` (or ``PGPASSFILE``) instead."""
+    if not location:
+        return location
+    scheme = scheme_of(location)
+    if scheme not in BACKENDS:
+        raise ConfigError(key, f"unknown store backend {scheme!r} (one of: sqlite:PATH, postgresql://…)")
+    if has_password(location):
+        raise ConfigError(key, "must not contain a password: put it in ~/.pgpass or PGPASSFILE (docs/cpm.md)")
+    if scheme == "sqlite" and location.lower() in ("sqlite:", ""):
+        raise ConfigError(key, "sqlite: needs a path")
+    return location
 
 
 # --- home directory --------------------------------------------------------------------

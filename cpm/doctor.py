@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from cpm import config as C
+from cpm.store import scheme_of
 from p2p import checks as K
 from protocol.errors import ConfigError
 
@@ -28,15 +29,21 @@ PROBE_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
 def check_database(home: Path) -> K.Check:
-    """The store exists, is a CPM database in its durable mode (SQLite: WAL, so admin
-    commands from another process never block the node for long), passes its integrity
-    check; summary counts. Read-only (``cpm.store.open_home_store(readonly=True)``)."""
-    from cpm.store import StoreError, StoreNotFound, open_home_store
+    """The store the home's config names exists, is a CPM database in its durable mode
+    (SQLite: WAL, so admin commands from another process never block the node for long;
+    PostgreSQL: fsync on, a primary), passes its integrity check; which backend it is and
+    summary counts. Read-only (``cpm.store.open_home_store(readonly=True)``)."""
+    from cpm.store import StoreError, StoreNotFound, StoreUnavailable, open_home_store
 
     try:
         store = open_home_store(home, readonly=True)
+    except ConfigError as exc:  # the config check above reports it
+        return K.skip("database", f"needs a valid config (its `store` key names the database): {exc}")
     except StoreNotFound as exc:
         return K.fail("database", str(exc), f"knexa-cpm init --home {home}", K.EXIT_CONFIG)
+    except StoreUnavailable as exc:
+        return K.fail("database", str(exc), "start the database server, or fix `store` in config.toml",
+                      K.EXIT_RUNTIME)
     except StoreError as exc:
         return K.fail("database", str(exc), "restore the latest backup (docs/operations.md: backups)", K.EXIT_CONFIG)
     try:
@@ -46,6 +53,8 @@ def check_database(home: Path) -> K.Check:
     finally:
         store.close()
     where, version = health.location, health.schema_version
+    if health.backend:
+        where = f"{health.backend} at {where}"
     if version != health.schema_expected:
         return K.fail("database", f"{where}: schema version {'?' if version is None else version}, this build "
                       f"needs {health.schema_expected}", "run the knexa version that wrote it, or restore a backup "
@@ -169,7 +178,9 @@ def run_checks(home: Path, addrs: tuple[str, ...] = ()) -> list[K.Check]:
         out += in_use
     out.append(K.check_metrics(cfg.metrics_port, running=running, marker="knexa_cpm_round",
                                flag="`serve --metrics-port N`"))
-    out.append(K.check_disk(home, warn_below=1 * K.GIB, fail_below=100 * K.MIB, purpose="SQLite database + WAL"))
+    local = scheme_of(cfg.store) == "sqlite"
+    out.append(K.check_disk(home, warn_below=1 * K.GIB, fail_below=100 * K.MIB,
+                            purpose="SQLite database + WAL" if local else "home (key, config, logs)"))
     return out
 
 

@@ -17,16 +17,22 @@ seconds plus an exact index count inside the one second that straddles t.
 ``tests/unit/test_store_tally.py`` checks both against the plain queries after random
 operation sequences.
 
-Schema changes here are additive and idempotent (``IF NOT EXISTS``), so an existing
-database gains them on open, and an older build can still open a newer file;
-``SCHEMA_VERSION`` changes only for changes an older build could not live with.
+Versions: ``MIGRATIONS`` is the ordered list of schema steps, ``schema_version`` holds
+the number of the last one applied, and ``migrate`` runs the missing ones inside the
+opening ``BEGIN IMMEDIATE`` transaction (SQLite's write lock: one migrator at a time, all
+or nothing). A database newer than this build is refused, never guessed at. Step 1, the
+baseline, is idempotent (``IF NOT EXISTS``) and re-applied on every open: the tallies and
+indexes were added to it in place before versions were counted, and a database written
+then gains them (with a backfill) that way. Every later step runs exactly once. The
+PostgreSQL backend keeps the same scheme (``cpm.schema_postgres``); why not Alembic is in
+docs/cpm.md, "Schema versions and migrations".
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
-
-SCHEMA_VERSION = 1
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -198,8 +204,9 @@ class SchemaError(Exception):
     """The file holds a schema version this build cannot use."""
 
 
-def migrate(db: Any) -> None:
-    """Create or upgrade the schema; call inside one transaction (all or nothing)."""
+def _baseline(db: Any) -> None:
+    """Version 1: the tables, and the tallies with their triggers (filled once for a
+    database written before they existed). Idempotent."""
     for stmt in TABLES.split(";"):
         if stmt.strip():
             db.execute(stmt)
@@ -213,8 +220,38 @@ def migrate(db: Any) -> None:
             db.execute(trigger)
         if existed is None:  # a database written before the tally existed
             db.execute(backfill)
-    row = db.execute("SELECT version FROM schema_version").fetchone()
-    if row is None:
-        db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif row[0] != SCHEMA_VERSION:
-        raise SchemaError(f"schema version {row[0]} is not supported (this build: {SCHEMA_VERSION})")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step: ``apply(db)`` runs in the opening transaction; ``always``: re-run
+    on every open (only the idempotent baseline)."""
+
+    version: int
+    what: str
+    apply: Callable[[Any], None]
+    always: bool = False
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "baseline: tables, indexes, round and activity tallies", _baseline, always=True),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def migrate(db: Any, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Create or upgrade the schema; call inside one write transaction (all or nothing).
+    Returns the version the database is at."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = 0 if row is None or row[0] is None else int(row[0])
+    latest = migrations[-1].version
+    if current > latest:
+        raise SchemaError(f"schema version {current} is not supported (this build: {latest})")
+    for m in migrations:
+        if m.version > current or m.always:
+            m.apply(db)
+    if current < latest:
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", (latest,))
+    return latest

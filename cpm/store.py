@@ -5,17 +5,19 @@ backend keeps it.
 Why a seam: SQLite details (connections, SQL, PRAGMAs, savepoints) used to show through
 ``Store``, so a second backend would have touched most of ``cpm/``, the harness and the
 benchmarks. Now callers see only this module: the row types, the ``Store`` protocol,
-the errors, and ``open_store``, which maps a location to a backend. SQLite is the first
-backend (``cpm.store_sqlite``, with ``cpm.batchdb`` and ``cpm.schema``); PostgreSQL,
-planned next, is one new module plus one line in ``BACKENDS``
+the errors, and ``open_store``, which maps a location to a backend. Two backends: SQLite
+(``cpm.store_sqlite``, with ``cpm.batchdb`` and ``cpm.schema``), the default, and
+PostgreSQL (``cpm.store_postgres``, with ``cpm.pgdb`` and ``cpm.schema_postgres``;
+driver from the ``postgres`` extra) — each one module plus one line in ``BACKENDS``
 (docs/architecture.md, "Storage seam"). ``tests/unit/test_store_contract.py`` states
-the contract below as tests, parametrized over backends.
+the contract below as tests, run on both backends.
 
 The contract every backend keeps:
 
 * **Durable before answered.** A write method, or an outermost ``transaction()``,
   called outside ``grouped()`` returns only once its writes are committed durably
-  (SQLite: ``synchronous=FULL``), so the node may acknowledge what it stored.
+  (SQLite: ``synchronous=FULL``; PostgreSQL: ``synchronous_commit=on``), so the node
+  may acknowledge what it stored.
 * **Atomic messages.** ``transaction()`` is one atomic unit, rolled back on any
   exception; an inner ``transaction()`` joins the outer one. A message's effects
   (feedback row + directive state + bandit state) land together or not at all.
@@ -46,6 +48,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, runtime_checkable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # ---- rows ------------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class StoreHealth:
     durability_warning: str | None  # set when the store is not in that mode now …
     durability_hint: str  # … and what to do about it
     counts: dict[str, int]  # ``Store.counts()``
+    backend: str = ""  # engine and version, e.g. "SQLite 3.45.1", "PostgreSQL 15.18"
 
 
 # ---- errors ----------------------------------------------------------------------------
@@ -142,9 +146,10 @@ class StoreNotFound(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The store could not do it now — another writer held the lock past the busy
-    timeout, the disk is full, an I/O error: nothing of the operation was stored; try
-    again later (the node's ticker does)."""
+    """The store could not do it now — another writer held the lock past the busy (lock)
+    timeout, the disk is full, an I/O error, the database server is unreachable or the
+    connection was lost: nothing of the operation was stored; try again later (the
+    node's ticker does)."""
 
 
 class UnsupportedBackend(StoreError):
@@ -362,12 +367,11 @@ class Store(GroupCommit, Protocol):
 # one line here (and the contract test's parametrization).
 BACKENDS: dict[str, str] = {
     "sqlite": "cpm.store_sqlite:open_sqlite",
+    "postgresql": "cpm.store_postgres:open_postgres",
+    "postgres": "cpm.store_postgres:open_postgres",
 }
-# schemes we know and mean to support: a clear "not yet" instead of "unknown"
-PLANNED: dict[str, str] = {
-    "postgresql": "PostgreSQL",
-    "postgres": "PostgreSQL",
-}
+# the optional dependency (pyproject extra) a backend's driver comes from
+EXTRAS: dict[str, str] = {"postgresql": "postgres", "postgres": "postgres"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two characters at least: not a drive letter
 
 
@@ -381,31 +385,72 @@ def scheme_of(target: str | os.PathLike[str]) -> str:
     return match.group(1).lower() if match else "sqlite"
 
 
+def has_password(target: str | os.PathLike[str]) -> bool:
+    """Whether a URL location carries a password (``user:pw@`` or ``?password=``)."""
+    if scheme_of(target) == "sqlite":
+        return False
+    parts = urlsplit(os.fspath(target))
+    return parts.password is not None or any(k == "password" for k, _ in parse_qsl(parts.query))
+
+
+def redact_location(target: str | os.PathLike[str]) -> str:
+    """A location fit for messages and logs: a URL without its password."""
+    text = os.fspath(target)
+    if not has_password(text):
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "password"])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def open_store(target: str | os.PathLike[str], *, readonly: bool = False) -> Store:
     """Open (and, unless ``readonly``, create or migrate) the store at ``target``.
 
     ``readonly``: for observers (doctor, harness, load benchmark) — no migration, no
     write, ``StoreNotFound`` when nothing is there. Raises ``UnsupportedBackend`` for a
-    scheme this build does not handle, ``StoreError`` when the store is unusable.
+    scheme this build does not handle, or whose driver is not installed (a backend is
+    imported on first use: its driver is an optional dependency), ``StoreError`` when
+    the store is unusable.
     """
     scheme = scheme_of(target)
     spec = BACKENDS.get(scheme)
     if spec is None:
-        if scheme in PLANNED:
-            raise UnsupportedBackend(f"{scheme}: the {PLANNED[scheme]} store backend is not available yet "
-                                     f"(this build has: {', '.join(sorted(BACKENDS))})")
         raise UnsupportedBackend(f"{scheme}: unknown store backend (this build has: {', '.join(sorted(BACKENDS))})")
     module, _, function = spec.partition(":")
-    opener: Callable[..., Store] = getattr(importlib.import_module(module), function)
+    try:
+        backend = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:  # our own module missing: a broken install, not a choice
+            raise
+        raise UnsupportedBackend(f"{scheme}: the driver of this store backend is not installed ({exc.name}): "
+                                 f"pip install 'knexa[{EXTRAS.get(scheme, scheme)}]'") from None
+    opener: Callable[..., Store] = getattr(backend, function)
     return opener(os.fspath(target), readonly=readonly)
 
 
-def home_store_location(home: Path) -> str:
-    """Where the store of a CPM home lives. Today always its SQLite file; the one place
-    to change when a home can name another backend (a config key, docs/architecture.md)."""
+def store_location(home: Path, configured: str = "") -> str:
+    """The location a home's ``store`` setting names: empty → the home's SQLite file;
+    a relative SQLite path is relative to the home; a URL as it is."""
     from cpm.config import db_path
 
-    return f"sqlite:{db_path(home)}"
+    if not configured:
+        return f"sqlite:{db_path(home)}"
+    if scheme_of(configured) != "sqlite":
+        return configured
+    path = configured[len("sqlite:"):] if configured.lower().startswith("sqlite:") else configured
+    return f"sqlite:{Path(home) / Path(path).expanduser()}"
+
+
+def home_store_location(home: Path) -> str:
+    """Where the store of a CPM home lives: its config's ``store`` key (default: the
+    home's SQLite file — also for a home that has no config yet)."""
+    from cpm.config import config_path, load_config
+
+    configured = load_config(home).store if config_path(home).exists() else ""
+    return store_location(home, configured)
 
 
 def open_home_store(home: Path, *, readonly: bool = False) -> Store:

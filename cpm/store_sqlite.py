@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from cpm.batchdb import BatchDb
+from cpm.batchdb import BatchDb, BatchedStore
 from cpm.schema import ACTIVITY_BUCKET_MS, SCHEMA_VERSION, SchemaError, migrate
 from cpm.store import (
     AgentRow,
-    BatchEndHook,
-    BatchOpenHook,
     DirectiveRow,
     FeedbackRow,
     ProfileRecord,
@@ -64,7 +61,7 @@ def open_sqlite(target: str, *, readonly: bool = False) -> Store:
     return SqliteStore(path, readonly=readonly)
 
 
-class SqliteStore:
+class SqliteStore(BatchedStore):
     """``cpm.store.Store`` on one SQLite connection. One instance per process."""
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000, readonly: bool = False) -> None:
@@ -113,26 +110,10 @@ class SqliteStore:
         tests (fault injection), not part of ``cpm.store.Store``."""
         return self._db
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Atomic unit (rollback on any exception). Re-entrant: an inner ``transaction()``
-        joins the outer one. Commits before returning unless inside ``grouped()``."""
-        with self._db.transaction():
-            yield
 
-    def grouped(self) -> AbstractContextManager[None]:
-        return self._db.grouped()
 
-    @property
-    def open_batch(self) -> int | None:
-        return self._db.open_batch
 
-    def commit_batch(self) -> int | None:
-        return self._db.commit_batch()
 
-    def set_batch_hooks(self, on_open: BatchOpenHook | None, on_end: BatchEndHook | None) -> None:
-        self._db.on_batch_open = on_open
-        self._db.on_batch_end = on_end
 
     def _migrate(self) -> None:
         with self._db.transaction() as db:
@@ -167,7 +148,7 @@ class SqliteStore:
             durability_warning=None if mode == "wal" else f"journal_mode={mode}",
             durability_hint="`knexa-cpm serve` switches it to WAL on start; a filesystem without WAL support "
                             "(network FS) is not supported",
-            counts=counts)
+            counts=counts, backend=f"SQLite {sqlite3.sqlite_version}")
 
     # ---- agents -----------------------------------------------------------------
     def admit(self, peer_id: str, org: str, now_ms: int) -> None:

@@ -13,6 +13,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import structlog  # noqa: E402
 
+from tests.pg import pg_server, pg_url  # noqa: E402,F401 — fixtures: a throwaway PostgreSQL (tests/pg.py)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_structlog():

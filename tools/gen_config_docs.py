@@ -63,6 +63,7 @@ DESCRIPTIONS: dict[str, str] = {
     "cpm.log_format": "`auto` (JSON unless stderr is a TTY), `console` or `json`. `serve --log-format` overrides.",
     "cpm.metrics_port": "Prometheus `/metrics` on 127.0.0.1:port; 0 = off. `serve --metrics-port` overrides.",
     "cpm.request_timeout_s": "Deadline for reading one request frame and for writing one response.",
+    "cpm.store": "Where the CPM keeps its state. Empty: `<home>/cpm.db` (SQLite, WAL). `sqlite:PATH` (relative to the home) or a PostgreSQL URL `postgresql://user@host:5432/db` (needs the `postgres` extra; the database must exist; no password here — use `~/.pgpass`). `init --store` sets it, `serve --store` overrides; docs/cpm.md \"Store backends\".",
     # knexad
     "knexad.cpm": "The CPM's multiaddr **including** `/p2p/<cpm-peer-id>`: that ID is the key every directive must be signed with. Required.",
     "knexad.org": "Organisation label sent in `Register` (shown by `knexa-cpm agents`).",

@@ -22,3 +22,13 @@ def test_tiny_run_verifies_every_mode() -> None:
     assert out["group_pipelined"]["batches"] < out["group_pipelined"]["acked"]  # bursts share commits
     assert "batches" not in out["per_message"] and out["verify"]["ops_per_s"] > 0
     assert out["ratio_group_vs_per_message"] > 0 and out["commit_ms"] > 0
+
+
+def test_tiny_run_on_postgresql_verifies(pg_server) -> None:
+    """``--store postgresql://…``: a fresh schema per mode in that database; every acked
+    profile is the one stored there (read back through a new connection)."""
+    out = ingest.run(profiles=12, clients=2, modes=("group",), stores=(pg_server.url("knexa"),))
+    r = out["group@postgresql"]
+    assert r["verified"] is True and r["store"] == "postgresql", r
+    assert r["acked"] == 12 and r["stored_rows"] == 2 and r["engine_counted"] == 12
+    assert out["results"] == ["group@postgresql"] and "group" not in out

@@ -100,3 +100,23 @@ def test_readonly_store_refuses_writes(tmp_path):
     with pytest.raises(StoreUnavailable, match="readonly"):
         ro.admit(_pid(), "", 1)
     ro.close()
+
+
+def test_a_later_migration_runs_once_in_the_opening_transaction(store):
+    """``cpm.schema.MIGRATIONS``: a step newer than the stored version runs once, in
+    order; the baseline is idempotent and re-applied; the version is recorded."""
+    from cpm import schema
+
+    ran: list[int] = []
+
+    def v2(db) -> None:
+        ran.append(2)
+        db.execute("ALTER TABLE agents ADD COLUMN note TEXT")  # fails if it ever ran twice
+
+    steps = (*schema.MIGRATIONS, schema.Migration(2, "test: a column", v2))
+    for _ in range(2):
+        with store.db.transaction() as db:
+            assert schema.migrate(db, steps) == 2
+    assert ran == [2] and store.schema_version() == 2
+    with pytest.raises(StoreError, match="schema version 2 is not supported"):
+        SqliteStore(store.path)  # this build knows version 1 only

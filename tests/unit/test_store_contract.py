@@ -1,14 +1,15 @@
-"""The ``cpm.store.Store`` contract, run against every backend (only SQLite today).
+"""The ``cpm.store.Store`` contract, run against every backend: SQLite and PostgreSQL.
 
 Why: the round engine, the service, the admin tools, the harness and the benchmarks
-rely on these behaviours, not on SQLite; a backend that passes this module can replace
-another. To add one (PostgreSQL is next): a function in ``LOCATIONS`` that returns the
-location of a fresh, empty store for one test — e.g. a new database or schema under
-``KNEXA_TEST_POSTGRES_URL``, ``pytest.skip`` when that is unset — and nothing else here.
-"Empty" means ``open_store(location, readonly=True)`` raises ``StoreNotFound`` until
-the first read-write ``open_store`` created it. SQLite-only behaviour (WAL, PRAGMAs,
-trigger-kept tallies, a COMMIT refused by SQLite) is tested in test_store.py,
-test_store_tally.py and test_store_group_commit.py.
+rely on these behaviours, not on one database; a backend that passes this module can
+replace another. A backend is one function in ``LOCATIONS`` returning the location of a
+fresh, empty store for one test (PostgreSQL: a new schema on the session's throwaway
+server, tests/pg.py — skipped, loudly, only where no server binary exists). "Empty"
+means ``open_store(location, readonly=True)`` raises ``StoreNotFound`` until the first
+read-write ``open_store`` created it. Backend-only behaviour is tested beside each
+backend: test_store.py, test_store_tally.py, test_store_group_commit.py (SQLite: WAL,
+PRAGMAs, a COMMIT refused by SQLite), test_store_postgres.py (PostgreSQL: lock
+timeout, lost connection, silent rollback of an aborted transaction, schemas).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cpm.store import (
     GroupCommit,
     Store,
     StoreNotFound,
+    StoreUnavailable,
     UnsupportedBackend,
     open_store,
 )
@@ -44,16 +46,20 @@ ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000_000
 
 
-def _sqlite(tmp_path: Path) -> str:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"sqlite:{tmp_path / 'cpm.db'}"
 
 
-LOCATIONS: dict[str, Callable[[Path], str]] = {"sqlite": _sqlite}
+def _postgresql(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return request.getfixturevalue("pg_url")  # a new schema on the session's server (tests/pg.py)
+
+
+LOCATIONS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {"sqlite": _sqlite, "postgresql": _postgresql}
 
 
 @pytest.fixture(params=sorted(LOCATIONS))
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return LOCATIONS[request.param](tmp_path)
+    return LOCATIONS[request.param](request, tmp_path)
 
 
 @pytest.fixture()
@@ -92,13 +98,31 @@ def test_a_backend_implements_the_whole_protocol(store: Store) -> None:
     assert store.location and store.schema_version() >= 1
 
 
-def test_unknown_and_planned_schemes_are_typed_errors(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedBackend, match="not available yet"):
-        open_store("postgresql://cpm@db.example/knexa")
+def test_unknown_schemes_and_missing_drivers_are_typed_errors(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UnsupportedBackend, match="unknown store backend"):
         open_store("mongodb://db.example/knexa")
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # the postgres extra not installed
+    monkeypatch.delitem(sys.modules, "cpm.store_postgres", raising=False)
+    monkeypatch.delitem(sys.modules, "cpm.pgdb", raising=False)
+    with pytest.raises(UnsupportedBackend, match=r"pip install 'knexa\[postgres\]'"):
+        open_store("postgresql://cpm@db.example/knexa")
     s = open_store(tmp_path / "plain.db")  # a plain path is SQLite, as is sqlite:PATH
     s.close()
+
+
+def test_a_readonly_store_refuses_writes_as_unavailable(store: Store, location: str) -> None:
+    """An observer's store (or a standby after a failover) cannot write: retry later
+    elsewhere (``StoreUnavailable``), not a broken store."""
+    a = _pid()
+    store.admit(a, "", 1)
+    ro = open_store(location, readonly=True)
+    try:
+        with pytest.raises(StoreUnavailable):
+            ro.revoke(a, 2)
+        assert ro.is_admitted(a) and store.is_admitted(a)
+    finally:
+        ro.close()
 
 
 def test_readonly_needs_an_existing_store_and_sees_what_was_committed(location: str) -> None:
@@ -500,12 +524,16 @@ def test_the_round_engine_runs_a_round_group_committed(store: Store, other: Stor
 
 # ---- the seam holds ----------------------------------------------------------------------
 
-BACKEND_MODULES = {"cpm/store_sqlite.py", "cpm/batchdb.py", "cpm/schema.py"}
+# backend module → what it may import that nobody outside the backends may
+BACKEND_MODULES = {"cpm/store_sqlite.py", "cpm/batchdb.py", "cpm/schema.py",
+                   "cpm/store_postgres.py", "cpm/pgdb.py", "cpm/schema_postgres.py"}
+PRIVATE = ("sqlite3", "psycopg", "cpm.store_sqlite", "cpm.batchdb", "cpm.schema", "cpm.store_postgres", "cpm.pgdb",
+           "cpm.schema_postgres")
 
 
-def test_only_the_sqlite_backend_imports_sqlite3() -> None:
-    """The seam, checked: outside the SQLite backend, cpm/, harness/ and benchmarks/
-    reach the database through ``cpm.store`` only."""
+def test_only_the_backends_import_their_drivers() -> None:
+    """The seam, checked: outside the backends, cpm/, harness/ and benchmarks/ reach the
+    database through ``cpm.store`` only (no sqlite3, no psycopg, no backend module)."""
     offenders = []
     for folder in ("cpm", "harness", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):
@@ -515,7 +543,6 @@ def test_only_the_sqlite_backend_imports_sqlite3() -> None:
             for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                          else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-                if any(n == "sqlite3" or n.startswith(("sqlite3.", "cpm.store_sqlite", "cpm.batchdb", "cpm.schema"))
-                       for n in names):
+                if any(n in PRIVATE or n.startswith(tuple(f"{p}." for p in PRIVATE)) for n in names):
                     offenders.append(f"{rel}:{node.lineno}")
     assert offenders == []
