@@ -248,9 +248,9 @@ async def _serve(cfg: C.CpmConfig, ident: Any, store: Store, ready_file: Path | 
 
 
 def _write_ready(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    from p2p.files import atomic_write
+
+    atomic_write(path, json.dumps(data), mode=0o644, durable=False)  # recreated at every start
 
 
 @cli.command()

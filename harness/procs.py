@@ -41,6 +41,7 @@ from pathlib import Path
 
 import structlog
 
+from p2p.files import atomic_write
 from p2p.process import ExitCode
 
 log = structlog.get_logger(__name__)
@@ -337,9 +338,7 @@ class Supervisor:
                 for c in self.children
             ],
         }
-        tmp = self.pids_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.pids_path)
+        atomic_write(self.pids_path, json.dumps(doc, indent=1), mode=0o644, durable=False)
 
 
 def _in_main_thread() -> bool:
@@ -479,9 +478,7 @@ def run_pack(homes: Sequence[Path], ready_file: Path) -> int:
                 for d in daemons:
                     await d.ready.wait()
                 lines = [f"{Path(h).name} {d.state.state.addrs[0]}" for h, d in zip(homes, daemons)]
-                tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
-                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-                os.replace(tmp, ready_file)
+                atomic_write(ready_file, "\n".join(lines) + "\n", mode=0o644, durable=False)
                 log.info("harness.pack.ready", daemons=len(daemons))
 
             nursery.start_soon(watch_signals)

@@ -35,6 +35,7 @@ from typing import Any
 
 import tomli_w
 
+from p2p.files import atomic_write
 from protocol.errors import ConfigError
 from protocol.ids import CHUNK_BYTES, MAX_FRAME_EXCHANGE
 
@@ -312,7 +313,5 @@ def load_config(home: Path, env: Mapping[str, str] | None = None) -> DaemonConfi
 def write_config(home: Path, cfg: DaemonConfig) -> Path:
     """Atomically write the config (temp file + rename) so a crash never leaves half a file."""
     path = config_path(home)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(cfg.to_toml(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, cfg.to_toml(), mode=0o644)
     return path

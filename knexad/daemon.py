@@ -32,6 +32,7 @@ from knexad.outbox import Outbox
 from knexad.student import Student
 from p2p.process import first_leaf
 from knexad.state import DaemonState, StateFile
+from p2p.files import atomic_write
 from protocol.envelope import Identity
 from protocol.errors import ConfigError, KnexaError
 from protocol.ids import EXCHANGE_PROTOCOL
@@ -46,10 +47,8 @@ SHUTDOWN_SAVE_S = 120.0
 def write_ready_file(path: Path, peer_id: str, addrs: list[str]) -> None:
     """JSON ``{peer_id, addrs, pid}`` (the CPM node's ready-file shape), via temp +
     rename so a reader polling for the file never sees it half written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"peer_id": peer_id, "addrs": addrs, "pid": os.getpid()}), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"peer_id": peer_id, "addrs": addrs, "pid": os.getpid()}), mode=0o644,
+                 durable=False)
 
 
 class Daemon:

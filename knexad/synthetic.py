@@ -46,6 +46,7 @@ import structlog
 
 from knexad.agent.profile import FAMILIES as PROFILE_FAMILIES  # plain Python, no torch
 from knexad.agent.profile import PerfMetrics, build_profile, kd_gain
+from p2p.files import atomic_write
 from protocol.profile import (
     DEFAULT_TRANSFER_SIZE,
     FAMILY_LINEAGE,
@@ -384,9 +385,7 @@ class SyntheticAgent:
         doc = {"version": 2, "agent_id": self.agent_id, "state": self.state.to_dict(),
                "params": {k: getattr(self.params, k) for k in WorldParams.__dataclass_fields__},
                "rng": self.rng.bit_generator.state, "transfer_size": len(self._prompts)}
-        tmp = directory / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(directory / STATE_FILE)
+        atomic_write(directory / STATE_FILE, json.dumps(doc))
 
     def load(self, directory: Path) -> bool:
         f = Path(directory) / STATE_FILE
