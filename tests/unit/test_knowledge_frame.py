@@ -116,3 +116,21 @@ def test_large_frames_split_across_many_reads_come_out_whole() -> None:
                 assert type(frame) is bytes
                 out.append(frame)
         assert out == frames and dec.at_boundary and dec.buffered == 0
+
+
+def test_fast_frame_uses_the_given_timestamp_and_nonce() -> None:
+    frame = seal_chunk_frame(TEACHER, E2EBox(TEACHER, STUDENT.peer_id), "d", 0, b"abc", MAX,
+                             ts_ms=1234, nonce=b"\x07" * 16)
+    env, _ = open_envelope(_decode_one(frame), expected_sender=TEACHER.peer_id, allowed=(KnowledgeChunk,))
+    assert (env.ts_ms, env.nonce) == (1234, b"\x07" * 16)
+
+
+@pytest.mark.parametrize("size", [0, 3, 300, 70_000])
+def test_canonical_chunk_is_opened_without_copying_the_payload(size: int) -> None:
+    """The student's hot path hands out a window on the decrypted plaintext, not a second
+    copy of a 1 MiB payload made by the strict unpacker (benchmarks/stream.py)."""
+    payload = os.urandom(size)
+    sealed = E2EBox(TEACHER, STUDENT.peer_id).seal_chunk("d1", 4, payload)
+    view = E2EBox(STUDENT, TEACHER.peer_id).open_chunk_view("d1", 4, sealed)
+    assert bytes(view) == payload
+    assert len(view.obj) > size

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import trio
 
 from knexad.config import DaemonConfig, RetrySection
@@ -11,6 +13,7 @@ from knexad.cpm_client import Backoff, FeedbackSender
 from knexad.outbox import Outbox
 from knexad.state import StateFile
 from p2p.files import temp_path
+from protocol.codec import encode_body, pack
 from protocol.envelope import Identity
 from protocol.errors import PeerUnavailable
 from protocol.messages import Ack, Feedback
@@ -80,7 +83,7 @@ class FlakyRpc:
         self.failures = failures
         self.sent: list[Feedback] = []
 
-    async def call(self, message, allowed, timeout_s=None):
+    async def call(self, message, timeout_s=None):
         if self.failures:
             self.failures -= 1
             raise PeerUnavailable("CPM down")
@@ -138,3 +141,51 @@ def test_backoff_grows_caps_and_jitters() -> None:
 def test_records_are_private(tmp_path: Path) -> None:
     path = Outbox(tmp_path / "o").put(feedback(0))
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_record_file_names_are_stable_across_releases(tmp_path: Path) -> None:
+    """A record written by one release must be found (acked, rejected) by the next: the
+    file name is part of the on-disk format."""
+    path = Outbox(tmp_path / "o").put(feedback(0))
+    assert path.name == "c0e9a3fadfe2d2d3acec25f05c93270e.fb"
+
+
+def test_outbox_directory_is_created_with_its_parents(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "home" / "state" / "outbox")
+    box.put(feedback(0))
+    assert len(box) == 1
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pack(["knexa/outbox/1", b""]),
+        pack({"format": "knexa/outbox/0", "body": encode_body(feedback(1))}),
+        pack({"format": "knexa/outbox/1", "body": "not bytes"}),
+    ],
+)
+def test_records_in_another_format_are_quarantined(tmp_path: Path, record: bytes) -> None:
+    box = Outbox(tmp_path / "o")
+    box.put(feedback(0))
+    (tmp_path / "o" / "other.fb").write_bytes(record)
+    assert [fb.directive_id for fb in box.pending()] == ["d-0"]
+    assert (tmp_path / "o" / "other.corrupt").exists()
+
+
+def test_pending_is_oldest_first_then_by_directive(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o")
+    paths = {i: box.put(feedback(i)) for i in (1, 2, 3)}
+    os.utime(paths[3], ns=(1_000, 1_000))  # the oldest file
+    os.utime(paths[1], ns=(2_000, 2_000))  # written within one timestamp tick ...
+    os.utime(paths[2], ns=(2_000, 2_000))
+    assert [fb.directive_id for fb in box.pending()] == ["d-3", "d-1", "d-2"]
+
+
+def test_rejected_record_is_kept_for_the_operator_and_not_resent(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o")
+    path = box.put(feedback(0))
+    box.put(feedback(1))
+    assert box.reject("d-0") is True
+    assert path.with_suffix(".rejected").exists() and not path.exists()
+    assert [fb.directive_id for fb in box.pending()] == ["d-1"]
+    assert box.reject("d-0") is False

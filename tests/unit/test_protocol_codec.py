@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 
 from protocol import MESSAGE_TYPES, MalformedFrame, UnknownMessage, decode_body, encode_body
-from protocol.codec import pack
+from protocol.codec import pack, unpack_strict
+from protocol.errors import ERROR_CODES, ConfigError, KnexaError, error_from_code
 
 from .protocol_strategies import message_strategy
 
@@ -103,3 +104,48 @@ def test_trailing_bytes_rejected() -> None:
 def test_encode_refuses_foreign_objects() -> None:
     with pytest.raises(UnknownMessage):
         encode_body(object())
+
+
+def test_field_mismatch_error_names_the_fields() -> None:
+    """The Error a peer gets back (and our log line) says which fields were wrong."""
+    with pytest.raises(MalformedFrame, match=r"missing=\['transfer_hash'\] extra=\[\]"):
+        decode_body("Profile", msgpack.packb({"round": 1, "vector": []}))
+    with pytest.raises(MalformedFrame, match=r"missing=\[\] extra=\['evil'\]"):
+        decode_body("Profile", _profile_body(evil=1))
+
+
+@pytest.mark.parametrize("type_name", [["Profile"], {"Profile": 1}, 7, None])
+def test_non_string_type_name_is_unknown_message(type_name) -> None:
+    with pytest.raises(UnknownMessage):
+        decode_body(type_name, _profile_body())
+
+
+def test_nested_non_string_map_keys_rejected() -> None:
+    """Map keys must be str/bytes at every depth, not only in the body's own map."""
+    with pytest.raises(MalformedFrame):
+        unpack_strict(msgpack.packb([{1: 2}]))
+    with pytest.raises(MalformedFrame):
+        unpack_strict(msgpack.packb({"meta": {None: 2}}))
+
+
+@pytest.mark.parametrize("entry", [["col", 1, 2], [1, 2], ["col"], "col", ["col", [1]], ["col", {"a": 1}]])
+def test_admin_rows_must_be_column_value_pairs(entry) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_body("AdminResult", pack({"rows": [[entry]]}))
+
+
+@pytest.mark.parametrize("code", sorted(ERROR_CODES))
+def test_error_frame_code_rebuilds_the_typed_error(code: str) -> None:
+    """A client raises exactly the error class the server named, with its message."""
+    err = error_from_code(code, "why")
+    assert type(err) is ERROR_CODES[code] and err.code == code and str(err) == "why"
+
+
+def test_unknown_error_code_is_a_plain_knexa_error() -> None:
+    err = error_from_code("from-the-future", "why")
+    assert type(err) is KnexaError and str(err) == "why"
+
+
+def test_config_error_names_the_setting() -> None:
+    err = ConfigError("cpm.quorum", "must be in (0, 1]")
+    assert err.key == "cpm.quorum" and str(err) == "cpm.quorum: must be in (0, 1]"

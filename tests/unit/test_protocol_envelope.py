@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from protocol import (
     BadSignature,
@@ -28,6 +32,7 @@ from protocol import (
 )
 from protocol.codec import pack, unpack_strict
 from protocol.envelope import Envelope
+from protocol.peerid import b58decode, b58encode
 
 SEED_A = bytes(range(32))
 SEED_B = bytes(range(1, 33))
@@ -201,3 +206,78 @@ def test_identity_repr_hides_key() -> None:
     ident = Identity(SEED_A)
     assert SEED_A.hex() not in repr(ident)
     assert peer_id_from_public_key(ident.public_key) == ident.peer_id
+
+
+def test_freshly_sealed_envelope_is_within_the_replay_window() -> None:
+    """``seal`` stamps the wall clock in milliseconds: a receiver checking it right away
+    must not see it as stale."""
+    env = parse_envelope(seal(_profile(), Identity(SEED_A)))
+    ReplayGuard().check(env, now_ms=int(time.time() * 1000))
+
+
+def test_replay_guard_keys_on_sender_and_nonce() -> None:
+    a, b = Identity(SEED_A), Identity(SEED_B)
+    guard = ReplayGuard(window_ms=120_000)
+    nonce = bytes(16)
+    guard.check(parse_envelope(seal(_profile(), a, ts_ms=1_000_000, nonce=nonce)), now_ms=1_000_000)
+    # the same nonce from another sender, and another nonce from the same sender, are new
+    guard.check(parse_envelope(seal(_profile(), b, ts_ms=1_000_000, nonce=nonce)), now_ms=1_000_000)
+    guard.check(parse_envelope(seal(_profile(), a, ts_ms=1_000_000)), now_ms=1_000_000)
+    assert len(guard) == 3
+
+
+def test_replay_guard_window_edges() -> None:
+    """A timestamp exactly one window away is still fresh; a nonce first seen with the
+    latest acceptable timestamp stays remembered for as long as that timestamp is fresh."""
+    w = 1000
+    guard = ReplayGuard(window_ms=w)
+    env = parse_envelope(seal(_profile(), Identity(SEED_A), ts_ms=10_000 + w))
+    guard.check(env, now_ms=10_000)
+    with pytest.raises(Replay):
+        guard.check(env, now_ms=10_000 + 2 * w)
+
+
+def test_replay_guard_cap_forgets_the_oldest_first() -> None:
+    a = Identity(SEED_A)
+    guard = ReplayGuard(window_ms=120_000, max_entries=3)
+    envs = [parse_envelope(seal(_profile(), a, ts_ms=1_000_000)) for _ in range(4)]
+    for env in envs:
+        guard.check(env, now_ms=1_000_000)
+    assert len(guard) == 3
+    for env in envs[1:]:  # the three newest are still refused
+        with pytest.raises(Replay):
+            guard.check(env, now_ms=1_000_000)
+
+
+def test_directive_checks_the_teacher_and_expiry_instant() -> None:
+    cpm, t, s = Identity(bytes(32)), Identity(SEED_A), Identity(SEED_B)
+    blob = _directive(cpm, t.peer_id, s.peer_id, expires=10_000)
+    verify_directive(blob, cpm_peer_id=cpm.peer_id, now_ms=10_000, teacher=t.peer_id)  # valid up to expiry
+    with pytest.raises(Unauthorized):  # a student cannot spend it at another teacher
+        verify_directive(blob, cpm_peer_id=cpm.peer_id, now_ms=5, teacher=s.peer_id, student=s.peer_id)
+
+
+def test_cpm_signed_message_of_another_type_is_not_a_directive() -> None:
+    cpm = Identity(bytes(32))
+    with pytest.raises(UnknownMessage):
+        verify_directive(seal(_profile(), cpm), cpm_peer_id=cpm.peer_id, now_ms=5)
+
+
+def test_peer_id_must_inline_exactly_an_ed25519_key() -> None:
+    key = Identity(SEED_A).public_key
+    ed25519 = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+    secp256k1 = bytes([0x00, 0x24, 0x08, 0x02, 0x12, 0x20])  # same length, other key type
+    for raw in (secp256k1 + key, ed25519 + key[:31], ed25519 + key + b"\x00"):
+        with pytest.raises(BadSignature):
+            public_key_from_peer_id(b58encode(raw))
+
+
+@given(st.binary(max_size=48))
+def test_base58_round_trips(data: bytes) -> None:
+    assert b58decode(b58encode(data)) == data
+
+
+def test_generated_identities_are_distinct_and_usable() -> None:
+    a, b = Identity.generate(), Identity.generate()
+    assert a.peer_id != b.peer_id
+    assert open_envelope(seal(_profile(), a), expected_sender=a.peer_id)[1] == _profile()

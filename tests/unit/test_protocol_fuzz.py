@@ -13,6 +13,7 @@ from protocol import (
     MESSAGE_TYPES,
     FrameDecoder,
     Identity,
+    MalformedFrame,
     ProtocolError,
     decode_package,
     encode_frame,
@@ -21,6 +22,7 @@ from protocol import (
     seal,
 )
 from protocol.codec import pack
+from protocol import knowledge
 from protocol.envelope import Envelope
 from protocol.knowledge import KnowledgeItem, KnowledgePackage, encode_package
 
@@ -132,3 +134,29 @@ def test_package_decoder_fuzz() -> None:
 def test_package_malformed(payload: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_package(payload)
+
+
+_GOOD_ITEM = {"id": "i1", "p": "def f(x):", "c": "    return x", "cat": 3, "s": 0.5}
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"id": 1}, {"p": b"p"}, {"c": None}, {"cat": "3"}, {"cat": True}, {"cat": 1.5},
+     {"s": "x"}, {"s": True}, {"s": float("nan")}, {"s": float("inf")}],
+)
+def test_package_item_field_types_are_checked(override: dict) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_package(pack({"family": "f", "items": [{**_GOOD_ITEM, **override}], "meta": {}}))
+
+
+@pytest.mark.parametrize("meta", [[1], {"k": [1]}, {"k": True}, {"k": None}, {b"k": 1}])
+def test_package_meta_must_map_str_to_scalars(meta) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_package(pack({"family": "f", "items": [], "meta": meta}))
+
+
+def test_package_item_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knowledge, "MAX_ITEMS", 2)
+    assert len(decode_package(pack({"family": "f", "items": [_GOOD_ITEM] * 2, "meta": {}})).items) == 2
+    with pytest.raises(MalformedFrame, match="more than 2 items"):
+        decode_package(pack({"family": "f", "items": [_GOOD_ITEM] * 3, "meta": {}}))

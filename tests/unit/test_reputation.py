@@ -169,3 +169,49 @@ def test_policy_validation_and_switching_off() -> None:
     assert ReputationPolicy(alpha=0.0, window=5).bound == 5
     with pytest.raises(ValueError):
         Reputation().record("t", float("nan"), 1)
+
+
+def _brute_force(policy: ReputationPolicy, p: float, n_max: int) -> float:
+    """P(quarantine within n_max deliveries) by enumerating every harmful/harmless sequence."""
+    total = 0.0
+    for seq in itertools.product((True, False), repeat=n_max):
+        rep = Reputation(policy)
+        fired = any(rep.record("t", -1.0 if harm else 0.0, n) is not None for n, harm in enumerate(seq, 1))
+        k = sum(seq)
+        total += fired * p**k * (1 - p) ** (n_max - k)
+    return total
+
+
+@pytest.mark.parametrize(
+    "policy, n_max",
+    [(ReputationPolicy(alpha=2**-5, window=0), 11), (ReputationPolicy(alpha=0.0, window=4), 11),
+     (ReputationPolicy(alpha=2**-3, window=6), 11), (ReputationPolicy(), 11),
+     (ReputationPolicy(alpha=0.0, window=3), 3), (ReputationPolicy(alpha=0.0, window=6), 2)],
+    ids=["sign-test-only", "window-only", "both", "default", "window-at-its-first-chance", "window-not-yet"],
+)
+@pytest.mark.parametrize("p", [0.3, 0.75])
+def test_false_quarantine_probability_is_exact_for_each_rule(policy: ReputationPolicy, n_max: int, p: float) -> None:
+    """The operator's table of false-alarm rates comes from this DP: it must agree with
+    the rule itself for either rule alone, both, the defaults, and at the window's edges."""
+    exact = _brute_force(policy, p, n_max)
+    assert false_quarantine_probability(p, n_max, policy) == pytest.approx(exact, rel=1e-9, abs=1e-15)
+
+
+def test_sign_test_needs_a_net_loss() -> None:
+    """Rule 1 fires only when the teacher is harmful more often than chance *and* its
+    gains sum below zero: a sum of exactly zero is not a loss."""
+    rep = Reputation(ReputationPolicy(window=0))
+    assert _feed(rep, "t", [11.0] + [-1.0] * 11) is None  # 11 of 12 harmful, Σg = 0
+    assert rep.record("t", -1.0, round_=13) is not None  # 12 of 13, Σg < 0
+
+
+def test_quarantine_in_the_first_round_is_recorded_as_round_one() -> None:
+    rep = Reputation()
+    for _ in range(8):
+        rep.record("bad", -1.0, round_=1)
+    assert rep.teachers["bad"].quarantined_round == 1 and rep.is_quarantined("bad")
+
+
+def test_state_without_a_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="version"):
+        Reputation().load_state({"teachers": {}})
