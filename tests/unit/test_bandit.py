@@ -163,3 +163,42 @@ def test_linucb_beats_random_on_pairwise_reward_world() -> None:
         totals[strat.name] = total
     assert totals["linucb"] > 1.3 * totals["random-arm"]
     assert totals["linucb"] > totals["random"]
+
+
+def test_every_setting_survives_a_restart() -> None:
+    """A CPM restart must bring back the bandit exactly as configured, not with defaults."""
+    b = LinUCB(3, lam=0.7, beta0=2.0, beta_schedule="exp", tau=50.0, decay=0.99, discount=0.95,
+               gamma=2.5, delta_per_kb=1e-5, eps=1e-4, reinvert_every=7)
+    b.update_feedback(np.ones(3), 1.0, 0.5, 3.0)
+    state = json.loads(json.dumps(b.to_state()))
+    assert LinUCB.from_state(state).to_state() == state
+
+
+def test_inconsistent_state_is_refused() -> None:
+    state = LinUCB(3).to_state()
+    with pytest.raises(ValueError):
+        LinUCB.from_state({**state, "b": [0.0, 0.0]})
+    with pytest.raises(ValueError):
+        LinUCB.from_state({**state, "A": [1.0] * 8})
+
+
+def test_t_counts_updates_and_drives_the_exploration_schedule() -> None:
+    b = LinUCB(2, beta0=1.0, tau=4.0)
+    assert b.t == 0 and b.beta() == 1.0
+    for _ in range(3):
+        b.update(np.ones(2), 0.5)
+    assert b.t == 3 and b.beta() == pytest.approx(1.0 / math.sqrt(1.0 + 3 / 4.0))
+
+
+def test_parameter_bounds() -> None:
+    LinUCB(1)  # the CPM's reward model for baselines is one-dimensional
+    LinUCB(2, discount=1.0)
+    for bad in ({"d": 0}, {"d": 2, "lam": 0.0}, {"d": 2, "discount": 0.0}, {"d": 2, "discount": 1.5}):
+        with pytest.raises(ValueError):
+            LinUCB(**bad)
+
+
+@pytest.mark.parametrize("index", [[0, 6], [1, 7], [-1, 2]])
+def test_embed_refuses_indices_outside_the_new_layout(index: list[int]) -> None:
+    with pytest.raises(ValueError):
+        LinUCB(2).embed(np.array(index), 6)
