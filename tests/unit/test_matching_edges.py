@@ -21,7 +21,7 @@ MATCHERS = [exact_match, fast_match]
 def test_nothing_to_match_is_an_empty_result(match, n: int, k_pairs: int) -> None:
     res = match(_profiles(6, 1)[:n], BANDIT, 3, k_pairs)
     assert len(res) == 0 and res.triples() == [] and res.total() == 0.0
-    assert res.teacher.dtype == np.int64 and isinstance(res.stats, dict)
+    assert res.teacher.dtype == np.int64 and res.score.size == 0 and isinstance(res.stats, dict)
 
 
 @pytest.mark.parametrize("match", MATCHERS)
@@ -41,9 +41,11 @@ def test_the_callers_exploration_weight_is_used(match, beta: float) -> None:
     np.testing.assert_allclose(res.score, BANDIT.mean(X) + beta * BANDIT.width(X), rtol=1e-9, atol=1e-12)
 
 
-def test_greedy_takes_a_single_candidate() -> None:
-    res = greedy_disjoint(np.array([0]), np.array([1]), np.array([2]), np.array([0.5]), 2, 1)
-    assert res.triples() == [(0, 1, 2)] and res.total() == 0.5
+def test_greedy_takes_a_single_candidate_and_honours_a_zero_budget() -> None:
+    one = (np.array([0]), np.array([1]), np.array([2]), np.array([0.5]), 2)
+    res = greedy_disjoint(*one, 1)
+    assert res.triples() == [(0, 1, 2)] and res.total() == 0.5 and res.arm.dtype == np.int64
+    assert len(greedy_disjoint(*one, 0)) == 0  # a strategy capped at 0 pairs gets none
 
 
 def test_greedy_breaks_ties_by_candidate_order() -> None:
