@@ -38,6 +38,7 @@ action=${2:-run}
 
 unit=tests/unit
 integ=tests/integration
+extra_args=""  # more pytest arguments for every run of this module
 case "$module" in
   protocol | protocol/)
     module=protocol
@@ -49,10 +50,13 @@ case "$module" in
   cpm/rounds.py) tests="$unit/test_rounds.py $unit/test_rounds_answers.py" ;;
   cpm/reputation.py) tests="$unit/test_reputation.py $unit/test_poison_quarantine.py $unit/test_poison_safety.py" ;;
   knexad/outbox.py) tests="$unit/test_outbox.py" ;;
-  cpm/matching.py) tests="$unit/test_matching.py" ;;
+  cpm/matching.py) tests="$unit/test_matching.py $unit/test_matching_edges.py" ;;
   knexad/exchange.py)
-    tests="$integ/test_exchange.py $integ/test_knowledge_stream.py $integ/test_hostile_exchange.py
-           $integ/test_hostile_knowledge.py $integ/test_hostile_fuzz.py" ;;
+    tests="$integ/test_exchange.py $integ/test_exchange_record.py $integ/test_knowledge_stream.py
+           $integ/test_hostile_exchange.py $integ/test_hostile_knowledge.py $integ/test_hostile_fuzz.py"
+    # mutmut's per-mutant limit counts CPU seconds; a mutant that leaves a libp2p stream
+    # waiting burns none, so bound each test's wall time too
+    extra_args="--timeout=60" ;;
   *) echo "unknown module: $module" >&2; exit 2 ;;
 esac
 if [ "$module" = protocol ]; then only="protocol/*"; else only="$module"; fi
@@ -126,7 +130,7 @@ case "$action" in
       [ -n "$hit" ] || continue
       rc=0
       (cd "$work/mutants" && MUTANT_UNDER_TEST=$m timeout 600 "$PYTHON" -m pytest -q -x -p no:randomly \
-        $tests >/dev/null 2>&1) || rc=$?
+        $extra_args $tests >/dev/null 2>&1) || rc=$?
       if [ $rc -eq 0 ]; then v=survived; else v=killed; fi
       printf '%s\t%s\t%s\n' "$m" "$v" "$rc" | tee -a "$work/recheck.tsv"
     done < "$work/recheck.todo"
@@ -137,7 +141,7 @@ case "$action" in
     cp -r "$work/tests/." "$work/mutants/tests/"
     [ $# -gt 0 ] || set -- $tests
     cd "$work/mutants"
-    MUTANT_UNDER_TEST=$mutant exec "$PYTHON" -m pytest -q -x -p no:randomly "$@" ;;
+    MUTANT_UNDER_TEST=$mutant exec "$PYTHON" -m pytest -q -x -p no:randomly $extra_args "$@" ;;
   *) echo "unknown action: $action" >&2; exit 2 ;;
 esac
 
@@ -164,6 +168,7 @@ fi
   echo "only_mutate = $only"
   echo "pytest_add_cli_args_test_selection ="
   for t in $tests; do echo "    $t"; done
+  [ -z "$extra_args" ] || { echo "pytest_add_cli_args ="; for a in $extra_args; do echo "    $a"; done; }
   echo "timeout_multiplier = 5.0"
   echo "timeout_constant = 2.0"
   echo "use_git_change_detection = false"
