@@ -139,6 +139,12 @@ def read_cell(path: Path) -> dict[str, Any] | None:
         return None
     if doc.get("schema") != FR.CELL_SCHEMA:
         raise UsageError(f"{path / CELL_FILE}: not a {FR.CELL_SCHEMA} record")
+    if "pair_rows" not in doc:  # a cell recorded before cell.json kept its pairs: the run's own results.json has them
+        try:
+            run = json.loads((path / "results.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            run = {}
+        doc["pair_rows"] = [{k: p.get(k) for k in FR.PAIR_KEYS} for p in run.get("pairs", [])]
     return doc
 
 

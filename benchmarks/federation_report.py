@@ -21,6 +21,13 @@ federation. Definitions (docs/results.md §Federation quotes them):
   when the gain is ≤ 0.
 * **paired difference** a − b — per seed final(a) − final(b); mean, 95 % interval and
   how many seeds are positive.
+* **reward ↔ gain** — for every Feedback a student sent in round r, its raw reward
+  (Eq. 3 before normalisation) against that student's own test pass@1 change over the
+  round (pass@1 in its round r + 1 profile, or its final evaluation after the last
+  round, minus pass@1 in its round r profile): Pearson and Spearman correlation and n,
+  pooled over a strategy's seeds. A student trains only on the package in a round it
+  learns, so the change is that package's effect (issue 16 §2, "a reward that tracks
+  learning").
 """
 
 from __future__ import annotations
@@ -87,7 +94,66 @@ def cell_record(strategy: str, seed: int, fingerprint: Mapping[str, Any], status
         "wall_s": doc.get("duration_s"),
         "rounds": rounds,
         "agents": agents,
+        "pair_rows": [{k: p.get(k) for k in PAIR_KEYS} for p in pairs],
     }
+
+
+PAIR_KEYS = ("round", "teacher", "student", "arm", "ok", "raw_reward", "kb")
+
+
+def reward_gain_points(cell: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """(raw reward, the student's test pass@1 change over that round) for every
+    successful Feedback of one cell (module docstring)."""
+    by_peer = {a["peer"]: a for a in cell.get("agents", []) if a.get("peer")}
+    points: list[tuple[float, float]] = []
+    for p in cell.get("pair_rows", []):
+        agent = by_peer.get(p.get("student"))
+        if agent is None or not p.get("ok") or p.get("raw_reward") is None:
+            continue
+        series = list(agent.get("pass1_rounds") or [])
+        rnd = int(p["round"])
+        before = series[rnd - 1] if 0 < rnd <= len(series) else None
+        after = series[rnd] if rnd < len(series) else agent.get("pass1_final")
+        if before is None or after is None:
+            continue
+        points.append((float(p["raw_reward"]), float(after) - float(before)))
+    return points
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Average ranks (ties share the mean of their positions), 1-based."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    n = len(x)
+    if n < 3:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
+
+
+def reward_gain_correlation(cells: Sequence[Mapping[str, Any]], strategy: str) -> dict[str, Any]:
+    """Pearson and Spearman correlation of reward and pass@1 change over a strategy's
+    finished cells (None below three points or without spread)."""
+    points = [pt for c in _by_seed(cells, strategy).values() for pt in reward_gain_points(c)]
+    x = [a for a, _ in points]
+    y = [b for _, b in points]
+    return {"n": len(points), "pearson": _pearson(x, y), "spearman": _pearson(_ranks(x), _ranks(y)),
+            "mean_gain": sum(y) / len(y) if y else None}
 
 
 def _by_seed(cells: Sequence[Mapping[str, Any]], strategy: str) -> dict[int, Mapping[str, Any]]:
@@ -137,6 +203,7 @@ def table_rows(cells: Sequence[Mapping[str, Any]], strategies: Sequence[str]) ->
             "wall_s": R.mean_or_none(c["wall_s"] for c in ok),
             "curve": R.aggregate_curves([c["curve"] for c in ok], spread="ci95"),
             "gain_curve": R.aggregate_curves(paired_curves(cells, strategy, REFERENCE), spread="ci95"),
+            "reward_gain": reward_gain_correlation(cells, strategy),
         }
         g, b = row["gain_vs_local"], row["bytes"]
         row["bytes_per_001"] = b / (g / 0.01) if g is not None and g > 0 and b is not None else None
@@ -252,6 +319,10 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.2f}"
+
+
 def format_cells(row: Mapping[str, Any]) -> list[str]:
     """The printed cells of one table row (the unit test compares them to the JSON)."""
     ratio = row.get("vs_random")
@@ -281,6 +352,10 @@ def print_table(console: Any, doc: Mapping[str, Any]) -> None:
         seeds = ", ".join(f"s{s} {d:+.3f}" for s, d in p["per_seed"].items())
         console.print(f"paired {p['a']} − {p['b']} (final pass@1, per seed): {seeds}; mean {_pm(p['mean'], p['ci95'], True)}, "
                       f"positive on {p['positive']}/{p['n']} seeds", soft_wrap=True)
+    corr = [(r["strategy"], r["reward_gain"]) for r in doc["table"] if r.get("reward_gain", {}).get("n")]
+    if corr:
+        parts = "; ".join(f"{name} r={_num(c['pearson'])} ρ={_num(c['spearman'])} (n={c['n']})" for name, c in corr)
+        console.print(f"reward ↔ the student's pass@1 change over the round: {parts}", soft_wrap=True)
     if doc.get("missing"):
         todo = ", ".join(f"{m['strategy']}-s{m['seed']}" for m in doc["missing"])
         console.print(f"[yellow]not finished yet: {todo} (re-run the same command to resume)[/yellow]", soft_wrap=True)

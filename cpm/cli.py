@@ -193,9 +193,11 @@ def init(home: Path, open_admission: bool | None, transfer_hash: str | None, for
 @click.option("--log-format", type=click.Choice(C.LOG_FORMATS))
 @click.option("--metrics-port", type=click.IntRange(0, 65535))
 @click.option("--store", metavar="LOCATION", help="Override the config's store location for this run.")
+@click.option("--lease", "lease_s", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Run as one of several replicas on the PostgreSQL store (lease_s; 0 = single node).")
 @handle_errors
 def serve(home: Path, listen: tuple[str, ...], strategy: str | None, ready_file: Path | None,
-          log_format: str | None, metrics_port: int | None, store: str | None) -> None:
+          log_format: str | None, metrics_port: int | None, store: str | None, lease_s: float | None) -> None:
     """Run the CPM node until SIGINT/SIGTERM (then exit 0)."""
     import trio
 
@@ -213,6 +215,8 @@ def serve(home: Path, listen: tuple[str, ...], strategy: str | None, ready_file:
         cfg.metrics_port = metrics_port
     if store is not None:
         cfg.store = store
+    if lease_s is not None:
+        cfg.lease_s = lease_s
     C.validate(cfg)
     parse_listen_addrs(cfg.listen)
     configure_logging(cfg.log_format)
@@ -472,6 +476,27 @@ def export(fmt: str, out: Path, home: Path) -> None:
     click.echo(str(out))
 
 
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for report.json, rounds.png and pairs_heatmap.png (created).")
+@_home_option
+@handle_errors
+def report(out: Path, home: Path) -> None:
+    """Plots of the federation from the CPM's database (read-only, the node may run):
+    rounds.png (mean self-reported pass@1 per round, cumulative raw reward),
+    pairs_heatmap.png (teacher × student counts), report.json (the numbers they show)."""
+    from cpm.report import open_report_store, write_report
+
+    _quiet_logs()
+    store, location = open_report_store(home)
+    try:
+        paths = write_report(store, out, location=location)
+    finally:
+        store.close()
+    for path in paths.values():
+        click.echo(str(path))
+
+
 @cli.command(name="admin-key")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Key file to create (mode 0600; never overwritten).")
@@ -484,6 +509,30 @@ def admin_key(out: Path) -> None:
     from p2p.keyfile import create_identity
 
     click.echo(create_identity(out).peer_id)  # refuses an existing file (exit 3)
+
+
+@cli.command()
+@click.option("--from", "source", required=True, metavar="LOCATION",
+              help="The store to copy (read-only), e.g. sqlite:/path/cpm.db. Stop its node first.")
+@click.option("--to", "destination", required=True, metavar="LOCATION",
+              help="An empty store, e.g. postgresql://user@host/db (created or migrated here).")
+@handle_errors
+def migrate(source: str, destination: str) -> None:
+    """Copy a CPM store into an empty one and verify it (rows, counts, bandit state).
+
+    One transaction on the destination: nothing is written unless every row read back
+    equals the source (cpm.storecopy; docs/operations.md, "High availability")."""
+    from cpm.storecopy import copy_store
+    from protocol.envelope import now_ms
+
+    _quiet_logs()
+    C.validate_store(source, "from")
+    C.validate_store(destination, "to")
+    report = copy_store(source, destination, now_ms=now_ms())
+    counts = report.counts
+    click.echo(f"copied {report.source} → {report.destination}: agents={counts['agents']} "
+               f"profiles={counts['profiles']} rounds={counts['rounds']} directives={counts['directives']} "
+               f"feedback={counts['feedback']} bandit_state={'yes' if report.bandit_state else 'none'}; verified")
 
 
 @cli.command(name="peer-id")

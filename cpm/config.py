@@ -71,6 +71,12 @@ class CpmConfig:
     rate_limit_per_s: float = 10.0  # per-peer sustained requests/s on /knexa/cpm (0 = off)
     rate_limit_burst: float = 50.0  # per-peer bucket size (requests allowed back to back)
     store: str = ""  # "" = <home>/cpm.db; "sqlite:PATH" (relative to the home) or "postgresql://user@host/db"
+    relay: bool = True  # serve circuit relay v2 (+ AutoNAT dial-back) so daemons behind NAT are reachable (docs/networking.md)
+    relay_max_reservations: int = 10_000  # daemons that may hold a relay reservation at once (every member reserves by default)
+    relay_reservation_ttl_s: int = 3600  # a reservation's lifetime; daemons refresh at half of it
+    relay_circuit_bytes: int = 128 * 1024 * 1024  # per relayed connection, both directions together (0 = unlimited)
+    relay_circuit_duration_s: int = 600  # per relayed connection (0 = unlimited)
+    lease_s: float = 0.0  # > 0: run as one of several replicas on a PostgreSQL store; the round lease's length (docs/operations.md)
 
     def to_toml(self) -> dict[str, Any]:
         data = asdict(self)
@@ -79,8 +85,9 @@ class CpmConfig:
 
 
 _FLOAT_KEYS = ("quorum", "round_timer_s", "active_window_s", "directive_ttl_s", "request_timeout_s",
-               "rate_limit_per_s", "rate_limit_burst")
-_INT_KEYS = ("seed", "k_pairs", "min_agents", "max_rounds", "transfer_size", "metrics_port")
+               "rate_limit_per_s", "rate_limit_burst", "lease_s")
+_INT_KEYS = ("seed", "k_pairs", "min_agents", "max_rounds", "transfer_size", "metrics_port",
+             "relay_max_reservations", "relay_reservation_ttl_s", "relay_circuit_bytes", "relay_circuit_duration_s")
 
 
 def _int(key: str, value: Any) -> int:
@@ -161,6 +168,10 @@ def config_from_dict(data: dict[str, Any]) -> CpmConfig:
             if not isinstance(data[key], str):
                 raise ConfigError(key, "must be a string")
             setattr(cfg, key, data[key])
+    if "relay" in data:
+        if not isinstance(data["relay"], bool):
+            raise ConfigError("relay", "must be true or false")
+        cfg.relay = data["relay"]
     if "open_admission" in data:
         if not isinstance(data["open_admission"], bool):
             raise ConfigError("open_admission", "must be true or false")
@@ -207,9 +218,21 @@ def validate(cfg: CpmConfig) -> None:
         raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("metrics_port", "must be a TCP port (0 = off)")
+    if cfg.relay_max_reservations < 1:
+        raise ConfigError("relay_max_reservations", "must be ≥ 1")
+    if cfg.relay_reservation_ttl_s < 60:
+        raise ConfigError("relay_reservation_ttl_s", "must be ≥ 60")
+    for key in ("relay_circuit_bytes", "relay_circuit_duration_s"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(key, "must be ≥ 0 (0 = unlimited)")
     for i, admin in enumerate(cfg.admins):
         validate_peer_id(admin, f"admins[{i}]")
     validate_store(cfg.store)
+    if cfg.lease_s < 0:
+        raise ConfigError("lease_s", "must be ≥ 0 (0 = a single node, no replicas)")
+    if cfg.lease_s > 0 and scheme_of(cfg.store or "sqlite:cpm.db") == "sqlite":
+        raise ConfigError("lease_s", "replicas need a PostgreSQL store (store = \"postgresql://…\"); "
+                          "SQLite is single-node")
     for i, arm in enumerate(cfg.arms):
         if arm.items > cfg.transfer_size:
             raise ConfigError(f"arms[{i}].items", f"exceeds transfer_size={cfg.transfer_size}")

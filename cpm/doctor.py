@@ -70,6 +70,29 @@ def check_database(home: Path) -> K.Check:
     return K.ok("database", f"{detail}, {health.durability}")
 
 
+def check_lease(home: Path) -> K.Check:
+    """Replicas (``lease_s > 0``): who holds the round lease, by the database's clock. A
+    lapsed or never-taken lease means no replica runs the rounds now (they pause;
+    ingest goes on). Read-only; docs/operations.md §13."""
+    from cpm.lease import lease_status
+    from cpm.store import StoreError, open_home_store
+
+    try:
+        store = open_home_store(home, readonly=True)
+        try:
+            st = lease_status(store)
+        finally:
+            store.close()
+    except StoreError as exc:  # the database check reports the store itself
+        return K.skip("lease", f"needs a readable PostgreSQL store: {exc}")
+    if st["holder"] is None:
+        return K.warn("lease", "no replica has held the round lease yet", "start `knexa-cpm serve --lease S`")
+    if not st["live"]:
+        return K.warn("lease", f"lapsed {-st['expires_in_s']:.1f} s ago (last holder {st['holder']}, epoch "
+                      f"{st['epoch']}): no replica runs the rounds", "start a replica (docs/operations.md §13)")
+    return K.ok("lease", f"held by {st['holder']} (epoch {st['epoch']}), {st['expires_in_s']:.1f} s left")
+
+
 def check_admission(cfg: C.CpmConfig) -> K.Check:
     admins = f"; {len(cfg.admins)} admin key(s) for --remote" if cfg.admins else ""
     if cfg.open_admission:
@@ -162,6 +185,8 @@ def run_checks(home: Path, addrs: tuple[str, ...] = ()) -> list[K.Check]:
     out.append(check_database(home))
     if cfg is None:
         return out + [K.skip("listen", "needs a valid config")]
+    if cfg.lease_s > 0:
+        out.append(check_lease(home))
     out.append(check_admission(cfg))
     seed = K.read_seed(key_path)
     running = False

@@ -47,6 +47,9 @@ _UNAVAILABLE = (psycopg.OperationalError, pg_errors.ReadOnlySqlTransaction, pg_e
 _MISCONFIGURED = re.compile(r"authentication failed|no pg_hba\.conf entry|role \S+ does not exist|"
                             r"invalid (?:connection option|URI|integer value)|missing \"=\"", re.I)
 _NO_DATABASE = re.compile(r"database \S+ does not exist", re.I)
+# ends the session of a writer idle inside a transaction this long (docs/operations.md,
+# "High availability"); generous: a batch stays open while the loop matches a big round
+IDLE_IN_TRANSACTION_MS = 60_000
 
 
 def connect(conninfo: str, where: str, *, readonly: bool, lock_timeout_ms: int,
@@ -72,6 +75,9 @@ def connect(conninfo: str, where: str, *, readonly: bool, lock_timeout_ms: int,
     try:
         conn.execute(f"SET lock_timeout = {int(lock_timeout_ms)}")
         conn.execute("SET synchronous_commit = on")
+        # a process that hangs inside a transaction (SIGSTOP, a stuck thread) would hold
+        # the write lock — and stop every replica's writes — until the server ends it
+        conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
         if readonly:
             conn.execute("SET default_transaction_read_only = on")
     except psycopg.Error as exc:

@@ -11,7 +11,7 @@ One round ``r``::
     closed r = max_rounds ──▶ finished (no new round)
 
 All state lives in the ``Store``; the engine keeps nothing it could not rebuild from
-the database, so a restart after ``kill -9`` simply calls ``tick(now)``: an open round
+the database (replicas: ``leader``, see ``tick``), so a restart after ``kill -9`` simply calls ``tick(now)``: an open round
 stays open (its timer is recomputed from the first profile's arrival), a matched round
 keeps its directives and expires the overdue ones.
 
@@ -40,7 +40,7 @@ import math
 import random
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -70,6 +70,16 @@ def build_strategy(config: CpmConfig) -> Strategy:
     return make_strategy(config.strategy, **kw)
 
 
+class Leader(Protocol):
+    """The round lease as the engine sees it (``cpm.lease.Leadership``)."""
+
+    def holds(self) -> bool: ...
+
+    def fence(self) -> bool: ...
+
+    def state_stale(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     """DirectiveRequest answer 'not yet': the round is open, wait (long-poll) and retry."""
@@ -88,10 +98,13 @@ class RoundEngine:
         identity: Identity,
         strategy: Strategy | None = None,
         reputation: Reputation | None = None,
+        leader: Leader | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.identity = identity
+        self.leader = leader  # replicas: only the lease holder advances rounds (cpm.lease)
+        self._seen_round: tuple[int, str] | None = None
         self.strategy: Strategy = strategy if strategy is not None else build_strategy(config)
         self.reputation = reputation if reputation is not None else Reputation()
         # Eq. 3 lives in the bandit; baselines without one still get rewards recorded
@@ -131,6 +144,18 @@ class RoundEngine:
             self._reward_model.z.n, self._reward_model.z.mean, self._reward_model.z.m2 = (
                 int(z["n"]), float(z["mean"]), float(z["m2"]))
         log.info("cpm.strategy.restored", strategy=name)
+
+    def _sync_state(self) -> None:
+        """Replicas: reload the strategy state if another replica saved it since this one
+        last read or wrote it. Call inside the write transaction that builds on it."""
+        if self.leader is None or not self.leader.state_stale():
+            return
+        self.strategy = build_strategy(self.config)
+        self.reputation = Reputation()
+        bandit = getattr(self.strategy, "bandit", None)
+        self._reward_model = bandit if isinstance(bandit, LinUCB) else LinUCB(1)
+        self._load_state()
+        log.info("cpm.strategy.synced")
 
     def _state(self) -> dict[str, Any]:
         z: RunningZ = self._reward_model.z
@@ -185,7 +210,32 @@ class RoundEngine:
         Returns the next time (ms) something may become due without a message arriving
         (round timer or the earliest directive expiry), or None when only messages can
         move the state.
-        """
+
+        Replicas (``leader`` set): only the lease holder advances, inside one write
+        transaction that first checks its term (the fence) and reloads the strategy state
+        if another replica changed it; a follower only watches the latest round, so its
+        long-polls wake when the holder's transitions land (``epoch``)."""
+        if self.leader is None:
+            return self._advance(now_ms)
+        if self.leader.holds():
+            with self.store.transaction():
+                if self.leader.fence():
+                    self._sync_state()
+                    deadline = self._advance(now_ms)
+                    self._watch()
+                    return deadline
+        self._watch()
+        return None
+
+    def _watch(self) -> None:
+        """Bump ``epoch`` when the latest round moved (someone else's transition)."""
+        row = self.store.latest_round()
+        seen = None if row is None else (row.round, row.state)
+        if seen != self._seen_round:
+            self._seen_round = seen
+            self.epoch += 1
+
+    def _advance(self, now_ms: int) -> int | None:
         while True:
             row = self.store.latest_round()
             if row is None:
@@ -372,7 +422,8 @@ class RoundEngine:
             raise ProtocolError("transfer_hash differs from the CPM's transfer set")
         self.tick(now_ms)
         row = self.store.latest_round()
-        assert row is not None  # tick() always opens a round (a finished one stays the latest)
+        if row is None:  # a replica before the lease holder opened round 1
+            return NoDirective(round=1, reason="round_pending", retry_after_ms=1000)
         if self.finished(row):
             return NoDirective(round=row.round, reason="finished", retry_after_ms=0)
         if msg.round < row.round:
@@ -421,6 +472,7 @@ class RoundEngine:
         if self.store.get_feedback(msg.directive_id) is not None:
             log.info("cpm.feedback.duplicate", peer=peer, directive=msg.directive_id, round=d.round)
             return False
+        self._sync_state()  # replicas: build on the latest saved bandit, never an older copy
         raw, reward = self._reward(msg.loss_pre, msg.loss_post, msg.kb, msg.ok)
         verdict = None
         with self.store.transaction():
@@ -481,6 +533,7 @@ class RoundEngine:
         None when ``peer`` is not quarantined: nothing changes, nothing is written. If
         the write fails the in-memory reputation is put back (memory never runs ahead
         of the database)."""
+        self._sync_state()
         if not self.reputation.is_quarantined(peer):
             return None
         before = self.reputation.to_state()

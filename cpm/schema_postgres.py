@@ -198,8 +198,24 @@ class Migration:
     statements: Sequence[str]
 
 
+# Replicas (cpm.lease, docs/operations.md "High availability"): the round lease — one row
+# per lease name; ``epoch`` grows by one at every change of holder and fences a former
+# holder's writes — and a generation of the strategy state, so a replica notices that
+# another one saved it since it last read or wrote it (and reloads before it builds on it).
+REPLICAS = (
+    f"""CREATE TABLE lease (
+    name {_ID} PRIMARY KEY,
+    holder TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL,
+    acquired_at TIMESTAMPTZ NOT NULL
+)""",
+    "ALTER TABLE bandit_state ADD COLUMN gen BIGINT NOT NULL DEFAULT 0",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline: tables, indexes, round and activity tallies", BASELINE),
+    Migration(2, "replicas: the round lease and the strategy state's generation", REPLICAS),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -230,7 +246,7 @@ def migrate(execute: Callable[..., Any], migrations: Sequence[Migration] = MIGRA
 # ---- integrity (the doctor; reads only) -------------------------------------------------
 
 TABLES = ("schema_version", "agents", "profiles", "rounds", "directives", "feedback", "bandit_state", "round_tally",
-          "activity_tally")
+          "activity_tally", "lease")
 TRIGGERS = ("tally_profile_insert", "tally_profile_delete", "tally_profile_move", "tally_agent_update",
             "tally_agent_insert", "tally_agent_delete", "activity_agent_update", "activity_agent_insert",
             "activity_agent_delete")

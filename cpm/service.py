@@ -25,6 +25,13 @@ what the peer still sends until its end, and resets a peer that lingers.
 The engine is synchronous and called from one trio task at a time (never while a
 COMMIT runs on the worker thread: ``GroupCommitter.gate``), so it needs no locking.
 
+Replicas (``lease_s > 0``, PostgreSQL; docs/operations.md §13): several services share
+one store and identity. Each serves every request; only the holder of the round lease
+(``cpm.lease``) advances rounds — the engine checks it — and a ``_lease_loop`` task renews
+it (or takes it over) on a worker thread; a new term reloads the engine from the
+database. Followers' tickers poll every ``REPLICA_RECHECK_S`` to see the holder's
+transitions and wake their long-polls.
+
 Group commit (default): one fsync (``commit_ms`` in ``benchmarks/ingest.py``) per
 *batch* of concurrent messages instead of per message; the COMMIT runs on a worker
 thread so the loop keeps reading and verifying requests meanwhile.
@@ -37,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import structlog
@@ -48,6 +56,7 @@ from cpm.config import CpmConfig
 from cpm.rounds import MAX_WAIT_MS, Pending, RoundEngine
 from cpm.store import Store, StoreUnavailable
 from p2p.host import build_host, listening_addrs, parse_listen_addrs
+from p2p.relay import RelayServiceLimits, serve_relay
 from p2p.ratelimit import PeerRateLimiter
 from p2p.streams import FramedStream, serving
 from protocol.conversation import REQUESTS
@@ -70,6 +79,9 @@ log = structlog.get_logger(__name__)
 
 CPM_REQUESTS = REQUESTS[CPM_PROTOCOL]
 RECHECK_S = 1.0  # the ticker re-reads the DB at least this often (admin CLI changes)
+# replicas: profiles and feedback may land on another replica, so the lease holder polls
+# for quorum and closable rounds, and a follower for the holder's transitions (long-polls)
+REPLICA_RECHECK_S = 0.2
 # one connection per agent; py-libp2p's default cap is 256 inbound (docs/reliability.md)
 MAX_INBOUND_CONNECTIONS = 10_000
 
@@ -89,6 +101,7 @@ class Metrics:
         self.engine = engine
         self.rejected = rejected
         self.round = 0
+        self.leader: Any = None  # cpm.lease.Leadership of a replica
         self._server: Any = None
 
     def start(self, port: int) -> int:
@@ -111,6 +124,9 @@ class Metrics:
                     r.add_metric([code], n)
                 yield r
                 yield GaugeMetricFamily("knexa_cpm_round", "current round", value=metrics.round)
+                if metrics.leader is not None:  # replicas: which one runs the rounds (docs/operations.md §13)
+                    yield GaugeMetricFamily("knexa_cpm_lease_held", "1 while this replica holds the round lease",
+                                            value=1 if metrics.leader.holds() else 0)
 
         registry = CollectorRegistry()
         registry.register(_Collector())  # type: ignore[arg-type]
@@ -129,6 +145,14 @@ class Metrics:
             self._server = None
 
 
+def relay_limits(config: CpmConfig) -> RelayServiceLimits:
+    """The operator's relay limits (``relay_*`` keys of config.toml, docs/networking.md)."""
+    return RelayServiceLimits(
+        max_reservations=config.relay_max_reservations, reservation_ttl_s=config.relay_reservation_ttl_s,
+        circuit_bytes=config.relay_circuit_bytes, circuit_duration_s=config.relay_circuit_duration_s,
+    )
+
+
 class CpmService:
     """Wire the engine to a libp2p host. ``run`` reports its full multiaddrs via
     ``task_status.started`` once the host listens."""
@@ -145,11 +169,17 @@ class CpmService:
         commit_window_s: float = COMMIT_WINDOW_S,
         commit_max_batch: int = COMMIT_MAX_BATCH,
         commit_in_thread: bool = True,
+        leader: Any = None,
     ) -> None:
         self.config = config
         self.identity = identity
         self.store = store
-        self.engine = engine or RoundEngine(store, config, identity)
+        if leader is None and config.lease_s > 0:  # a replica (docs/operations.md, "High availability")
+            from cpm.lease import leadership_for  # psycopg: the postgres extra
+
+            leader = leadership_for(store, config.lease_s)
+        self.leader = leader
+        self.engine = engine or RoundEngine(store, config, identity, leader=leader)
         self.clock = clock
         self.committer: GroupCommitter | None = None
         if group_commit:
@@ -159,6 +189,7 @@ class CpmService:
         self.limiter = PeerRateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         self.rejected: dict[str, int] = {}
         self.metrics = Metrics(self.engine, self.rejected)
+        self.metrics.leader = leader
         self.metrics_port = 0
         self.addrs: list[str] = []
         self._changed = trio.Event()
@@ -174,6 +205,8 @@ class CpmService:
         listen = parse_listen_addrs(self.config.listen)
         host = build_host(self.identity.seed, dial_timeout_s=self.config.request_timeout_s,
                           max_inbound=MAX_INBOUND_CONNECTIONS)
+        if self.leader is not None:
+            await self._renew_lease()
         self.engine.start(self.clock())
         self._after_engine()
         if self.config.metrics_port:
@@ -186,13 +219,38 @@ class CpmService:
                 log.info("cpm.listening", addrs=self.addrs, peer=self.identity.peer_id,
                          strategy=self.config.strategy, metrics_port=self.metrics_port)
                 async with trio.open_nursery() as nursery:
+                    if self.config.relay:
+                        await nursery.start(partial(serve_relay, host, relay_limits(self.config),
+                                                    allow=self._relay_allowed))
                     if self.committer is not None:
                         await nursery.start(self.committer.run)
                     nursery.start_soon(self._ticker)
+                    if self.leader is not None:
+                        nursery.start_soon(self._lease_loop)
                     task_status.started(self.addrs)
                     await trio.sleep_forever()
         finally:
             self.metrics.stop()
+            if self.leader is not None:  # let a follower take over at its next poll
+                self.leader.release()
+
+    async def _renew_lease(self) -> None:
+        """One renew (or takeover attempt) on a worker thread; a new term reloads the
+        engine from the database, which another replica advanced meanwhile."""
+        terms = self.leader.terms
+        try:
+            await trio.to_thread.run_sync(self.leader.renew)
+        except StoreUnavailable as exc:
+            log.warning("cpm.lease.renew_failed", error=str(exc)[:200])
+        if self.leader.terms != terms:
+            await self._gate()
+            self._reload_engine(RuntimeError(f"lease term {self.leader.epoch} begins"))
+            self._poke()
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await trio.sleep(self.leader.interval())
+            await self._renew_lease()
 
     def _grouped(self) -> Any:
         """Writes of the block join the open batch (group commit) or commit on their own."""
@@ -210,7 +268,7 @@ class CpmService:
         """A failed COMMIT rolled back what the engine already applied in memory (bandit
         updates, round transitions): rebuild it from the database, which is the truth."""
         old = self.engine
-        self.engine = type(old)(self.store, self.config, self.identity)
+        self.engine = type(old)(self.store, self.config, self.identity, leader=old.leader)
         self.engine.counters = old.counters
         self.engine.epoch = old.epoch + 1
         self.metrics.engine = self.engine
@@ -229,7 +287,8 @@ class CpmService:
                 log.warning("cpm.tick.retry", error=str(exc))
                 deadline = None
             self._after_engine()
-            wait = RECHECK_S if deadline is None else min(RECHECK_S, max(0.0, (deadline - now) / 1000))
+            recheck = RECHECK_S if self.leader is None else REPLICA_RECHECK_S
+            wait = recheck if deadline is None else min(recheck, max(0.0, (deadline - now) / 1000))
             self._wake = trio.Event()
             with trio.move_on_after(wait):
                 await self._wake.wait()
@@ -334,6 +393,14 @@ class CpmService:
             await self._deliver(framed, peer, answers)
         except (KnexaError, trio.TooSlowError) as exc:  # the client retries what got no answer
             log.info("cpm.answers.dropped", peer=peer, error=str(exc))
+
+    async def _relay_allowed(self, peer: str) -> bool:
+        """Only admitted members may reserve on or relay through this node."""
+        try:
+            await self._check_admitted(peer)
+        except Unauthorized:
+            return False
+        return True
 
     async def _check_admitted(self, peer: str) -> None:
         await self._gate()

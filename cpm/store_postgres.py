@@ -56,9 +56,9 @@ _DIRECTIVE = ("directive_id, round, teacher, student, arm, params, score, contex
               "envelope")
 _FEEDBACK = "directive_id, round, loss_pre, loss_post, kb, ok, failure, raw_reward, reward, received_at"
 _SAVE_BANDIT_STATE = (
-    "INSERT INTO bandit_state (id, strategy, state, updated_at) VALUES (1, %s, %s, %s) "
+    "INSERT INTO bandit_state (id, strategy, state, updated_at, gen) VALUES (1, %s, %s, %s, 1) "
     "ON CONFLICT (id) DO UPDATE SET strategy = excluded.strategy, state = excluded.state, "
-    "updated_at = excluded.updated_at"
+    "updated_at = excluded.updated_at, gen = bandit_state.gen + 1 RETURNING gen"
 )
 
 
@@ -75,6 +75,7 @@ class PostgresStore(BatchedStore):
         self.readonly = readonly
         self._where = redact_location(url)
         self._db = PgBatchDb(url, self._where, readonly=readonly, lock_timeout_ms=lock_timeout_ms)
+        self._bandit_gen = 0  # generation of the strategy state this process last read or wrote
         try:
             self._open_schema()
         except SchemaError as exc:
@@ -366,19 +367,32 @@ class PostgresStore(BatchedStore):
     # ---- bandit state -----------------------------------------------------------
     def save_bandit_state(self, strategy: str, state: dict[str, Any], now_ms: int) -> None:
         with self._db.transaction() as db:
-            db.execute(_SAVE_BANDIT_STATE, (strategy, json.dumps(state), now_ms))
+            self._bandit_gen = int(db.execute(_SAVE_BANDIT_STATE, (strategy, json.dumps(state), now_ms)).fetchone()[0])
 
     def save_bandit_state_at_commit(self, strategy: str, state: Callable[[], dict[str, Any]], now_ms: int) -> None:
         """As the SQLite backend: in a batch, serialised once, right before its COMMIT."""
         def write() -> None:
-            self._db.execute(_SAVE_BANDIT_STATE, (strategy, json.dumps(state()), now_ms))
+            row = self._db.execute(_SAVE_BANDIT_STATE, (strategy, json.dumps(state()), now_ms)).fetchone()
+            self._bandit_gen = int(row[0])
 
         if not self._db.defer_until_commit("bandit_state", write):
             self.save_bandit_state(strategy, state(), now_ms)
 
     def load_bandit_state(self) -> tuple[str, dict[str, Any]] | None:
-        row = self._db.execute("SELECT strategy, state FROM bandit_state WHERE id = 1").fetchone()
-        return None if row is None else (row[0], json.loads(row[1]))
+        row = self._db.execute("SELECT strategy, state, gen FROM bandit_state WHERE id = 1").fetchone()
+        if row is None:
+            self._bandit_gen = 0
+            return None
+        self._bandit_gen = int(row[2])
+        return row[0], json.loads(row[1])
+
+    def bandit_state_stale(self) -> bool:
+        """Whether another process (a replica, ``cpm.lease``) saved the strategy state
+        since this one last read or wrote it. Ask inside the write transaction that will
+        build on the state: it holds the write lock, so the answer stays true until COMMIT.
+        Not part of ``cpm.store.Store``: a single-node store has no other writer of it."""
+        gen = self._one("SELECT gen FROM bandit_state WHERE id = 1")
+        return int(gen or 0) != self._bandit_gen
 
     # ---- stats ------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

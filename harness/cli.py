@@ -3,7 +3,8 @@
 Subcommands (docs/harness.md):
 
 * ``up``      — a CPM node + N daemons as real subprocesses on 127.0.0.1, R rounds,
-                results.json / rounds.csv / plots;
+                results.json / rounds.csv / plots; ``--topology nat`` puts each daemon
+                behind its own NAT in network namespaces (``harness.topology``);
 * ``compare`` — the same population under several strategies and seeds, side by side;
 * ``demo``    — what ``make demo`` runs: the same 4-daemon population (two tiny model
                 families, or synthetic agents when the ML stack is missing — it says
@@ -151,6 +152,7 @@ def _config(**kw) -> object:
         on_crash=kw["on_crash"], per_process=kw["per_process"], round_timer_s=kw["round_timer"],
         ready_timeout_s=kw["ready_timeout"], timeout_s=kw["timeout"], grace_s=kw["grace"],
         progress=not kw["no_progress"], budget=kw["budget"],
+        topology=kw.get("topology", "loopback"), uplink_mbit=kw.get("uplink_mbit"),
     )
 
 
@@ -167,10 +169,16 @@ def main(log_format: str) -> None:
 @_common
 @click.option("--strategy", "-s", type=click.Choice(STRATEGIES), default="linucb", show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--topology", type=click.Choice(["loopback", "nat"]), default="loopback", show_default=True,
+              help="nat: the CPM on a public segment and each daemon in its own organisation's LAN behind "
+                   "a NAT (Linux network namespaces; root, iproute2, nftables). docs/harness.md §Topology nat.")
+@click.option("--uplink-mbit", type=click.FloatRange(0.001), default=None,
+              help="--topology nat: cap every organisation's upload at N Mbit/s (tc tbf).")
 def up_command(**kw) -> None:
     """Run a CPM + N daemons as real processes for R rounds; write results into OUT."""
     from harness.federation import run_up
 
+    _check_topology(kw)
     cfg = _config(**kw)
     _setup_logging(cfg.out)
     console = _console()
@@ -191,6 +199,23 @@ def compare_command(strategies: str, seeds: str, **kw) -> None:
     _setup_logging(cfg.out)
     code, _ = run_compare(cfg, names, seed_list, _console())
     sys.exit(code)
+
+
+def _check_topology(kw: dict) -> None:
+    """Option conflicts are usage errors (2); a machine that cannot build namespaces
+    is a config error (3) that says why."""
+    if kw["topology"] != "nat":
+        if kw["uplink_mbit"] is not None:
+            raise click.UsageError("--uplink-mbit needs --topology nat")
+        return
+    if kw["per_process"] != 1:
+        raise click.UsageError("--topology nat runs one daemon per organisation namespace: use --per-process 1")
+    from harness.netlab import netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        click.echo(f"--topology nat: network namespaces unavailable: {why}", err=True)
+        sys.exit(3)
 
 
 DEMO_STRATEGIES = ("linucb", "local-only")

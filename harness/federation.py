@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +39,11 @@ from typing import Any
 
 import structlog
 
+from cpm.report import collect_from_store  # the CPM's rows → pairs and pass@1 per round (one implementation)
 from harness import results as R
+from harness.netlab.system import NetlabError
 from harness.procs import Child, ChildFailed, HarnessInterrupted, Supervisor, executable, parse_ready, tail
+from harness.topology import topology_for
 from p2p.process import ExitCode
 
 log = structlog.get_logger(__name__)
@@ -81,6 +84,8 @@ class UpConfig:
     grace_s: float | None = None  # None: 10 s synthetic, 30 s ml
     progress: bool = True
     budget: str = "standard"  # ML agents' training budget (knexad.agent.ml_agent.BUDGETS)
+    topology: str = "loopback"  # loopback | nat (harness.topology, docs/harness.md §Topology nat)
+    uplink_mbit: float | None = None  # nat: every organisation's upload cap
 
     def model_for(self, index: int) -> str:
         if self.agent == "synthetic":
@@ -207,6 +212,7 @@ class Federation:
             for i in range(cfg.nodes)
         ]
         self.cpm_addr = ""
+        self.net = topology_for(cfg.topology, [n.org for n in self.nodes], cfg.uplink_mbit)
         self.crashed: list[dict[str, Any]] = []
         self.started_at = time.time()
 
@@ -234,7 +240,7 @@ class Federation:
             except ChildFailed as exc:
                 status, code = "failed", _exit_for_child(exc)
                 message = f"{exc}\n{exc.log_tail}".strip()
-            except (KnexaError, ImportError) as exc:  # e.g. the agent cannot be built here
+            except (KnexaError, ImportError, NetlabError) as exc:  # e.g. the agent cannot be built here
                 status, message = "failed", f"{type(exc).__name__}: {exc}"
                 code = EXIT_CONFIG if isinstance(exc, (ConfigError, ImportError)) else EXIT_RUNTIME
             except KeyboardInterrupt:
@@ -243,6 +249,7 @@ class Federation:
                 status, code, message = "interrupted", 128 + exc.signum, f"interrupted ({exc})"
             finally:
                 sup.stop_all()
+                self.net.close()  # after the children: it kills whatever is left in its namespaces
         try:
             doc, paths = self._collect(status)
         except (OSError, ValueError, RuntimeError) as exc:  # a run that died before the DB existed
@@ -261,6 +268,7 @@ class Federation:
 
             build_missing_bases([cfg.model_for(i) for i in range(cfg.nodes)], self._say, self.console, cfg.progress)
         thash = transfer_hash_for(cfg)
+        self.net.up()
         sup.run("cpm-init", [*CPM, "init", "--home", str(self.cpm_home), "--strategy", cfg.strategy,
                              "--max-rounds", str(cfg.rounds), "--transfer-hash", thash, "--seed", str(cfg.seed),
                              "--round-timer", str(cfg.effective_round_timer()),
@@ -270,8 +278,9 @@ class Federation:
                              # every round waits for all N profiles (or the round timer):
                              # otherwise round 1 starts with whichever daemons registered first
                              "--min-agents", str(cfg.nodes)], timeout_s=60)
-        cpm = sup.spawn("cpm", [*CPM, "serve", "--home", str(self.cpm_home), "--ready-file",
-                                str(self.homes / "cpm.ready"), "--log-format", "json"],
+        cpm = sup.spawn("cpm", self.net.cpm_argv([*CPM, "serve", "--home", str(self.cpm_home), "--ready-file",
+                                                  str(self.homes / "cpm.ready"), "--log-format", "json",
+                                                  *self.net.cpm_listen()]),
                         role="cpm", ready_file=self.homes / "cpm.ready")
         try:
             ready = sup.wait_ready(cpm, timeout_s=60)
@@ -292,7 +301,7 @@ class Federation:
             sup.run(f"{node.name}-init", [*KNEXAD, "init", "--home", str(node.home), "--cpm", self.cpm_addr,
                                           "--model", node.model, "--agent-index", str(node.index),
                                           "--n-agents", str(cfg.nodes), "--seed", str(cfg.seed),
-                                          "--org", node.org], timeout_s=120)
+                                          "--org", node.org, *self.net.node_listen(node.index)], timeout_s=120)
             set_budget(node.home, cfg.budget)
             node.peer = load_identity(node.home / KEY_FILE).peer_id
             sup.run(f"{node.name}-admit", [*CPM, "admit", node.peer, "--home", str(self.cpm_home),
@@ -315,8 +324,9 @@ class Federation:
             if k == 1:
                 node = group[0]
                 ready = node.home / "ready"
-                children.append(sup.spawn(node.name, [*KNEXAD, "run", "--home", str(node.home), "--ready-file",
-                                                      str(ready)], role="daemon", ready_file=ready))
+                argv = self.net.node_argv(node.index, [*KNEXAD, "run", "--home", str(node.home),
+                                                        "--ready-file", str(ready)])
+                children.append(sup.spawn(node.name, argv, role="daemon", ready_file=ready))
             else:
                 name = f"pack-{start // k:02d}"
                 ready = self.homes / f"{name}.ready"
@@ -346,7 +356,7 @@ class Federation:
             with progress:
                 while True:
                     self._check_crashes(sup)
-                    snap = snapshot(store)
+                    snap = snapshot(store, self._homes())
                     for row in snap["closed_rows"]:
                         if row["round"] not in reported:
                             reported.add(row["round"])
@@ -444,6 +454,7 @@ class Federation:
             data = collect_from_store(store)
         finally:
             store.close()
+        data["pass1_by_round"] = held_out_pass1(self._homes())
         names = {n.peer: n for n in self.nodes if n.peer}
         peers = {
             peer: {"name": n.name, "org": n.org, "family": data["families"].get(peer, n.model), "model": n.model,
@@ -470,6 +481,9 @@ class Federation:
         paths = R.write_run_outputs(self.out, doc, data["pairs"], labels)
         return doc, paths
 
+    def _homes(self) -> dict[str, Path]:
+        return {n.peer: n.home for n in self.nodes if n.peer}
+
     def _say(self, text: str) -> None:
         log.info("harness.say", message=text)
         if self.console is not None:
@@ -487,38 +501,25 @@ def training_counts(home: Path) -> dict[str, int]:
     return {"steps_trained": state.steps_trained, "local_rounds": state.local_rounds}
 
 
-def collect_from_store(store: Any) -> dict[str, Any]:
-    """Directives + feedback → PairRecords; profiles → pass@1 per round (vector[8])."""
-    from protocol.profile import INDEX_MAP
+def held_out_pass1(homes: Mapping[str, Path]) -> dict[int, dict[str, float]]:
+    """``{round: {peer: test pass@1}}`` from the daemons' own evaluation logs
+    (``knexad.evaluations``): the weights each round's profile describes, scored on the
+    held-out test set. Not from the CPM's profiles, which carry validation numbers only."""
+    from knexad.evaluations import read_evaluations
 
-    p1 = INDEX_MAP["perf.pass@1"]
-    feedback = {f.directive_id: f for f in store.list_feedback()}
-    pairs = []
-    for d in store.list_directives():
-        f = feedback.get(d.directive_id)
-        pairs.append(R.PairRecord(
-            round=d.round, teacher=d.teacher, student=d.student, arm=d.arm, directive_id=d.directive_id,
-            ok=None if f is None else f.ok, raw_reward=None if f is None else f.raw_reward,
-            reward=None if f is None else f.reward, kb=None if f is None else f.kb,
-        ))
-    pass1: dict[int, dict[str, float]] = {}
-    for prof in store.list_profiles():
-        vec = prof["vector"]
-        if len(vec) > p1:
-            pass1.setdefault(int(prof["round"]), {})[prof["peer_id"]] = float(vec[p1])
-    rounds = store.list_rounds()
-    return {
-        "pairs": pairs,
-        "pass1_by_round": pass1,
-        "rounds": [r.round for r in rounds],
-        "closed": sum(1 for r in rounds if r.state == "closed"),
-        "families": {a.peer_id: a.family for a in store.list_agents() if a.family},
-    }
+    out: dict[int, dict[str, float]] = {}
+    for peer, home in homes.items():
+        for rnd, value in read_evaluations(home).items():
+            out.setdefault(rnd, {})[peer] = value
+    return out
 
 
-def snapshot(store: Any) -> dict[str, Any]:
-    """What the progress bar shows: closed rounds (as rows) and the open round's state."""
+def snapshot(store: Any, homes: Mapping[str, Path] | None = None) -> dict[str, Any]:
+    """What the progress bar shows: closed rounds (as rows) and the open round's state;
+    pass@1 is the held-out one from the daemons' homes when given."""
     data = collect_from_store(store)
+    if homes is not None:
+        data["pass1_by_round"] = held_out_pass1(homes)
     rows = [asdict(r) for r in R.build_round_rows(data["pairs"], data["pass1_by_round"], data["rounds"])]
     latest = store.latest_round()
     closed_ids = {r.round for r in store.list_rounds() if r.state == "closed"}

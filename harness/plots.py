@@ -1,4 +1,5 @@
-"""PNG plots of harness runs, comparisons and the federation benchmark.
+"""PNG plots of harness runs, comparisons and the federation benchmark (the one-run
+figures, ``rounds_figure`` and ``pair_heatmap_figure``, are ``cpm.plots``').
 
 Every function draws numbers it is given — rows a run measured, or the aggregate a
 table prints — and never computes a statistic of its own, so a plot cannot disagree
@@ -19,132 +20,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-DPI = 100
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    _pyplot().close(fig)
-    return Path(path)
-
-
-def _rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
-    return [asdict(r) if is_dataclass(r) else dict(r) for r in rows]
-
-
-def _integer_rounds(ax: Any, last: int) -> None:
-    """Integer ticks 0 … last with half a round of room on each side (markers at the
-    ends are never cut off)."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(-0.5, max(last, 1) + 0.5)
-
-
-def text_colour(rgba: Sequence[float]) -> str:
-    """Black or white, whichever reads better on a cell of colour ``rgba`` (WCAG
-    relative luminance of the sRGB colour; black above 0.179, the contrast crossover)."""
-
-    def lin(c: float) -> float:
-        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
-
-    r, g, b = (lin(float(c)) for c in rgba[:3])
-    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
-
-
-# -- one run -------------------------------------------------------------------------------
-
-
-def rounds_figure(rows: Sequence[Any], title: str = "", final_pass1: float | None = None,
-                  initial_pass1: float | None = None) -> Any:
-    """Two panels over *rounds completed* r = 0 … R.
-
-    Left: mean pass@1 after r rounds — r < R from the profiles agents sent for round
-    r + 1 (measured before that round's exchange; ``initial_pass1`` overrides r = 0),
-    r = R the final evaluation (``final_pass1``, a star). Right: cumulative raw reward,
-    starting at (0, 0); its axis always includes 0, since raw rewards can be negative.
-    """
-    plt = _pyplot()
-    data = _rows(rows)
-    n = max((d["round"] for d in data), default=0)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    pts = [(d["round"] - 1, d["mean_pass1"]) for d in data if d.get("mean_pass1") is not None]
-    if initial_pass1 is not None:
-        pts = [(0, initial_pass1)] + [p for p in pts if p[0] != 0]
-    if pts:
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="profiles (before each exchange)")
-    if final_pass1 is not None and n:
-        if pts:
-            ax1.plot([pts[-1][0], n], [pts[-1][1], final_pass1], linestyle=":", color="tab:green")
-        ax1.plot([n], [final_pass1], marker="*", markersize=14, linestyle="none", color="tab:green",
-                 label=f"final evaluation {final_pass1:.3f}")
-    if pts or final_pass1 is not None:
-        ax1.legend(loc="lower right", fontsize=8)
-    ax1.set_ylabel("mean pass@1")
-    ax1.set_title("mean pass@1 after r rounds", fontsize=10)
-    top = max([p[1] for p in pts] + ([final_pass1] if final_pass1 is not None else []), default=0.0)
-    ax1.set_ylim(0, top * 1.15 or 1.0)  # room above the highest point: the star is never cut
-    cumulative = [0.0] + [float(d["cumulative_reward"]) for d in data]
-    ax2.plot(range(len(cumulative)), cumulative, marker="o", color="tab:orange")
-    ax2.axhline(0.0, color="grey", linewidth=0.8)
-    lo, hi = min(cumulative), max(cumulative)
-    pad = 0.05 * (hi - lo or 1.0)
-    ax2.set_ylim(min(0.0, lo) - pad, max(0.0, hi) + pad)  # 0 always on the axis, with its line
-    ax2.set_ylabel("cumulative raw reward")
-    ax2.set_title("cumulative raw reward (Eq. 3, before z-scoring)", fontsize=10)
-    for ax in (ax1, ax2):
-        _integer_rounds(ax, n)
-        ax.set_xlabel("rounds completed")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title or "run")
-    fig.tight_layout()
-    return fig
-
-
-def plot_rounds(path: Path, rows: Sequence[Any], title: str = "", final_pass1: float | None = None,
-                initial_pass1: float | None = None) -> Path:
-    return _save(rounds_figure(rows, title, final_pass1, initial_pass1), path)
-
-
-def pair_heatmap_figure(counts: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Any:
-    """Teacher × student directive counts; each count in black or white by its cell's
-    luminance; the colour bar has integer ticks (counts are integers)."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    n = max(len(labels), 1)
-    size = min(3 + 0.35 * n, 16)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(counts if labels else [[0]], cmap="viridis", interpolation="nearest", vmin=0)
-    if n <= 24:
-        ax.set_xticks(range(len(labels)), labels=list(labels), rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels=list(labels), fontsize=7)
-        for t, row in enumerate(counts):
-            for s, c in enumerate(row):
-                if c:
-                    ax.text(s, t, str(c), ha="center", va="center", fontsize=8,
-                            color=text_colour(im.cmap(im.norm(c))))
-    ax.set_xlabel("student")
-    ax.set_ylabel("teacher")
-    ax.set_title(title or "pairs per (teacher, student)")
-    bar = fig.colorbar(im, ax=ax, shrink=0.8)
-    bar.locator = MaxNLocator(integer=True)
-    bar.update_ticks()
-    fig.tight_layout()
-    return fig
+# The one-run figures are the CPM's (``knexa-cpm report`` draws the same from its own
+# database); re-exported so a harness reader finds every figure here.
+from cpm.plots import (  # noqa: F401 — re-exported
+    integer_rounds as _integer_rounds,
+    pair_heatmap_figure,
+    plot_pair_heatmap,
+    plot_rounds,
+    pyplot as _pyplot,
+    rounds_figure,
+    save as _save,
+    text_colour,
+)
 
 
 # -- several strategies --------------------------------------------------------------------

@@ -6,9 +6,11 @@ No number in a plot or table is typed in by hand.
 
 Definitions (stable; docs/harness.md quotes them):
 
-* ``mean_pass1`` of a round — mean over agents of pass@1 (profile index 8) in the
-  profile each agent submitted *for that round*, i.e. measured before that round's
-  exchange; the final value is from the last profile seen.
+* ``mean_pass1`` of a round — mean over agents of held-out **test** pass@1 of the
+  weights each agent profiled *for that round*, i.e. measured before that round's
+  exchange, as the daemon logged it in its home (``knexad.evaluations``; the profile the
+  CPM sees carries the validation pass@1 instead); the final value is the final
+  evaluation.
 * ``raw_reward`` of a pair — Eq. 3 before normalisation, γ(L_pre − L_post) − δ·KB, as
   stored by the CPM; ``reward`` is the z-scored value the bandit was updated with.
   ``cumulative_reward`` sums **raw** rewards (z-scores are relative to a run's own
@@ -35,6 +37,14 @@ from typing import Any
 
 import structlog
 
+from cpm.report import (  # noqa: F401 — the CPM's rows and their aggregation, one implementation (cpm.report)
+    PairRecord,
+    RoundRow,
+    build_round_rows,
+    mean_or_none,
+    pair_matrix,
+)
+from cpm.report import finite as _finite
 from p2p.files import atomic_write
 
 log = structlog.get_logger(__name__)
@@ -45,35 +55,6 @@ ROUND_COLUMNS = (
     "round", "pairs", "feedback", "failures", "mean_reward", "mean_raw_reward",
     "cumulative_reward", "mean_pass1", "agents_reporting", "bytes",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class PairRecord:
-    """One directive of one round and, once it arrived, its feedback."""
-
-    round: int
-    teacher: str
-    student: str
-    arm: int = 0
-    directive_id: str = ""
-    ok: bool | None = None  # None: no feedback (yet)
-    raw_reward: float | None = None
-    reward: float | None = None
-    kb: float | None = None
-
-
-@dataclass(slots=True)
-class RoundRow:
-    round: int
-    pairs: int = 0
-    feedback: int = 0
-    failures: int = 0
-    mean_reward: float | None = None
-    mean_raw_reward: float | None = None
-    cumulative_reward: float = 0.0
-    mean_pass1: float | None = None
-    agents_reporting: int = 0
-    bytes: int = 0  # wire bytes students received this round (Feedback kb × 1024)
 
 
 @dataclass(slots=True)
@@ -91,15 +72,6 @@ class AgentFinal:
     local_rounds: int = 0
     pass1_rounds: list[float | None] = field(default_factory=list)  # [r - 1]: profile of round r
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _finite(values: Iterable[float | None]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
-
-
-def mean_or_none(values: Iterable[float | None]) -> float | None:
-    vals = _finite(values)
-    return sum(vals) / len(vals) if vals else None
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
@@ -177,35 +149,6 @@ def aggregate_curves(curves: Sequence[Sequence[float | None]], spread: str = "st
         out["lo"].append(None if mu is None or half is None else mu - half)
         out["hi"].append(None if mu is None or half is None else mu + half)
     return out
-
-
-def build_round_rows(
-    pairs: Sequence[PairRecord], pass1_by_round: Mapping[int, Mapping[str, float]], rounds: Sequence[int]
-) -> list[RoundRow]:
-    """Per-round aggregate rows, in round order, with a running raw-reward sum."""
-    rows: list[RoundRow] = []
-    cumulative = 0.0
-    for rnd in sorted(set(rounds)):
-        mine = [p for p in pairs if p.round == rnd]
-        done = [p for p in mine if p.ok is not None]
-        raw = _finite(p.raw_reward for p in done)
-        cumulative += sum(raw)
-        pass1 = pass1_by_round.get(rnd, {})
-        rows.append(
-            RoundRow(
-                round=rnd,
-                pairs=len(mine),
-                feedback=len(done),
-                failures=sum(1 for p in done if p.ok is False),
-                mean_reward=mean_or_none(p.reward for p in done),
-                mean_raw_reward=mean_or_none(raw),
-                cumulative_reward=cumulative,
-                mean_pass1=mean_or_none(pass1.values()),
-                agents_reporting=len(pass1),
-                bytes=round(sum(_finite(p.kb for p in done)) * 1024),
-            )
-        )
-    return rows
 
 
 def build_agent_finals(
@@ -320,29 +263,19 @@ def write_rounds_csv(path: Path, rows: Sequence[RoundRow | Mapping[str, Any]]) -
     return path
 
 
-def pair_matrix(pairs: Sequence[PairRecord], order: Sequence[str]) -> list[list[int]]:
-    """counts[t][s] = how often agent ``order[t]`` taught agent ``order[s]``."""
-    index = {peer: i for i, peer in enumerate(order)}
-    counts = [[0] * len(order) for _ in order]
-    for p in pairs:
-        if p.teacher in index and p.student in index:
-            counts[index[p.teacher]][index[p.student]] += 1
-    return counts
-
-
 def plot_rounds(path: Path, rows: Sequence[RoundRow | Mapping[str, Any]], title: str = "",
                 final_pass1: float | None = None, initial_pass1: float | None = None) -> Path:
-    """rounds.png (``harness.plots.rounds_figure``)."""
-    from harness.plots import plot_rounds as plot
+    """rounds.png (``cpm.plots.rounds_figure``)."""
+    from cpm.plots import plot_rounds as plot
 
     return plot(path, rows, title, final_pass1, initial_pass1)
 
 
 def plot_pair_heatmap(path: Path, pairs: Sequence[PairRecord], order: Sequence[str], labels: Sequence[str]) -> Path:
     """pairs_heatmap.png: teacher × student directive counts over the whole run."""
-    from harness.plots import _save, pair_heatmap_figure
+    from cpm.plots import plot_pair_heatmap
 
-    return _save(pair_heatmap_figure(pair_matrix(pairs, order), labels), path)
+    return plot_pair_heatmap(path, pair_matrix(pairs, order), labels)
 
 
 def write_run_outputs(out: Path, doc: Mapping[str, Any], pairs: Sequence[PairRecord], labels: Mapping[str, str]) -> dict[str, Path]:

@@ -73,6 +73,14 @@ def end_round(agent: Agent) -> None:
         agent.evaluate()
 
 
+def last_evaluation(agent: Agent) -> dict[str, float] | None:
+    """The agent's latest held-out metrics without a new evaluation (the ML agent's cache,
+    None when its weights changed since); an agent without that accessor is asked to
+    ``evaluate`` (the synthetic world's evaluation is a pure function of its state)."""
+    fn = getattr(agent, "last_evaluation", None)
+    return fn() if fn is not None else agent.evaluate()
+
+
 def local_round(agent: Agent) -> LearnResult | None:
     """Train the agent on its private data for one KD round's steps, if it can (the ML
     agent's ``local_round``); None for agents without it (the synthetic world trains

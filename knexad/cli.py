@@ -57,7 +57,8 @@ def main() -> None:
 
 @main.command()
 @home_option
-@click.option("--cpm", "cpm", required=True, help="CPM multiaddr, including /p2p/<peer-id>.")
+@click.option("--cpm", "cpm", required=True, multiple=True,
+              help="CPM multiaddr, including /p2p/<peer-id>; repeat for each replica of the CPM.")
 @click.option("--model", default="synthetic", show_default=True, help="synthetic | tiny-qwen2 | tiny-gpt2 | tiny-neox | tiny-bloom | PATH")
 @click.option("--data", default="builtin", show_default=True, help="Data spec handed to the agent.")
 @click.option("--org", default="default", show_default=True, help="Organisation name sent to the CPM.")
@@ -68,15 +69,15 @@ def main() -> None:
 @click.option("--budget", type=click.Choice(AGENT_BUDGETS), default="standard", show_default=True,
               help="ML training budget (local / KD steps): fast 100/60, standard 200/150, thorough 400/300.")
 @click.option("--force", is_flag=True, help="Overwrite an existing config.toml (the key is never overwritten).")
-def init(home: Path, cpm: str, model: str, data: str, org: str, listen: tuple[str, ...],
+def init(home: Path, cpm: tuple[str, ...], model: str, data: str, org: str, listen: tuple[str, ...],
          agent_index: int, n_agents: int, seed: int, budget: str, force: bool) -> None:
     """Write config.toml and a fresh identity key (mode 0600) into HOME."""
     if (home / CONFIG_FILE).exists() and not force:
         click.echo(f"config error: {home / CONFIG_FILE} exists (use --force to overwrite)", err=True)
         sys.exit(ExitCode.CONFIG)
-    defaults = DaemonConfig(cpm=cpm)
+    defaults = DaemonConfig(cpm=cpm[0])
     raw = {
-        "cpm": cpm,
+        "cpm": cpm[0] if len(cpm) == 1 else list(cpm),
         "org": org,
         "listen": list(listen) or list(defaults.listen),
         "agent": {"model": model, "data": data, "index": agent_index, "n_agents": n_agents, "seed": seed,
@@ -197,6 +198,12 @@ def status(home: Path, as_json: bool) -> None:
     click.echo(f"cpm       {cfg.cpm} ({'connected' if data['cpm_connected'] else 'not connected'})")
     click.echo(f"round     {data['round']}  role {data['role']}  completed {data['rounds_completed']}")
     click.echo(f"taught    {data['taught']}  learned {data['learned']}  outbox {data['outbox_size']}")
+    relay = (f"reserved ({data['relay_reservations']} reservations)" if data["relay_reserved"]
+             else "no reservation" if cfg.network.relay else "off")
+    click.echo(f"network   reachability {data['reachability']}  relay {relay}")
+    if data["paths"]:
+        paths = " ".join(f"{k}={v}" for k, v in sorted(data["paths"].items()))
+        click.echo(f"paths     {paths} (last {data['last_path']})")
     if data["last_feedback"]:
         fb = data["last_feedback"]
         click.echo(f"feedback  {fb.get('directive')} ok={fb.get('ok')} loss {_num(fb.get('loss_pre'))} → "

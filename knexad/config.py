@@ -17,6 +17,7 @@ Layout of ``<home>/config.toml`` (see docs/knexad.md for the full table)::
     [limits]  max_frame, chunk_bytes, max_package_bytes, rate_limit_per_s, rate_limit_burst
     [timeouts] dial_s, request_s, long_poll_s, exchange_step_s, teach_s, learn_s, give_up_s
     [retry]   base_s, max_s, jitter
+    [network] relay, advertise, holepunch, direct_dial_s, reachability
 
 Environment overrides: ``KNEXA_<KEY>`` for top-level keys (``KNEXA_CPM``) and
 ``KNEXA_<SECTION>_<KEY>`` for section keys (``KNEXA_TIMEOUTS_DIAL_S``); values are parsed
@@ -49,6 +50,7 @@ CHECKPOINT_DIR = "checkpoint"
 
 LOG_FORMATS = ("auto", "console", "json")
 ON_UNAUTHORIZED = ("exit", "retry")
+ADVERTISE = ("all", "direct", "relay-only")
 TINY_MODELS = ("tiny-qwen2", "tiny-gpt2", "tiny-neox", "tiny-bloom")
 # names of knexad.agent.ml_agent.BUDGETS (kept here so validation needs no torch; a unit
 # test checks both lists agree)
@@ -95,8 +97,18 @@ class RetrySection:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkSection:
+    relay: bool = True  # keep a circuit relay v2 reservation on the CPM node and advertise the /p2p-circuit address (docs/networking.md)
+    advertise: str = "all"  # addresses registered with the CPM: all (direct + circuit) | direct | relay-only (testing aid: pretend to be unreachable)
+    holepunch: bool = True  # try DCUtR over a relayed connection before moving the package over the relay
+    direct_dial_s: float = 3.0  # deadline for the direct attempt before the relayed path (the relayed one gets timeouts.dial_s)
+    reachability: bool = True  # ask the CPM to dial back the direct addresses (AutoNAT) at start and after each re-reservation
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonConfig:
     cpm: str
+    cpm_replicas: tuple[str, ...] = ()  # further addresses of the same CPM (its replicas), tried in turn when one fails; config.toml writes them into cpm = [first, …]
     org: str = "default"
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     log_format: str = "auto"
@@ -106,6 +118,12 @@ class DaemonConfig:
     limits: LimitsSection = field(default_factory=LimitsSection)
     timeouts: TimeoutsSection = field(default_factory=TimeoutsSection)
     retry: RetrySection = field(default_factory=RetrySection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+
+    @property
+    def cpm_addrs(self) -> tuple[str, ...]:
+        """Every address of the CPM, the configured order (``cpm`` first)."""
+        return (self.cpm, *self.cpm_replicas)
 
     @property
     def cpm_peer_id(self) -> str:
@@ -115,6 +133,9 @@ class DaemonConfig:
     def to_toml(self) -> str:
         data = asdict(self)
         data["listen"] = list(self.listen)
+        del data["cpm_replicas"]
+        if self.cpm_replicas:  # several replicas: cpm = [first, …]
+            data["cpm"] = list(self.cpm_addrs)
         return tomli_w.dumps(data)
 
 
@@ -123,6 +144,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsSection,
     "timeouts": TimeoutsSection,
     "retry": RetrySection,
+    "network": NetworkSection,
 }
 
 
@@ -204,6 +226,8 @@ def from_mapping(data: Mapping[str, Any]) -> DaemonConfig:
     _check_keys("", data, DaemonConfig)
     if "cpm" not in data:
         raise ConfigError("cpm", "missing (the CPM's multiaddr with /p2p/<peer-id>)")
+    extra = data.get("cpm_replicas", [])  # KNEXA_CPM_REPLICAS may add replicas to a file's cpm
+    cpm_addrs = _cpm_addrs(_as_list("cpm", data["cpm"]) + _as_list("cpm_replicas", extra))
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         raw = data.get(name, {})
@@ -217,7 +241,8 @@ def from_mapping(data: Mapping[str, Any]) -> DaemonConfig:
     if not isinstance(listen, list) or not listen:
         raise ConfigError("listen", "must be a non-empty list of multiaddrs")
     cfg = DaemonConfig(
-        cpm=validate_multiaddr("cpm", data["cpm"], need_peer=True),
+        cpm=cpm_addrs[0],
+        cpm_replicas=cpm_addrs[1:],
         org=_expect_str("org", data.get("org", "default")),
         listen=tuple(validate_multiaddr("listen", a, need_peer=False) for a in listen),
         log_format=_expect_str("log_format", data.get("log_format", "auto"), LOG_FORMATS),
@@ -227,6 +252,30 @@ def from_mapping(data: Mapping[str, Any]) -> DaemonConfig:
     )
     _validate_sections(cfg)
     return cfg
+
+
+def _as_list(key: str, value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigError(key, "must be a multiaddr or a list of multiaddrs")
+    return list(value)
+
+
+def _cpm_addrs(value: Any) -> tuple[str, ...]:
+    """``cpm``: one multiaddr, or a list of the replicas' multiaddrs (docs/operations.md,
+    "High availability"). Replicas share one identity, so every address must name the
+    same ``/p2p/`` peer ID — the key directives are verified with."""
+    items = value
+    if not isinstance(items, list) or not items:
+        raise ConfigError("cpm", "must be a multiaddr or a non-empty list of multiaddrs")
+    addrs = tuple(validate_multiaddr("cpm", a, need_peer=True) for a in items)
+    ids = {a.rsplit("/p2p/", 1)[1].split("/", 1)[0] for a in addrs}
+    if len(ids) > 1:
+        raise ConfigError("cpm", "every address must name the same CPM peer ID (replicas share one identity key)")
+    if len(set(addrs)) != len(addrs):
+        raise ConfigError("cpm", "an address is listed twice")
+    return addrs
 
 
 def _validate_sections(cfg: DaemonConfig) -> None:
@@ -252,6 +301,14 @@ def _validate_sections(cfg: DaemonConfig) -> None:
     _expect_float("retry.base_s", r.base_s, 0.0, 3600.0, lo_open=True)
     _expect_float("retry.max_s", r.max_s, r.base_s, 86_400.0)
     _expect_float("retry.jitter", r.jitter, 0.0, 1.0)
+    n = cfg.network
+    for name in ("relay", "holepunch", "reachability"):
+        if not isinstance(getattr(n, name), bool):
+            raise ConfigError(f"network.{name}", "must be true or false")
+    _expect_str("network.advertise", n.advertise, ADVERTISE)
+    if n.advertise == "relay-only" and not n.relay:
+        raise ConfigError("network.advertise", "relay-only needs network.relay = true")
+    _expect_float("network.direct_dial_s", n.direct_dial_s, 0.0, 600.0, lo_open=True)
 
 
 # --- environment overrides ------------------------------------------------------------

@@ -8,7 +8,10 @@ nonce) on every attempt and removed only after the CPM's ``Ack`` whose ``ref`` i
 attempt's nonce.
 
 Failure policy: the CPM being down is normal (restarts, deploys): every network failure
-is a ``PeerUnavailable`` and the loop reconnects with exponential backoff + jitter.
+is a ``PeerUnavailable`` and the loop reconnects with exponential backoff + jitter. With
+several CPM addresses (``cpm = [...]``: replicas sharing one identity and one database,
+docs/operations.md "High availability") a failure also moves the next request to the
+next address, round-robin, so the backoff retries land on another replica.
 ``Unauthorized`` means an operator has to act: a ``cpm.unauthorized`` line with the exact
 ``knexa-cpm admit`` command, then exit 5 (or keep retrying if ``on_unauthorized=retry``).
 """
@@ -41,6 +44,7 @@ from protocol.errors import (
     MalformedFrame,
     PeerUnavailable,
     ProtocolError,
+    RateLimited,
     Unauthorized,
 )
 from protocol.ids import CPM_PROTOCOL, MAX_FRAME_CPM
@@ -99,20 +103,51 @@ class CpmRpc:
         self.host = host
         self.identity = identity
         self.cfg = cfg
-        self.cpm_info = parse_peer_addr(cfg.cpm, "cpm")
+        self.cpm_infos = [parse_peer_addr(a, "cpm") for a in cfg.cpm_addrs]
+        self.active = 0  # the replica requests go to; moves on when one fails
+        self.failovers = 0
         self.cpm_peer_id = cfg.cpm_peer_id
         self.guard = guard or ReplayGuard()
+
+    @property
+    def cpm_info(self) -> PeerInfo:
+        return self.cpm_infos[self.active]
+
+    def _target(self) -> PeerInfo:
+        """The active replica. With several, the peerstore keeps only its address:
+        they share one peer ID, and py-libp2p dials just one TCP address of a peer (the
+        first it stored), which would pin every dial to the first replica ever used."""
+        info = self.cpm_info
+        if len(self.cpm_infos) > 1:
+            self.host.get_peerstore().clear_addrs(info.peer_id)
+        return info
+
+    def _fail_over(self, exc: PeerUnavailable) -> None:
+        """The active replica did not answer: the next request goes to the next one (the
+        caller's backoff paces it). The outbox re-sends unacknowledged feedback there; the
+        database's one-feedback-per-directive keeps that exactly-once."""
+        if len(self.cpm_infos) < 2 or isinstance(exc, RateLimited):
+            return
+        failed = self.active
+        self.active = (failed + 1) % len(self.cpm_infos)
+        self.failovers += 1
+        log.warning("cpm.failover", failed=self.cfg.cpm_addrs[failed], to=self.cfg.cpm_addrs[self.active],
+                    error=str(exc)[:200])
 
     async def call(self, message: Any, timeout_s: float | None = None) -> Reply:
         """``message`` to the CPM; its verified reply (``protocol.conversation``: which
         types may answer; an ``Error`` is raised typed)."""
         timeout_s = self.cfg.timeouts.request_s if timeout_s is None else timeout_s
         nonce = os.urandom(NONCE_BYTES)
-        raw = await request_reply(
-            self.host, self.cpm_info, CPM_PROTOCOL, seal(message, self.identity, nonce=nonce),
-            max_frame=MAX_FRAME_CPM, dial_s=self.cfg.timeouts.dial_s, timeout_s=timeout_s,
-            what=type(message).__name__,
-        )
+        try:
+            raw = await request_reply(
+                self.host, self._target(), CPM_PROTOCOL, seal(message, self.identity, nonce=nonce),
+                max_frame=MAX_FRAME_CPM, dial_s=self.cfg.timeouts.dial_s, timeout_s=timeout_s,
+                what=type(message).__name__,
+            )
+        except PeerUnavailable as exc:
+            self._fail_over(exc)
+            raise
         env, reply = open_reply(raw, message, expected_sender=self.cpm_peer_id)
         if not isinstance(reply, Directive):
             # directives are forwarded verbatim and may be re-served later; everything
@@ -134,7 +169,11 @@ class CpmRpc:
             raise MalformedFrame("PeerAddrs for another peer")
         addrs = []
         for text in addrs_msg.addrs:
-            base = text.split("/p2p/", 1)[0]
+            # a /p2p-circuit address names the relay and the peer: keep it whole
+            base = text if "/p2p-circuit" in text else text.split("/p2p/", 1)[0]
+            if "/p2p-circuit" in text and not text.endswith(f"/p2p-circuit/p2p/{peer_id}"):
+                log.warning("cpm.lookup.bad_addr", peer=peer_id, addr=text)
+                continue
             try:
                 addrs.append(multiaddr.Multiaddr(base))
             except (ValueError, TypeError, multiaddr.exceptions.Error):
@@ -170,6 +209,7 @@ class CpmClient:
         self.registered = trio.Event()
         self._last_contact = time.monotonic()
         self._profile_cache: tuple[int, tuple[float, ...]] | None = None
+        self._registered_addrs: tuple[str, ...] = ()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -206,13 +246,20 @@ class CpmClient:
         self._last_contact = time.monotonic()
         self.backoff.reset()
 
+    def _advertised(self) -> tuple[str, ...]:
+        """What Register carries: the overlay's choice (``network.advertise``; may be
+        empty, e.g. relay-only before the first reservation), else the listen addrs."""
+        st = self.state.state
+        return tuple(st.advertised if st.advertised is not None else st.addrs)
+
     async def _register(self) -> Registered:
         msg = Register(
             org=self.cfg.org,
             family=self.family,
-            listen_addrs=tuple(self.state.state.addrs),
+            listen_addrs=self._advertised(),
             agent_version=AGENT_VERSION,
         )
+        self._registered_addrs = msg.listen_addrs
         reply = await self.rpc.call(msg)
         reg: Registered = reply.message
         self._contact()
@@ -235,6 +282,9 @@ class CpmClient:
 
     async def _rounds(self, round_: int) -> None:
         while True:
+            if self._advertised() != self._registered_addrs:
+                # the relay reservation came (or went) after Register: tell the CPM
+                await self._register()
             round_ = await self._send_profile(round_)
             round_ = await self._await_directive(round_)
 

@@ -24,9 +24,10 @@ import structlog
 import trio
 
 from knexad.agent_api import Agent
-from knexad.agents import AgentWorker, end_round, local_round, private_texts_of
+from knexad.agents import AgentWorker, end_round, last_evaluation, local_round, private_texts_of
 from knexad.config import CHECKPOINT_DIR, OUTBOX_DIR, STUDIED_DIRECTIVES_FILE, USED_DIRECTIVES_FILE, DaemonConfig
 from knexad.cpm_client import CpmClient, CpmRpc, FeedbackSender
+from knexad.evaluations import append_evaluation
 from knexad.exchange import ExchangeServer, UsedDirectives
 from knexad.outbox import Outbox
 from knexad.student import Student
@@ -159,11 +160,14 @@ class Daemon:
             host.set_stream_handler(EXCHANGE_PROTOCOL, self.server.handle)
             addrs = listening_addrs(host, cfg.listen)
             self.state.update(status="running", addrs=addrs)
+            from knexad.overlay import Overlay
+
+            self.overlay = Overlay(host, cfg, self.state, addrs)
             self.rpc = CpmRpc(host, self.identity, cfg, self.guard)
             self.feedback = FeedbackSender(self.rpc, self.outbox, cfg, self.state)
             self.student = Student(
                 self.home, cfg, self.identity, host, self.rpc, self.worker, self.feedback, self.state,
-                self.studied, self.guard, SHUTDOWN_SAVE_S,
+                self.studied, self.guard, SHUTDOWN_SAVE_S, relay=self.overlay.node,
             )
             self.client = CpmClient(
                 self.rpc, cfg, self.identity, self.state,
@@ -172,6 +176,7 @@ class Daemon:
             )
             async with trio.open_nursery() as services:
                 await services.start(self.feedback.run)
+                await services.start(self.overlay.run)  # before Register: it carries the circuit address
                 await services.start(self.client.run)
                 if cfg.metrics_port:
                     self._start_metrics()
@@ -206,7 +211,14 @@ class Daemon:
             await self._train_if_idle(self._profiled_round)
             await self.worker.call(end_round, self.agent, timeout_s=self.cfg.timeouts.learn_s, what="end_round")
         self._profiled_round = round_
-        return await self.worker.call(self.agent.profile, timeout_s=self.cfg.timeouts.learn_s, what="profile")
+        vector = await self.worker.call(self.agent.profile, timeout_s=self.cfg.timeouts.learn_s, what="profile")
+        # the held-out test metrics of the weights this profile describes stay local
+        # (knexad/evaluations.py): the profile itself carries validation numbers only
+        metrics = await self.worker.call(last_evaluation, self.agent, timeout_s=self.cfg.timeouts.learn_s,
+                                         what="last_evaluation")
+        if metrics:
+            append_evaluation(self.home, round_, metrics)
+        return vector
 
     async def _train_if_idle(self, round_: int) -> None:
         """Equal compute: an agent that did not distill in ``round_`` (a teacher, unpaired,
@@ -261,6 +273,15 @@ class Daemon:
                     wire.add_metric([peer, "in"], stats.bytes_in)
                     wire.add_metric([peer, "out"], stats.bytes_out)
                 yield wire
+                yield GaugeMetricFamily("knexad_relay_reserved", "1 while a relay reservation is held",
+                                        value=int(s.relay_reserved))
+                yield GaugeMetricFamily("knexad_relay_reservations", "successful relay reservations since start",
+                                        value=s.relay_reservations)
+                reach = GaugeMetricFamily("knexad_reachability", "CPM dial-back verdict (1 = current)",
+                                          labels=["state"])
+                for name in ("unknown", "public", "private"):
+                    reach.add_metric([name], int(s.reachability == name))
+                yield reach
 
         registry = CollectorRegistry()
         registry.register(_StateCollector())

@@ -365,9 +365,13 @@ def run_checks(home: Path, env: Mapping[str, str] | None = None) -> list[K.Check
             out.append(K.fail("agent", f"cannot build the configured agent: {exc}",
                               "fix [agent] in config.toml", K.EXIT_CONFIG))
             family, transfer_hash = "other", None
-        listen_addrs = tuple(state.addrs) if running and state else ()
+        # the same addresses the daemon registered (its circuit address included), so the
+        # doctor's Register does not replace them at the CPM
+        listen_addrs = (tuple(state.advertised if state.advertised is not None else state.addrs)
+                        if running and state else ())
         out += trio.run(functools.partial(check_cpm, cfg, seed, family=family, transfer_hash=transfer_hash,
                                           listen_addrs=listen_addrs))
+    out.append(check_network(state, running, cfg))
     out.append(K.check_metrics(cfg.metrics_port, running=running, marker="knexad_round",
                                flag="metrics_port in config.toml or KNEXA_METRICS_PORT"))
     out.append(check_outbox(home, running))
@@ -377,6 +381,27 @@ def run_checks(home: Path, env: Mapping[str, str] | None = None) -> list[K.Check
     out.append(K.check_disk(home, warn_below=(2 if ml else 0.5) * K.GIB, fail_below=100 * K.MIB,
                             purpose="checkpoints, outbox"))
     return out
+
+
+def check_network(state: Any, running: bool, cfg: DaemonConfig) -> K.Check:
+    """Reachability as the CPM's dial-back saw the running daemon, and its relay
+    reservation (docs/networking.md). Private with a reservation works — peers reach it
+    over the CPM's relay or a hole punch; private without one is unreachable."""
+    if not running or state is None:
+        return K.skip("network", "reachability is measured by the running daemon")
+    relay = ("relay reservation held" if state.relay_reserved
+             else "no relay reservation" if cfg.network.relay else "relay off (network.relay = false)")
+    paths = ", ".join(f"{k} {v}" for k, v in sorted(state.paths.items())) or "no exchange yet"
+    detail = f"reachability {state.reachability}; {relay}; paths: {paths}"
+    if state.reachability == "public":
+        return K.ok("network", detail)
+    if state.reachability == "private" and state.relay_reserved:
+        return K.ok("network", detail + " (peers reach this daemon through the CPM's relay or a hole punch)")
+    if state.reachability == "private":
+        return K.warn("network", detail + ": students cannot reach this daemon",
+                      "open the listen port to the peers, or set network.relay = true (the CPM relays by default)")
+    return K.warn("network", detail + ": the CPM has not answered a dial-back yet",
+                  "wait for the first registration; a CPM with relay = false serves no dial-back")
 
 
 def check_outbox(home: Path, running: bool) -> K.Check:

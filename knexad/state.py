@@ -46,6 +46,14 @@ class DaemonState:
     local_rounds: int = 0  # rounds trained on private data only (no distillation that round)
     steps_trained: int = 0  # optimizer steps of KD and local rounds together (equal compute)
     last_error: str = ""
+    # overlay (docs/networking.md): what the CPM was told, the relay reservation, how the
+    # CPM's dial-back saw us, and the path each exchange took
+    advertised: list[str] | None = None  # None: no overlay service, Register carries ``addrs``
+    reachability: str = "unknown"  # unknown | public | private
+    relay_reserved: bool = False
+    relay_reservations: int = 0
+    paths: dict[str, int] = field(default_factory=dict)  # direct | holepunch | relay → exchanges
+    last_path: str = ""
     updated_ms: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -83,6 +91,10 @@ class StateFile:
         stats.bytes_out += bytes_out
         stats.exchanges += 1
         stats.last_seen_ms = int(time.time() * 1000)
+
+    def count_path(self, path: str) -> None:
+        self.state.paths[path] = self.state.paths.get(path, 0) + 1
+        self.state.last_path = path
 
     def update(self, **changes: Any) -> None:
         for key, value in changes.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from knexad.config import CHECKPOINT_DIR, DaemonConfig
 from knexad.cpm_client import CpmRpc, FeedbackSender
 from knexad.exchange import UsedDirectives
 from knexad.state import StateFile
-from p2p.rpc import open_stream
-from p2p.streams import PIPELINE_DEPTH, FramedStream, pipeline, stream_failures
+from p2p.relay import PATH_DIRECT, PATH_RELAY, RelayNode, open_stream_via
+from p2p.streams import NET_ERRORS, PIPELINE_DEPTH, FramedStream, pipeline, stream_failures
 from protocol.conversation import replies_to
 from protocol.e2e import E2EBox
 from protocol.envelope import Envelope, Identity, now_ms, open_envelope, seal
@@ -68,11 +68,14 @@ class Student:
         studied: UsedDirectives,
         guard: ReplayGuard,
         save_timeout_s: float,
+        *,
+        relay: RelayNode | None = None,
     ) -> None:
         self.home, self.cfg, self.identity, self.host = Path(home), cfg, identity, host
         self.rpc, self.worker, self.feedback, self.state = rpc, worker, feedback, state
         self.studied, self.guard, self.save_timeout_s = studied, guard, save_timeout_s
         self.learned_round: int | None = None  # the last round this agent distilled in
+        self.relay = relay
 
     async def learn_from(self, raw: bytes, d: Directive) -> bool:
         """Fetch and learn; returns False when ``d`` was already acted on (nothing done).
@@ -89,13 +92,16 @@ class Student:
         failure = ""
         try:
             teacher = await self.rpc.lookup(d.teacher)
-            result = await fetch_package(self.host, self.identity, self.cfg, teacher, raw, d, guard=self.guard)
+            result = await fetch_package(self.host, self.identity, self.cfg, teacher, raw, d, guard=self.guard,
+                                         relay=self.relay)
             self.state.count_bytes(d.teacher, bytes_in=result.wire_bytes_in, bytes_out=result.wire_bytes_out)
+            self.state.count_path(result.path)
             kb = result.wire_bytes_in / 1024.0
             log.info(
                 "exchange.package.received",
                 peer=d.teacher, directive=d.directive_id, round=d.round, bytes=result.plaintext_bytes,
                 items=len(result.package.items), dropped=result.dropped, duration_ms=result.duration_ms,
+                path=result.path, wire_bytes=result.wire_bytes_in + result.wire_bytes_out,
             )
             arm = ProtocolArm(d.alpha, d.temperature, d.n_samples)
             learned = await self.worker.call(
@@ -134,6 +140,7 @@ class FetchResult:
     plaintext_bytes: int
     dropped: int
     duration_ms: int
+    path: str = PATH_DIRECT  # direct | holepunch | relay (p2p.relay)
 
 
 async def fetch_package(
@@ -145,20 +152,35 @@ async def fetch_package(
     directive: Directive,
     *,
     guard: ReplayGuard | None = None,
+    relay: RelayNode | None = None,
 ) -> FetchResult:
-    """Student side of one exchange. Raises a typed ``KnexaError`` on any failure."""
+    """Student side of one exchange. Raises a typed ``KnexaError`` on any failure.
+
+    With ``relay``, the teacher's ``/p2p-circuit`` addresses are a fallback: direct
+    first (``network.direct_dial_s``), then the relayed connection and DCUtR
+    (docs/networking.md). A relayed connection is closed after the exchange: the relay
+    caps a circuit's bytes and lifetime, and the next exchange should try direct again."""
     guard = guard or ReplayGuard()
     teacher_id = teacher.peer_id.to_base58()
     if teacher_id != directive.teacher:
         raise MalformedFrame("dialled peer is not the directive's teacher")
     start = time.perf_counter()
-    stream = await open_stream(host, teacher, EXCHANGE_PROTOCOL, cfg.timeouts.dial_s)
+    stream, path = await open_stream_via(host, relay, teacher, EXCHANGE_PROTOCOL,
+                                         direct_s=cfg.network.direct_dial_s, dial_s=cfg.timeouts.dial_s)
     framed = FramedStream(stream, cfg.limits.max_frame)
-    async with stream_failures(framed, too_slow=f"teacher {teacher_id} too slow (step > {cfg.timeouts.exchange_step_s} s)",
-                               broke=f"exchange with {teacher_id} broke"):
-        result = await _receive(framed, identity, cfg, directive_raw, directive, teacher_id, guard, start)
-    await framed.close()
-    return result
+    try:
+        async with stream_failures(framed, too_slow=f"teacher {teacher_id} too slow (step > {cfg.timeouts.exchange_step_s} s)",
+                                   broke=f"exchange with {teacher_id} broke"):
+            result = await _receive(framed, identity, cfg, directive_raw, directive, teacher_id, guard, start)
+        await framed.close()
+    finally:
+        if path == PATH_RELAY:
+            with trio.move_on_after(2):
+                try:
+                    await host.disconnect(teacher.peer_id)
+                except NET_ERRORS:
+                    pass
+    return replace(result, path=path)
 
 
 async def _read_frame(framed: FramedStream, peer: str) -> bytes | None:

@@ -10,6 +10,8 @@ Layout (docs/protocol.md §Profile)::
 
     0..7    family one-hot, in FAMILIES order
     8..13   perf: pass@1, pass@1_own, pass@1_other, task_score, ppl_norm, kd_gain
+            (measured on the agent's own validation split, never on the shared test set:
+            the CPM selects partners from these numbers)
     14..19  round-over-round deltas of 8..13, each in [−1, 1] (0 on round 0)
     20..31  category histogram of the private train split (sums to 1)
 """

@@ -65,7 +65,7 @@ DESCRIPTIONS: dict[str, str] = {
     "cpm.request_timeout_s": "Deadline for reading one request frame and for writing one response.",
     "cpm.store": "Where the CPM keeps its state. Empty: `<home>/cpm.db` (SQLite, WAL). `sqlite:PATH` (relative to the home) or a PostgreSQL URL `postgresql://user@host:5432/db` (needs the `postgres` extra; the database must exist; no password here — use `~/.pgpass`). `init --store` sets it, `serve --store` overrides; docs/cpm.md \"Store backends\".",
     # knexad
-    "knexad.cpm": "The CPM's multiaddr **including** `/p2p/<cpm-peer-id>`: that ID is the key every directive must be signed with. Required.",
+    "knexad.cpm": "The CPM's multiaddr **including** `/p2p/<cpm-peer-id>`: that ID is the key every directive must be signed with. Required. A list (`cpm = [\"…\", \"…\"]`, `init --cpm` repeated) names the replicas of one CPM (same peer ID): a request that gets no answer moves to the next (docs/operations.md, \"High availability\").",
     "knexad.org": "Organisation label sent in `Register` (shown by `knexa-cpm agents`).",
     "knexad.listen": "Listen multiaddrs (no `/p2p/`). They are registered at the CPM and given to the students that dial this daemon as teacher, so they must be reachable from the other members (not 127.0.0.1 across hosts).",
     "knexad.log_format": "`auto` (JSON unless stderr is a TTY), `console` or `json`. `run --log-format` overrides.",

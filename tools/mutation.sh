@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing with mutmut 3 (pin: mutmut==3.8.1), one module at a time.
+# Mutation testing with mutmut 3 (pin: mutmut==3.8.1, `pip install -e ".[mutation]"`), one module at a time.
 #
 #   bash tools/mutation.sh MODULE                  # fresh run, then the summary
 #   bash tools/mutation.sh MODULE survivors        # list the surviving mutants of the last run
@@ -33,6 +33,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 PYTHON=${PYTHON:-$root/.venv/bin/python}
+"$PYTHON" -c "import mutmut" 2>/dev/null || {
+  echo "mutmut is not installed in $PYTHON's environment: .venv/bin/pip install -e '.[mutation]'" >&2; exit 2; }
 module=${1:?usage: bash tools/mutation.sh MODULE [survivors|show M|check M|summary]}
 action=${2:-run}
 

@@ -19,7 +19,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -256,8 +256,16 @@ class MLAgent:
             return LearnResult(result.loss_pre, result.loss_post, 0, result.seconds, len(result.step_losses))
 
     def evaluate(self) -> dict[str, float]:
-        """pass@1 (greedy, sandboxed) overall / own categories / other categories, plus
-        validation loss, token accuracy and normalised perplexity.
+        """pass@1 (greedy, sandboxed) on the shared held-out **test** set — overall, own
+        categories, other categories: what the benchmark reports — and on the agent's
+        own **validation** split, plus validation loss, token accuracy and normalised
+        perplexity.
+
+        The profile (and the per-category scores a teacher attaches to its items) carries
+        only the validation numbers: the CPM picks partners from profiles, so a profile
+        built on the test set would let matching select on the very data the federation
+        is scored on. The test numbers stay on this machine (``last_evaluation``; the
+        daemon logs them per round for the harness).
 
         When the weights have not changed since the last evaluation (a teacher's round:
         teaching does not train), the previous metrics are returned without generating
@@ -274,38 +282,50 @@ class MLAgent:
                          pass_at_1=round(self._eval_cache["pass@1"], 4))
                 return dict(self._eval_cache)
             t0 = time.perf_counter()
-            test = self.split.test
-            outs = self._generate([t.prompt for t in test])
-            ok = check_programs([t.prompt + c + "\n" + t.test for t, c in zip(test, outs, strict=True)])
+            test, val = self.split.test, self.split.val
+            tasks_run = list(test) + list(val)
+            outs = self._generate([t.prompt for t in tasks_run])
+            ok_all = check_programs([t.prompt + c + "\n" + t.test for t, c in zip(tasks_run, outs, strict=True)])
+            ok_test, ok_val = ok_all[:len(test)], ok_all[len(test):]
             own = set(self.own_categories)
 
-            def rate(sel: list[bool]) -> float:
-                chosen = [o for o, s in zip(ok, sel, strict=True) if s]
+            def rate(split: Sequence[tasks.Task], ok: Sequence[bool], keep: Callable[[int], bool] | None = None) -> float:
+                chosen = [o for o, t in zip(ok, split, strict=True) if keep is None or keep(t.category)]
                 return sum(chosen) / len(chosen) if chosen else 0.0
 
-            per_cat = [rate([t.category == c for t in test]) for c in range(tasks.N_CATEGORIES)]
             val_loss = distill.mean_loss(lm.model, self._val_ex, lm.pad_id, lm.device)
             metrics = {
-                "pass@1": sum(ok) / len(ok) if ok else 0.0,
-                "pass@1_own": rate([t.category in own for t in test]),
-                "pass@1_other": rate([t.category not in own for t in test]),
+                "pass@1": rate(test, ok_test),
+                "pass@1_own": rate(test, ok_test, lambda c: c in own),
+                "pass@1_other": rate(test, ok_test, lambda c: c not in own),
+                "val_pass@1": rate(val, ok_val),
+                "val_pass@1_own": rate(val, ok_val, lambda c: c in own),
+                "val_pass@1_other": rate(val, ok_val, lambda c: c not in own),
                 "task_score": distill.token_accuracy(lm.model, self._val_ex, lm.pad_id, lm.device),
                 "val_loss": val_loss,
                 "ppl_norm": profile.normalized_perplexity(val_loss, len(lm.tokenizer)),
                 "n_test": float(len(test)),
-                **{f"pass@1_cat{c}": v for c, v in enumerate(per_cat)},
+                "n_val": float(len(val)),
+                **{f"pass@1_cat{c}": rate(test, ok_test, lambda k, c=c: k == c) for c in range(tasks.N_CATEGORIES)},
             }
-            perf = [metrics["pass@1"], metrics["pass@1_own"], metrics["pass@1_other"],
+            perf = [metrics["val_pass@1"], metrics["val_pass@1_own"], metrics["val_pass@1_other"],
                     metrics["task_score"], metrics["ppl_norm"], self._state.kd_gain]
             self._state.prev_metrics = self._state.metrics
             self._state.metrics = perf
-            self._state.per_category = per_cat
+            self._state.per_category = [rate(val, ok_val, lambda k, c=c: k == c) for c in range(tasks.N_CATEGORIES)]
             self._eval_cache = dict(metrics)
             log.info("agent.evaluate.done", agent=self.agent_index, family=self.family,
                      **{k.replace("@", "_at_"): round(v, 4) for k, v in metrics.items()
                         if "_cat" not in k},
                      duration_ms=int((time.perf_counter() - t0) * 1000))
             return metrics
+
+    def last_evaluation(self) -> dict[str, float] | None:
+        """The metrics of the latest evaluation of exactly these weights, without running
+        one (and without moving the profile's previous metrics as ``evaluate`` does); None
+        when the weights changed since or nothing was evaluated yet."""
+        with self._lock:
+            return None if self._eval_cache is None else dict(self._eval_cache)
 
     def save(self, directory: Path) -> None:
         with self._lock:

@@ -122,3 +122,57 @@ def test_resume_refuses_cells_of_another_setting(tmp_path) -> None:
     with pytest.raises(F.UsageError, match="another setting"):
         F.check_resumable(other)
     assert F.main(["--quick", "--out", str(tmp_path), "--rounds", "3"]) == F.EXIT_USAGE
+
+
+def _feedback_cell(seed: int, rows: list[tuple[int, str, float | None, bool]]) -> dict:
+    """A cell whose student B learned in the listed rounds: (round, student, raw reward, ok);
+    B's pass@1 per round profile is 0.1, 0.3, 0.2 and 0.6 after the last round."""
+    doc = _doc(0.1, 0.3, 0.6)
+    doc["rounds_completed"] = 3
+    doc["agents"][1]["pass1_rounds"] = [0.1, 0.3, 0.2]
+    doc["agents"][1]["pass1_final"] = 0.6
+    doc["pairs"] = [{"round": r, "teacher": "A", "student": s, "raw_reward": w, "ok": ok, "kb": 1.0}
+                    for r, s, w, ok in rows]
+    return FR.cell_record("linucb", seed, FP, "ok", 0, "", doc)
+
+
+def test_reward_gain_points_pair_each_feedback_with_its_round_change() -> None:
+    cell = _feedback_cell(0, [(1, "B", 0.5, True), (2, "B", -0.2, True), (3, "B", 0.9, True),
+                              (1, "B", 7.0, False), (2, "A", 3.0, True), (2, "B", None, True)])
+    # round 1: 0.3 − 0.1; round 2: 0.2 − 0.3; round 3 (the last): final 0.6 − 0.2; failures,
+    # missing rewards and a student without a series (A's is [0.1, 0.3]: round 2 → final) are handled
+    pts = FR.reward_gain_points(cell)
+    assert [(w, round(g, 6)) for w, g in pts] == [(0.5, 0.2), (-0.2, -0.1), (0.9, 0.4), (3.0, 0.3)]
+
+
+def test_reward_gain_correlation_pools_seeds_and_ranks_with_ties() -> None:
+    cells = [_feedback_cell(0, [(1, "B", 0.5, True), (2, "B", -0.2, True)]),
+             _feedback_cell(1, [(3, "B", 0.9, True)])]
+    corr = FR.reward_gain_correlation(cells, "linucb")
+    assert corr["n"] == 3 and corr["spearman"] == pytest.approx(1.0)
+    x, y = [0.5, -0.2, 0.9], [0.2, -0.1, 0.4]
+    mx, my = sum(x) / 3, sum(y) / 3
+    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(
+        sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+    assert corr["pearson"] == pytest.approx(r) and corr["mean_gain"] == pytest.approx(sum(y) / 3)
+    anti = [_feedback_cell(0, [(1, "B", -1.0, True), (2, "B", 1.0, True), (3, "B", -2.0, True)])]
+    assert FR.reward_gain_correlation(anti, "linucb")["spearman"] == pytest.approx(-1.0)
+    half = [_feedback_cell(0, [(1, "B", -1.0, True), (2, "B", 1.0, True), (3, "B", 2.0, True)])]
+    assert FR.reward_gain_correlation(half, "linucb")["spearman"] == pytest.approx(0.5)
+    assert FR._ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert FR.reward_gain_correlation(cells[:1], "linucb")["pearson"] is None  # two points: no correlation
+    row = next(r for r in FR.table_rows(cells, ["linucb"]) if r["strategy"] == "linucb")
+    assert row["reward_gain"]["n"] == 3
+
+
+def test_read_cell_takes_pairs_from_the_runs_results_when_the_record_lacks_them(tmp_path) -> None:
+    cell = _feedback_cell(0, [(1, "B", 0.5, True)])
+    del cell["pair_rows"]
+    assert cell["pairs"] == 2  # the count of pairs stays what it was
+    (tmp_path / F.CELL_FILE).write_text(json.dumps(cell))
+    (tmp_path / "results.json").write_text(json.dumps({"pairs": [
+        {"round": 1, "teacher": "A", "student": "B", "raw_reward": 0.5, "ok": True, "kb": 1.0, "reward": 0.1}]}))
+    got = F.read_cell(tmp_path)
+    assert got["pair_rows"] == [{"round": 1, "teacher": "A", "student": "B", "arm": None, "ok": True,
+                             "raw_reward": 0.5, "kb": 1.0}]
+    assert FR.reward_gain_points(got) == [(0.5, pytest.approx(0.2))]

@@ -114,30 +114,51 @@ def test_learn_filters_foreign_and_broken_items(quick_cache) -> None:
 
 
 def test_evaluate_uses_sandbox_programs_and_profile_reflects_it(quick_cache, monkeypatch) -> None:
+    """Test and validation programs run in one sandbox call; the reported pass@1 is the
+    test set's, the profile's perf block the validation split's — the CPM never sees a
+    number measured on the test set (nor does a student, in the items' scores)."""
     from knexad.agent import evaluate
 
     seen: list[list[str]] = []
+    n_test = len(_agent(0).split.test)
 
     def fake_check(programs, timeout_s=5.0, memory_mb=512):
         seen.append(list(programs))
-        return [i % 2 == 0 for i in range(len(programs))]
+        # test programs: every other one passes; validation programs: all fail
+        return [i < n_test and i % 2 == 0 for i in range(len(programs))]
 
     monkeypatch.setattr(evaluate, "check_programs", fake_check)
     agent = _agent(0)
     metrics = agent.evaluate()
-    test = agent.split.test
-    assert len(seen[0]) == len(test) == 12
-    assert all(p.startswith(t.prompt) and p.endswith(t.test) for p, t in zip(seen[0], test))
-    assert metrics["pass@1"] == pytest.approx(0.5)
+    test, val = agent.split.test, agent.split.val
+    assert len(seen) == 1 and len(seen[0]) == len(test) + len(val) and len(test) == 12 and len(val) > 0
+    assert all(p.startswith(t.prompt) and p.endswith(t.test) for p, t in zip(seen[0], list(test) + list(val)))
+    assert metrics["pass@1"] == pytest.approx(0.5) and metrics["val_pass@1"] == 0.0
     own = {0, 1}
     exp_own = sum(i % 2 == 0 for i, t in enumerate(test) if t.category in own) / 2
     assert metrics["pass@1_own"] == pytest.approx(exp_own)
-    for key in ("pass@1_other", "task_score", "ppl_norm"):
+    for key in ("pass@1_other", "task_score", "ppl_norm", "val_pass@1_own", "val_pass@1_other"):
         assert 0.0 <= metrics[key] <= 1.0
     vec = agent.profile()
     assert len(vec) == 32 and vec[0] == 1.0 and sum(vec[:8]) == 1.0
-    assert vec[8] == pytest.approx(0.5)
+    assert vec[profile.INDEX_MAP["perf.pass@1"]] == 0.0  # validation, not the test set's 0.5
+    assert vec[profile.INDEX_MAP["perf.pass@1_own"]] == 0.0 == vec[profile.INDEX_MAP["perf.pass@1_other"]]
     assert vec[20] == pytest.approx(0.5) and vec[21] == pytest.approx(0.5)
+    assert agent.last_evaluation() == metrics
+    request = TeachRequest("d", 0, (0, 1, 2), ProtocolArm(), "tiny-gpt2")
+    assert all(item.score == 0.0 for item in agent.teach(request).items)  # validation per-category scores
+
+
+def test_val_pass1_counts_only_validation_programs(quick_cache, monkeypatch) -> None:
+    from knexad.agent import evaluate
+
+    n_test = len(_agent(0).split.test)
+    monkeypatch.setattr(evaluate, "check_programs",
+                        lambda programs, timeout_s=5.0, memory_mb=512: [i >= n_test for i in range(len(programs))])
+    agent = _agent(0)
+    metrics = agent.evaluate()
+    assert metrics["pass@1"] == 0.0 and metrics["val_pass@1"] == 1.0
+    assert agent.profile()[profile.INDEX_MAP["perf.pass@1"]] == 1.0
 
 
 def test_evaluate_reruns_only_after_the_weights_changed(quick_cache, monkeypatch, tmp_path) -> None:

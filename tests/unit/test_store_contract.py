@@ -526,7 +526,8 @@ def test_the_round_engine_runs_a_round_group_committed(store: Store, other: Stor
 
 # backend module → what it may import that nobody outside the backends may
 BACKEND_MODULES = {"cpm/store_sqlite.py", "cpm/batchdb.py", "cpm/schema.py",
-                   "cpm/store_postgres.py", "cpm/pgdb.py", "cpm/schema_postgres.py"}
+                   "cpm/store_postgres.py", "cpm/pgdb.py", "cpm/schema_postgres.py",
+                   "cpm/lease.py"}  # the PostgreSQL backend's replica lease
 PRIVATE = ("sqlite3", "psycopg", "cpm.store_sqlite", "cpm.batchdb", "cpm.schema", "cpm.store_postgres", "cpm.pgdb",
            "cpm.schema_postgres")
 

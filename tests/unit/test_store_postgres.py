@@ -159,17 +159,18 @@ def test_concurrent_first_opens_migrate_once(pg_url: str) -> None:
 
 def test_a_later_migration_runs_once_and_a_newer_schema_is_refused(pg_server: PgTestServer, node: PostgresStore,
                                                                    pg_url: str) -> None:
-    v2 = schema_postgres.Migration(2, "test: a column", ("ALTER TABLE agents ADD COLUMN note TEXT",))
+    later = schema_postgres.SCHEMA_VERSION + 1
+    v2 = schema_postgres.Migration(later, "test: a column", ("ALTER TABLE agents ADD COLUMN note TEXT",))
     steps = (*schema_postgres.MIGRATIONS, v2)
-    for _ in range(2):  # the second run finds version 2 and applies nothing (ADD COLUMN twice would fail)
+    for _ in range(2):  # the second run finds the later version and applies nothing (ADD COLUMN twice would fail)
         with node.transaction():
-            assert schema_postgres.migrate(node.db.execute, steps) == 2
-    assert node.schema_version() == 2
-    with pytest.raises(StoreError, match="schema version 2 is not supported"):
-        PostgresStore(pg_url)  # this build knows version 1 only
+            assert schema_postgres.migrate(node.db.execute, steps) == later
+    assert node.schema_version() == later
+    with pytest.raises(StoreError, match=f"schema version {later} is not supported"):
+        PostgresStore(pg_url)  # this build knows the versions up to SCHEMA_VERSION only
     ro = open_store(pg_url, readonly=True)  # the doctor still reads it, to say so
     try:
-        assert ro.health().schema_version == 2
+        assert ro.health().schema_version == later
     finally:
         ro.close()
 
