@@ -21,6 +21,7 @@ from cpm.store import BACKENDS, has_password, scheme_of
 from cpm.strategies import NODE_STRATEGIES, make_strategy
 from p2p import keyfile
 from p2p.files import atomic_write
+from p2p.settings import expect_bool, expect_float, expect_int, expect_str, expect_str_list
 from protocol.envelope import Identity
 from protocol.errors import BadSignature, ConfigError
 from protocol.profile import DEFAULT_ARMS, DEFAULT_TRANSFER_SIZE, ProtocolArm, synthetic_transfer_hash
@@ -90,24 +91,6 @@ _INT_KEYS = ("seed", "k_pairs", "min_agents", "max_rounds", "transfer_size", "me
              "relay_max_reservations", "relay_reservation_ttl_s", "relay_circuit_bytes", "relay_circuit_duration_s")
 
 
-def _int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"must be an integer, got {value!r}")
-    return value
-
-
-def _float(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    return float(value)
-
-
-def _str_list(key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(key, "must be a list of strings")
-    return list(value)
-
-
 def validate_peer_id(peer_id: str, key: str = "peer_id") -> str:
     """A peer ID must be an inlined Ed25519 key (the only kind that can sign envelopes)."""
     try:
@@ -129,10 +112,10 @@ def _arms(value: Any, transfer_size: int) -> list[ProtocolArm]:
         if extra:
             raise ConfigError(key, f"unknown keys {sorted(extra)}")
         arm = ProtocolArm(
-            alpha=_float(f"{key}.alpha", raw["alpha"]),
-            temperature=_float(f"{key}.temperature", raw["temperature"]),
-            n_samples=_int(f"{key}.n_samples", raw["n_samples"]),
-            items=_int(f"{key}.items", raw.get("items", 0)),
+            alpha=expect_float(f"{key}.alpha", raw["alpha"]),
+            temperature=expect_float(f"{key}.temperature", raw["temperature"]),
+            n_samples=expect_int(f"{key}.n_samples", raw["n_samples"]),
+            items=expect_int(f"{key}.items", raw.get("items", 0)),
         )
         if not 0.0 <= arm.alpha <= 1.0:
             raise ConfigError(f"{key}.alpha", "must be in [0, 1]")
@@ -155,27 +138,20 @@ def config_from_dict(data: dict[str, Any]) -> CpmConfig:
         raise ConfigError(sorted(unknown)[0], "unknown configuration key")
     for key in _INT_KEYS:
         if key in data:
-            setattr(cfg, key, _int(key, data[key]))
+            setattr(cfg, key, expect_int(key, data[key]))
     for key in _FLOAT_KEYS:
         if key in data:
-            setattr(cfg, key, _float(key, data[key]))
+            setattr(cfg, key, expect_float(key, data[key]))
     if "listen" in data:
-        cfg.listen = _str_list("listen", data["listen"])
+        cfg.listen = expect_str_list("listen", data["listen"])
     if "admins" in data:
-        cfg.admins = _str_list("admins", data["admins"])
+        cfg.admins = expect_str_list("admins", data["admins"])
     for key in ("strategy", "transfer_hash", "log_format", "store"):
         if key in data:
-            if not isinstance(data[key], str):
-                raise ConfigError(key, "must be a string")
-            setattr(cfg, key, data[key])
-    if "relay" in data:
-        if not isinstance(data["relay"], bool):
-            raise ConfigError("relay", "must be true or false")
-        cfg.relay = data["relay"]
-    if "open_admission" in data:
-        if not isinstance(data["open_admission"], bool):
-            raise ConfigError("open_admission", "must be true or false")
-        cfg.open_admission = data["open_admission"]
+            setattr(cfg, key, expect_str(key, data[key], allow_empty=True))
+    for key in ("relay", "open_admission"):
+        if key in data:
+            setattr(cfg, key, expect_bool(key, data[key]))
     if "arms" in data:
         cfg.arms = _arms(data["arms"], cfg.transfer_size)
     if "strategy_params" in data:

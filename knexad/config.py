@@ -26,7 +26,6 @@ as TOML scalars when possible (``KNEXA_AGENT_INDEX=3``) and as strings otherwise
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from typing import Any
 import tomli_w
 
 from p2p.files import atomic_write
+from p2p.settings import expect_bool, expect_float, expect_int, expect_str
 from protocol.errors import ConfigError
 from protocol.ids import CHUNK_BYTES, MAX_FRAME_EXCHANGE
 
@@ -151,37 +151,11 @@ _SECTIONS: dict[str, type] = {
 # --- validation ------------------------------------------------------------------------
 
 
-def _expect_int(key: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        raise ConfigError(key, f"must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
-    return value
-
-
-def _expect_float(key: str, value: Any, lo: float, hi: float | None = None, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-        bound = f"({lo}" if lo_open else f"[{lo}"
-        raise ConfigError(key, f"must be in {bound}, {hi if hi is not None else '∞'}], got {value}")
-    return value
-
-
-def _expect_str(key: str, value: Any, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(key, f"must be a non-empty string, got {value!r}")
-    if choices is not None and value not in choices:
-        raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
 def validate_multiaddr(key: str, text: Any, *, need_peer: bool) -> str:
     """Parse with the multiaddr library (no libp2p import: keeps `knexad status` fast)."""
     import multiaddr  # local: only config validation needs it
 
-    text = _expect_str(key, text)
+    text = expect_str(key, text)
     try:
         addr = multiaddr.Multiaddr(text)
     except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
@@ -203,7 +177,7 @@ def validate_multiaddr(key: str, text: Any, *, need_peer: bool) -> str:
 
 
 def validate_model(value: Any) -> str:
-    model = _expect_str("agent.model", value)
+    model = expect_str("agent.model", value)
     if model == "synthetic" or model in TINY_MODELS:
         return model
     if model.startswith("tiny-"):
@@ -243,11 +217,11 @@ def from_mapping(data: Mapping[str, Any]) -> DaemonConfig:
     cfg = DaemonConfig(
         cpm=cpm_addrs[0],
         cpm_replicas=cpm_addrs[1:],
-        org=_expect_str("org", data.get("org", "default")),
+        org=expect_str("org", data.get("org", "default")),
         listen=tuple(validate_multiaddr("listen", a, need_peer=False) for a in listen),
-        log_format=_expect_str("log_format", data.get("log_format", "auto"), LOG_FORMATS),
-        metrics_port=_expect_int("metrics_port", data.get("metrics_port", 0), 0, 65535),
-        on_unauthorized=_expect_str("on_unauthorized", data.get("on_unauthorized", "exit"), ON_UNAUTHORIZED),
+        log_format=expect_str("log_format", data.get("log_format", "auto"), LOG_FORMATS),
+        metrics_port=expect_int("metrics_port", data.get("metrics_port", 0), 0, 65535),
+        on_unauthorized=expect_str("on_unauthorized", data.get("on_unauthorized", "exit"), ON_UNAUTHORIZED),
         **sections,
     )
     _validate_sections(cfg)
@@ -281,34 +255,32 @@ def _cpm_addrs(value: Any) -> tuple[str, ...]:
 def _validate_sections(cfg: DaemonConfig) -> None:
     a, lim, t, r = cfg.agent, cfg.limits, cfg.timeouts, cfg.retry
     validate_model(a.model)
-    _expect_str("agent.data", a.data)
-    _expect_int("agent.n_agents", a.n_agents, 1)
-    _expect_int("agent.index", a.index, 0, a.n_agents - 1)
-    _expect_int("agent.seed", a.seed, 0)
-    _expect_str("agent.budget", a.budget, AGENT_BUDGETS)
-    if not isinstance(a.local_when_idle, bool):
-        raise ConfigError("agent.local_when_idle", "must be true or false")
-    _expect_int("limits.max_frame", lim.max_frame, 64 * 1024, MAX_FRAME_EXCHANGE)
+    expect_str("agent.data", a.data)
+    expect_int("agent.n_agents", a.n_agents, 1)
+    expect_int("agent.index", a.index, 0, a.n_agents - 1)
+    expect_int("agent.seed", a.seed, 0)
+    expect_str("agent.budget", a.budget, AGENT_BUDGETS)
+    expect_bool("agent.local_when_idle", a.local_when_idle)
+    expect_int("limits.max_frame", lim.max_frame, 64 * 1024, MAX_FRAME_EXCHANGE)
     # a sealed chunk = plaintext + msgpack wrapper + 40 B box + envelope: keep headroom
-    _expect_int("limits.chunk_bytes", lim.chunk_bytes, 1024, lim.max_frame - 4096)
-    _expect_int("limits.max_package_bytes", lim.max_package_bytes, lim.chunk_bytes)
-    _expect_float("limits.rate_limit_per_s", lim.rate_limit_per_s, 0.0, 1e6)
-    _expect_float("limits.rate_limit_burst", lim.rate_limit_burst, 1.0, 1e6)
+    expect_int("limits.chunk_bytes", lim.chunk_bytes, 1024, lim.max_frame - 4096)
+    expect_int("limits.max_package_bytes", lim.max_package_bytes, lim.chunk_bytes)
+    expect_float("limits.rate_limit_per_s", lim.rate_limit_per_s, 0.0, 1e6)
+    expect_float("limits.rate_limit_burst", lim.rate_limit_burst, 1.0, 1e6)
     for name in ("dial_s", "request_s", "long_poll_s", "exchange_step_s", "teach_s", "learn_s"):
-        _expect_float(f"timeouts.{name}", getattr(t, name), 0.0, 86_400.0, lo_open=True)
-    _expect_float("timeouts.long_poll_s", t.long_poll_s, 0.0, 60.0, lo_open=True)
-    _expect_float("timeouts.give_up_s", t.give_up_s, 0.0, 86_400.0)
-    _expect_float("retry.base_s", r.base_s, 0.0, 3600.0, lo_open=True)
-    _expect_float("retry.max_s", r.max_s, r.base_s, 86_400.0)
-    _expect_float("retry.jitter", r.jitter, 0.0, 1.0)
+        expect_float(f"timeouts.{name}", getattr(t, name), 0.0, 86_400.0, lo_open=True)
+    expect_float("timeouts.long_poll_s", t.long_poll_s, 0.0, 60.0, lo_open=True)
+    expect_float("timeouts.give_up_s", t.give_up_s, 0.0, 86_400.0)
+    expect_float("retry.base_s", r.base_s, 0.0, 3600.0, lo_open=True)
+    expect_float("retry.max_s", r.max_s, r.base_s, 86_400.0)
+    expect_float("retry.jitter", r.jitter, 0.0, 1.0)
     n = cfg.network
     for name in ("relay", "holepunch", "reachability"):
-        if not isinstance(getattr(n, name), bool):
-            raise ConfigError(f"network.{name}", "must be true or false")
-    _expect_str("network.advertise", n.advertise, ADVERTISE)
+        expect_bool(f"network.{name}", getattr(n, name))
+    expect_str("network.advertise", n.advertise, ADVERTISE)
     if n.advertise == "relay-only" and not n.relay:
         raise ConfigError("network.advertise", "relay-only needs network.relay = true")
-    _expect_float("network.direct_dial_s", n.direct_dial_s, 0.0, 600.0, lo_open=True)
+    expect_float("network.direct_dial_s", n.direct_dial_s, 0.0, 600.0, lo_open=True)
 
 
 # --- environment overrides ------------------------------------------------------------
