@@ -12,7 +12,8 @@ Three implementations share the exact scoring code path:
   benchmark baseline and an equivalence oracle for small N.
 * ``exact_match`` — every candidate scored exactly, vectorized. O(N²) work; fine up to a
   few thousand agents.
-* ``fast_match`` — scales to 10⁴ agents (design §4):
+* ``fast_match`` — scales to 10⁴ agents (design §4), and near-linearly beyond with the
+  clustered stage 1 (``cpm.prefilter``, above ``ann_above`` agents in a pass):
 
   1. **Prefilter (approximate).** The mean term θᵀφ of arm k is decomposed into a
      bilinear form L[k, t]·R[s] (rank 43, R shared by the arms). Exact in this
@@ -66,6 +67,7 @@ import structlog
 
 from cpm import features as F
 from cpm.bandit import LinUCB
+from cpm.prefilter import _unique_pairs, shortlist
 from protocol.profile import N_CATEGORIES
 
 try:  # optional: without it BLAS keeps its own thread count
@@ -360,91 +362,6 @@ def _surrogate_factors(
     return L, R, u.astype(np.float32), v.astype(np.float32)
 
 
-def _group_topk(S: np.ndarray, k: int, chunk: int) -> np.ndarray:
-    """Per row of S (B, chunk·ng): the argmax of each of its ``k`` groups with the
-    largest maxima → (B, k) column indices, −1 where not finite.
-
-    Columns are split into ng groups {g, g+ng, g+2ng, …} (strided, so the group maxima
-    are an elementwise maximum over ``chunk`` contiguous slices — fast SIMD). This
-    returns the row's top-k columns except where two of them share a group (then the
-    lower one is replaced by the next group's best): with ng ≫ k that is rare and only
-    swaps near-ties of an approximate score, and it saves a second partition over k·chunk
-    values. With k ≥ ng (small N) it is the exact top-k.
-    """
-    B, npad = S.shape
-    ng = npad // chunk
-    if k >= ng:
-        kk = min(k, npad)
-        cols = np.argpartition(S, npad - kk, axis=1)[:, npad - kk :]
-    else:
-        gm = S.reshape(B, chunk, ng).max(axis=1)
-        top_g = np.argpartition(gm, ng - k, axis=1)[:, ng - k :]  # (B, k)
-        cand = top_g[:, :, None] + np.arange(chunk) * ng  # (B, k, chunk) columns
-        vals = np.take(S, cand + (np.arange(B) * npad)[:, None, None])  # flat take: cheapest gather
-        cols = top_g + vals.argmax(axis=2) * ng
-    cols[~np.isfinite(S[np.arange(B)[:, None], cols])] = -1
-    return cols
-
-
-def _row_lists(
-    Xr: np.ndarray, Xc: np.ndarray, Wr: np.ndarray, Wc: np.ndarray, wq: tuple[float, float],
-    u: np.ndarray, v: np.ndarray, topk: int, widen: int, block: int, chunk: int = 16,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per row i of the surrogate (diagonal excluded): the ``topk`` best columns by
-    max_k Xr[k, i]·Xc[k, j] + β·√(Wr[i]·Wc[j] + q̄) (best-arm mean surrogate plus the
-    exploration width with its per-agent part exact), and the ``topk`` best by that minus
-    the partner's own linear part v[j]. ``wq`` = (β, q̄).
-
-    Xr / Xc carry a leading arm axis of length K or 1 (the factor shared by all arms).
-    The full N² pass uses the arm-averaged product only (one matmul per block); its
-    top ``widen·topk`` columns per row (two-stage, ``_group_topk``) are re-scored per arm
-    and with the width — the arm-averaged mean alone lost 3.5 % (benchmark bandit) to 16 %
-    (a bandit whose best arm depends on the family) of the exact greedy total at N = 2000:
-    the best arm differs from pair to pair, and the exploration bonus (≈0.1 here) is of
-    the order of the score differences between a row's best partners. The second list
-    keeps the shortlist from collapsing onto a few "hub" agents that every row prefers.
-    """
-    n = Xr.shape[1]
-    k1 = min(topk * widen, n - 1)
-    npad = -(-n // chunk) * chunk
-    Lm = Xr.mean(axis=0)
-    Rp = np.zeros((npad, Xc.shape[2]), dtype=np.float32)
-    Rp[:n] = Xc.mean(axis=0)
-    RT = np.ascontiguousarray(Rp.T)
-    vp = np.zeros(npad, dtype=np.float32)
-    vp[:n] = v
-    top_s = np.full((n, topk), -1, dtype=np.int64)
-    top_i = np.full((n, topk), -1, dtype=np.int64)
-    buf = np.empty((2, block, npad), dtype=np.float32)
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        B = b - a
-        S, Ib = buf[0, :B], buf[1, :B]
-        np.matmul(Lm[a:b], RT, out=S)
-        S[:, n:] = -np.inf
-        S[np.arange(B), np.arange(a, b)] = -np.inf
-        np.subtract(S, vp, out=Ib)
-        Ib -= u[a:b, None]
-        row = Xr[:, a:b, None, :]  # (Kr, B, 1, r)
-        for M, out, minus_v in ((S, top_s, False), (Ib, top_i, True)):
-            cand = _group_topk(M, k1, chunk)  # (B, k1), −1 where none
-            ok = cand >= 0
-            c = np.where(ok, cand, 0)
-            sc = np.matmul(row, Xc[:, c].transpose(0, 1, 3, 2))[:, :, 0, :].max(axis=0)  # (B, k1): best arm
-            q = np.matmul(Wc[c], Wr[a:b, :, None])[:, :, 0]
-            q += wq[1]
-            sc += wq[0] * np.sqrt(np.maximum(q, 0.0))
-            if minus_v:
-                sc -= v[c]
-            sc[~ok] = -np.inf
-            kk = min(topk, k1)
-            sel = np.argpartition(sc, k1 - kk, axis=1)[:, k1 - kk :]
-            best = np.take_along_axis(cand, sel, axis=1)
-            best[~np.isfinite(np.take_along_axis(sc, sel, axis=1))] = -1
-            out[a:b, :kk] = best
-    return top_s, top_i
-
-
 def coverage_pairs(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Every agent with its ``k`` cyclic successors, both ways round: (i, i+d) and
     (i+d, i) for d = 1..k (mod m), each pair once — 2·k·m candidates, no prefilter.
@@ -467,29 +384,15 @@ def coverage_pairs(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _unique_pairs(np.concatenate([i, j]), np.concatenate([j, i]), m)
 
 
-def _unique_pairs(t: np.ndarray, s: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Drop invalid (−1) and duplicate pairs; canonical (t, s) order (ties break by it)."""
-    ok = (t >= 0) & (s >= 0)
-    keys = np.sort(t[ok] * m + s[ok])
-    if keys.size:
-        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
-    return keys // m, keys % m
-
-
-def shortlist(La: np.ndarray, R: np.ndarray, Wt: np.ndarray, Ws: np.ndarray, wq: tuple[float, float],
-              u: np.ndarray, v: np.ndarray, topk: int, widen: int = 4,
-              block: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate (t, s) pairs: for every agent its ``topk`` best students (by the
-    prefilter score, and by it minus the student's own linear part) and its ``topk``
-    best teachers (same two rankings). ``La`` (K, N, r), ``R`` (N, r): ``_arm_surrogates``;
-    ``Wt``, ``Ws``, ``wq``: ``_PairScorer.width_factors``."""
-    m = R.shape[0]
-    st_s, st_i = _row_lists(La, R[None], Wt, Ws, wq, u, v, topk, widen, block)  # as teacher: students
-    ts_s, ts_i = _row_lists(R[None], La, Ws, Wt, wq, v, u, topk, widen, block)  # as student: teachers
-    ii = np.repeat(np.arange(m), topk)
-    t_all = np.concatenate([ii, ii, ts_s.reshape(-1), ts_i.reshape(-1)])
-    s_all = np.concatenate([st_s.reshape(-1), st_i.reshape(-1), ii, ii])
-    return _unique_pairs(t_all, s_all, m)
+def prefilter_factors(P: np.ndarray, scorer: _PairScorer, theta: np.ndarray,
+                      n_arms: int) -> tuple[tuple[np.ndarray, ...], tuple[float, float]]:
+    """The per-agent factors ``shortlist`` ranks by — (La, R, Wt, Ws, u, v) — and
+    (β, q̄); built once per match, reused by its refill passes (and by the recall
+    measurement of benchmarks/matching_scale.py)."""
+    La, R = _arm_surrogates(P, theta, n_arms)
+    Lm = La.mean(axis=0)
+    Wt, Ws, q0 = scorer.width_factors()
+    return (La, R, Wt, Ws, Lm[:, 0], Lm[:, 1].mean() * R[:, 1] + R[:, 2]), (scorer.beta, q0)
 
 
 def fast_match(
@@ -506,6 +409,9 @@ def fast_match(
     max_passes: int = 6,
     exact_last: int = 1024,
     blas_threads: int | None = 1,
+    ann_above: int = 12000,
+    ann_cols: int = 2048,
+    ann_cluster: int = 256,
 ) -> MatchResult:
     """Prefiltered greedy matching (see module docstring); indices into ``profiles``.
 
@@ -514,6 +420,9 @@ def fast_match(
     ``exact_below``: a pass over at most this many agents scores all their pairs;
     ``exact_last``: so does the last allowed pass when at most this many are left (so
     K_p is filled). ``blas_threads``: BLAS thread cap for the call (None: leave as is).
+    ``ann_above``: a prefiltered pass over more agents than this replaces the N² stage 1
+    by the clustered one (``cpm.prefilter._row_lists_clustered``: ``ann_cols`` columns
+    per list for clusters of ~``ann_cluster`` rows), so the work grows near-linearly.
     """
     P = np.asarray(profiles, dtype=float)
     n = P.shape[0]
@@ -521,11 +430,12 @@ def fast_match(
         return _empty()
     with _blas_limit(blas_threads):
         return _fast_match(P, bandit, n_arms, k_pairs, topk, widen, block, _beta(bandit, beta), exact_below,
-                           max_passes, exact_last)
+                           max_passes, exact_last, (ann_above, ann_cols, ann_cluster))
 
 
 def _fast_match(P: np.ndarray, bandit: LinUCB, n_arms: int, k_pairs: int, topk: int, widen: int, block: int,
-                beta: float, exact_below: int, max_passes: int, exact_last: int) -> MatchResult:
+                beta: float, exact_below: int, max_passes: int, exact_last: int,
+                ann: tuple[int, int, int] = (12000, 2048, 256)) -> MatchResult:
     n = P.shape[0]
     target = min(k_pairs, n // 2)
     scorer = _PairScorer(P, bandit, n_arms, beta)
@@ -555,14 +465,10 @@ def _fast_match(P: np.ndarray, bandit: LinUCB, n_arms: int, k_pairs: int, topk: 
                                   k_pairs=need)
         else:
             if factors is None:
-                La, R = _arm_surrogates(P, bandit.theta, n_arms)
-                Lm = La.mean(axis=0)
-                Wt, Ws, q0 = scorer.width_factors()
-                factors = (La, R, Wt, Ws, Lm[:, 0], Lm[:, 1].mean() * R[:, 1] + R[:, 2])
-                wq = (beta, q0)
+                factors, wq = prefilter_factors(P, scorer, bandit.theta, n_arms)
             La, R, Wt, Ws, u, v = factors
             t, s = shortlist(La[:, agents], R[agents], Wt[agents], Ws[agents], wq, u[agents], v[agents], topk,
-                             widen, block)
+                             widen, block, ann[1:] if m > ann[0] else None)
             stats["shortlisted_pairs"] += int(t.size)
             stats["candidates"] += int(t.size * n_arms)
             sc = scorer.scores_chunked(agents[t], agents[s])
