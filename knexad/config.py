@@ -66,6 +66,7 @@ class AgentSection:
     n_agents: int = 2  # population size the partition was drawn for
     seed: int = 0
     budget: str = "standard"  # ML agent's local LoRA / KD steps: fast 100/60, standard 200/150, thorough 400/300.
+    verify_knowledge: bool = True  # Execution-verified distillation: a teacher sends, and a student trains on, only completions that pass their transfer task's public tests in its own sandbox.
     local_when_idle: bool = True  # In a round without distillation (teacher, unpaired, failed exchange) train a KD round's steps on private data: a gain over LocalOnly is then knowledge, not extra steps.
 
 
@@ -261,6 +262,7 @@ def _validate_sections(cfg: DaemonConfig) -> None:
     expect_int("agent.seed", a.seed, 0)
     expect_str("agent.budget", a.budget, AGENT_BUDGETS)
     expect_bool("agent.local_when_idle", a.local_when_idle)
+    expect_bool("agent.verify_knowledge", a.verify_knowledge)
     expect_int("limits.max_frame", lim.max_frame, 64 * 1024, MAX_FRAME_EXCHANGE)
     # a sealed chunk = plaintext + msgpack wrapper + 40 B box + envelope: keep headroom
     expect_int("limits.chunk_bytes", lim.chunk_bytes, 1024, lim.max_frame - 4096)

@@ -95,7 +95,8 @@ class MLAgent:
 
     def __init__(self, model: str = "tiny-qwen2", agent_index: int = 0, n_agents: int = 1,
                  alpha: float = tasks.BUILTIN_ALPHA, seed: int = 0, steps: StepsConfig | None = None,
-                 data: DataConfig | None = None, device: torch.device | None = None) -> None:
+                 data: DataConfig | None = None, device: torch.device | None = None,
+                 verify_knowledge: bool = True) -> None:
         if not 0 <= agent_index < n_agents:
             raise ValueError(f"agent_index {agent_index} outside 0..{n_agents - 1}")
         self.spec = model
@@ -109,7 +110,12 @@ class MLAgent:
         self.split = part.agents[agent_index]
         self.transfer = part.transfer
         self._transfer_hash = part.transfer_set_hash()
-        self._transfer_hashes = {tasks.prompt_hash(t.prompt) for t in self.transfer}
+        self._transfer_by_hash = {tasks.prompt_hash(t.prompt): t for t in self.transfer}
+        self._transfer_hashes = set(self._transfer_by_hash)
+        # execution-verified distillation: the shared transfer tasks carry public tests
+        # (never the held-out test set's); a teacher sends, and a student trains on, only
+        # completions that pass them in its own sandbox (docs/agent.md)
+        self.verify_knowledge = verify_knowledge
         self.own_categories = self.split.own_categories()
         self._lock = threading.RLock()
         self._lm: zoo.LoadedModel | None = None
@@ -194,8 +200,11 @@ class MLAgent:
                         item_id=f"{i}" if s == 0 else f"{i}.{s}", prompt=self.transfer[i].prompt,
                         completion=completion, category=cat,
                         score=per_cat[cat] if per_cat else 0.0))
+            generated = len(items)
+            if self.verify_knowledge:
+                items = self._passing(items)
             log.info("agent.teach.done", agent=self.agent_index, directive=request.directive_id,
-                     round=request.round, items=len(items),
+                     round=request.round, items=len(items), generated=generated,
                      duration_ms=int((time.perf_counter() - t0) * 1000))
             return KnowledgePackage(self.family, tuple(items),
                                     {"round": request.round, "directive": request.directive_id,
@@ -215,16 +224,31 @@ class MLAgent:
             return False
         return True
 
+    def _passing(self, items: Sequence[KnowledgeItem]) -> list[KnowledgeItem]:
+        """The items whose completion passes its transfer task's public tests in this
+        agent's sandbox (an item for a prompt outside our transfer set never passes)."""
+        from knexad.agent.evaluate import check_programs
+
+        known = [(it, self._transfer_by_hash.get(tasks.prompt_hash(it.prompt))) for it in items]
+        runnable = [(it, task) for it, task in known if task is not None]
+        if not runnable:
+            return []
+        ok = check_programs([task.prompt + it.completion + "\n" + task.test for it, task in runnable])
+        return [it for (it, _), passed in zip(runnable, ok, strict=True) if passed]
+
     def learn(self, package: KnowledgePackage, arm: ProtocolArm) -> LearnResult:
         with self._lock:
             lm = self._ensure_trained()
             round_ = int(package.meta.get("round", self._state.round))
-            accepted = [it for it in package.items if self.accept_item(it)]
+            parsed = [it for it in package.items if self.accept_item(it)]
+            accepted = self._passing(parsed) if self.verify_knowledge else parsed
             kd = [distill.encode_pair(lm.tokenizer, it.prompt, it.completion) for it in accepted]
+            # a KD round's steps even when nothing was accepted (they are then local steps):
+            # the same compute as a LocalOnly round, whatever the teacher sent
             result = distill.distill(
                 lm.model, self._opt, local=self._train_ex, kd=kd, val=self._val_ex, arm=arm,
                 round_=round_, total_rounds=self.steps.total_rounds,
-                steps=self.steps.kd if kd else 0, batch_size=self.steps.batch_size,
+                steps=self.steps.kd, batch_size=self.steps.batch_size,
                 pad_id=lm.pad_id, device=lm.device, seed=self._agent_seed * 13 + round_)
             self._state.step += len(result.step_losses)
             if result.step_losses:
@@ -233,7 +257,7 @@ class MLAgent:
             self._state.kd_gain = profile.kd_gain(result.loss_pre, result.loss_post)
             log.info("agent.learn.done", agent=self.agent_index, round=round_,
                      teacher=package.teacher_family, items=len(package.items),
-                     items_used=len(accepted), loss_pre=round(result.loss_pre, 4),
+                     items_parsed=len(parsed), items_used=len(accepted), loss_pre=round(result.loss_pre, 4),
                      loss_post=round(result.loss_post, 4),
                      duration_ms=int(result.seconds * 1000))
             return LearnResult(result.loss_pre, result.loss_post, len(accepted), result.seconds,

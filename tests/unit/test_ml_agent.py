@@ -81,6 +81,7 @@ def test_profile_helpers() -> None:
 
 def test_agent_implements_protocol_and_teaches(quick_cache) -> None:
     teacher = _agent(1)
+    teacher.verify_knowledge = False  # the shape of what is generated (a 4-step model passes no test)
     assert isinstance(teacher, Agent)
     assert teacher.transfer_set_hash() == _agent(0).transfer_set_hash()
     req = TeachRequest("dir-1", 0, (0, 3, 5, 999), ProtocolArm(n_samples=2))
@@ -108,9 +109,34 @@ def test_learn_filters_foreign_and_broken_items(quick_cache) -> None:
     res = student.learn(KnowledgePackage("tiny-gpt2", items, {"round": 2}), ProtocolArm())
     assert res.items_used == 1
     assert math.isfinite(res.loss_pre) and math.isfinite(res.loss_post)
-    assert res.train_seconds > 0
+    assert res.train_seconds > 0 and res.steps == STEPS.kd
+    # nothing accepted: the round still trains a KD round's steps (on private data), the
+    # compute of a LocalOnly round
     empty = student.learn(KnowledgePackage("tiny-gpt2", items[1:2], {}), ProtocolArm())
-    assert empty.items_used == 0 and empty.loss_pre == pytest.approx(empty.loss_post)
+    assert empty.items_used == 0 and empty.steps == STEPS.kd
+
+
+def test_execution_verified_distillation_keeps_only_completions_that_pass(quick_cache, monkeypatch) -> None:
+    """A parsable but wrong completion is refused by the student's own sandbox run of the
+    transfer task's public tests; a teacher sends only what passes there."""
+    student = _agent(0)
+    t0, t1, t2 = student.transfer[:3]
+    wrong = "    return None\n"
+    items = (KnowledgeItem("0", t0.prompt, t0.solution, t0.category),
+             KnowledgeItem("1", t1.prompt, wrong, t1.category),
+             KnowledgeItem("2", t2.prompt, t2.solution, t2.category))
+    assert student.learn(KnowledgePackage("tiny-gpt2", items, {"round": 1}), ProtocolArm()).items_used == 2
+    trusting = _agent(0)
+    trusting.verify_knowledge = False
+    assert trusting.learn(KnowledgePackage("tiny-gpt2", items, {"round": 1}), ProtocolArm()).items_used == 3
+
+    teacher = _agent(1)
+    answers = {t0.prompt: t0.solution, t1.prompt: wrong, t2.prompt: t2.solution}
+    monkeypatch.setattr(teacher, "_generate", lambda prompts, **kw: [answers[p] for p in prompts])
+    package = teacher.teach(TeachRequest("d", 1, (0, 1, 2), ProtocolArm(n_samples=1), "tiny-gpt2"))
+    assert [it.prompt for it in package.items] == [t0.prompt, t2.prompt]
+    teacher.verify_knowledge = False
+    assert len(teacher.teach(TeachRequest("d", 1, (0, 1, 2), ProtocolArm(n_samples=1), "tiny-gpt2")).items) == 3
 
 
 def test_evaluate_uses_sandbox_programs_and_profile_reflects_it(quick_cache, monkeypatch) -> None:
@@ -174,6 +200,7 @@ def test_evaluate_reruns_only_after_the_weights_changed(quick_cache, monkeypatch
 
     monkeypatch.setattr(evaluate, "check_programs", counting_check)
     agent = _agent(0)
+    agent.verify_knowledge = False  # its sandbox runs would count as evaluations here
     first = agent.evaluate()
     assert len(calls) == 1 and first["pass@1"] == 1.0
     again = agent.evaluate()  # nothing trained since: no generation, no sandbox run
@@ -183,24 +210,24 @@ def test_evaluate_reruns_only_after_the_weights_changed(quick_cache, monkeypatch
     assert vec[profile.INDEX_MAP["delta.pass@1"]] == 0.0
 
     bad = KnowledgePackage("tiny-gpt2", (KnowledgeItem("x", "def f():\n", "    pass\n"),), {"round": 0})
-    agent.learn(bad, ProtocolArm())  # nothing accepted: zero KD steps, weights unchanged
-    assert agent.evaluate() == first and len(calls) == 1
+    agent.learn(bad, ProtocolArm())  # nothing accepted: a KD round's steps on private data
+    assert agent.evaluate()["pass@1"] == 0.0 and len(calls) == 2  # the weights changed
 
     good = tuple(KnowledgeItem(str(i), t.prompt, t.solution, t.category) for i, t in enumerate(agent.transfer[:4]))
     assert agent.learn(KnowledgePackage("tiny-gpt2", good, {"round": 0}), ProtocolArm()).items_used == 4
     # KD steps changed the weights: must re-evaluate
     after = agent.evaluate()
-    assert len(calls) == 2 and after["pass@1"] == 0.0
+    assert len(calls) == 3 and after["pass@1"] == 1.0
     agent.save(tmp_path / "ck")  # saved with the metrics of exactly these weights
     agent.local_round(steps=1)
     agent.save(tmp_path / "stale")  # weights changed since the last evaluation
     agent.evaluate()
-    assert len(calls) == 3
+    assert len(calls) == 4
     restored = _agent(0)
-    assert restored.load(tmp_path / "ck") and restored.evaluate() == after and len(calls) == 3
+    assert restored.load(tmp_path / "ck") and restored.evaluate() == after and len(calls) == 4
     assert restored.load(tmp_path / "stale")
     restored.evaluate()  # no metrics for these weights: a real evaluation
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def test_checkpoint_round_trip_restores_outputs_and_counters(quick_cache, tmp_path) -> None:
