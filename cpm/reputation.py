@@ -1,59 +1,14 @@
 """Teacher reputation: stop assigning a teacher whose knowledge measurably harms students.
 
-Why a separate mechanism: the bandit (and every other strategy) scores a pair from the
-two *profiles*, not from the teacher's identity, so a poisoner whose profile looks
-attractive keeps being explored — measured: with 16 agents LinUCB still matched one in
-12 of the last 30 rounds (docs/threat-model.md §7). The reputation is kept per teacher
-*peer ID*, applies to every strategy, and once a teacher is quarantined the round
-engine never assigns it as a teacher again (it may still be a student).
-
-Evidence. Each ``ok`` feedback is one *delivery* with gain g = L_pre − L_post: how much
-the student's own validation loss fell (g < 0: the knowledge made it worse). Neither the
-δ·KB cost nor the z-score is used: the question is "did it harm", not "was it worth the
-bytes", and z-scores drift with the population — an earlier trust score on z-scored
-rewards quarantined honest teachers in 7 of 8 seeds. Failed exchanges (``ok = false``)
-deliver nothing and are not deliveries (the bandit already scores them ≤ 0).
-
-Rule — quarantine after a delivery when either holds:
-
-1. **Sign test**: with n deliveries of which h were harmful (g < 0),
-   P[Bin(n, ½) ≥ h] ≤ α and Σg < 0 — harmful significantly more often than a coin
-   flip (what pure measurement noise around a zero effect gives) *and* on average. It
-   needs no loss units, so it works for any model and validation set, and one huge
-   outlier cannot trigger it.
-2. **Recent window**: at most one of its last ``window`` deliveries was *not*
-   harmful — a teacher that earned credit first and then turns poisoned ("sleeper")
-   cannot hide behind its history, and one noisy reading does not reset the count (a
-   plain "k harmful in a row" rule did: measured, a sleeper then taught 23 harmful
-   rounds instead of 12). Kept as two run lengths, not a list of gains.
-
-Bound. A teacher whose every delivery reads harmful is quarantined at its B-th delivery,
-B = ⌈log₂(1/α)⌉ (P[Bin(n, ½) ≥ n] = 2⁻ⁿ): default α = 2⁻⁸ → **B = 8**. When u of its
-deliveries read harmless (measurement noise on a student with little left to lose), the
-sign test needs B(u) deliveries: B(1) = 12, B(2) = 15, B(3) = 18. Whatever its history,
-``window`` = 16 deliveries after it turns (15 if none reads harmless) stop it. In a P2P
-round a teacher has one student, so these count rounds in which it taught.
-
-Noise. For an honest teacher whose deliveries are harmful with probability p, the
-chance of a false quarantine within n deliveries is computed exactly by
-``false_quarantine_probability`` (sign-test part, an upper bound for rule 1) and checked
-in tests/unit/test_reputation.py; a teacher whose effect is truly ≤ 0 on average *should*
-be stopped — quarantine means "its teaching harms", not "it is malicious".
-
-Quarantine is permanent until an operator releases the peer (``release``; the admin
-message ``AdminRelease`` / ``knexa-cpm release``). Release is a fresh start: the
-evidence is cleared, so the same old deliveries cannot re-quarantine it at once, and a
-teacher that still harms is stopped again within the same bound B (8 deliveries) as a
-newcomer — the operator vouched for it, the rule does not have to trust its history.
-Keeping the old counts would re-quarantine it after one more harmful delivery (the sign
-test already fires), which would make the release meaningless. The release time is
-kept per teacher: feedback that arrives after the release for a directive issued
-*before* it (late feedback, a student's durable outbox) is old evidence about the
-knowledge the operator overrode and is not counted (``predates_release``); a release
-is refused when the teacher is not quarantined, so it never wipes a record in progress.
-
-The state is plain JSON, saved by the round engine inside the strategy-state row in the
-same transaction as the feedback (or the release) that changed it.
+Per teacher *peer ID*, for every strategy (the strategies score profiles, not
+identities, so a poisoner with an attractive profile would keep being explored). Each ok
+feedback is one delivery with gain g = L_pre − L_post; a teacher is quarantined when a
+sign test says it harms significantly more often than a coin flip and on average, or
+when at most one of its last ``window`` deliveries was harmless (a "sleeper"). An
+all-harmful teacher is stopped at its 8th delivery (α = 2⁻⁸); honest teachers' false
+quarantine probability is computed exactly (``false_quarantine_probability``). Only an
+operator releases a teacher, and a release is a fresh start. The rule, its bounds and why
+each choice: docs/matchmaking.md §Teacher reputation; measured: docs/reliability.md.
 """
 
 from __future__ import annotations
