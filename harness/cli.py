@@ -152,8 +152,23 @@ def _config(**kw) -> object:
         on_crash=kw["on_crash"], per_process=kw["per_process"], round_timer_s=kw["round_timer"],
         ready_timeout_s=kw["ready_timeout"], timeout_s=kw["timeout"], grace_s=kw["grace"],
         progress=not kw["no_progress"], budget=kw["budget"],
-        topology=kw.get("topology", "loopback"), uplink_mbit=kw.get("uplink_mbit"),
+        topology=kw.get("topology", "loopback"), **_uplinks(kw),
     )
+
+
+def _uplinks(kw: dict) -> dict:
+    """``--uplink-mbit`` (N and/or NAME=N, repeatable) → UpConfig's uplink_mbit / uplink_caps."""
+    from harness.topology import parse_uplinks
+
+    values = kw.get("uplink_mbit") or ()
+    if not values:
+        return {}
+    nodes = [f"node-{i:02d}" for i in range(kw["nodes"])]
+    try:
+        every, caps = parse_uplinks(values, nodes, [f"org-{i:02d}" for i in range(kw["nodes"])])
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return {"uplink_mbit": every, "uplink_caps": caps}
 
 
 @click.group(cls=HarnessGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -172,8 +187,9 @@ def main(log_format: str) -> None:
 @click.option("--topology", type=click.Choice(["loopback", "nat"]), default="loopback", show_default=True,
               help="nat: the CPM on a public segment and each daemon in its own organisation's LAN behind "
                    "a NAT (Linux network namespaces; root, iproute2, nftables). docs/harness.md §Topology nat.")
-@click.option("--uplink-mbit", type=click.FloatRange(0.001), default=None,
-              help="--topology nat: cap every organisation's upload at N Mbit/s (tc tbf).")
+@click.option("--uplink-mbit", multiple=True, metavar="[NAME=]N",
+              help="--topology nat: cap every organisation's upload at N Mbit/s (tc tbf); NAME=N caps one "
+                   "node's (node-01=10) or organisation's (org-01=10) only. Repeatable.")
 def up_command(**kw) -> None:
     """Run a CPM + N daemons as real processes for R rounds; write results into OUT."""
     from harness.federation import run_up
@@ -205,7 +221,7 @@ def _check_topology(kw: dict) -> None:
     """Option conflicts are usage errors (2); a machine that cannot build namespaces
     is a config error (3) that says why."""
     if kw["topology"] != "nat":
-        if kw["uplink_mbit"] is not None:
+        if kw["uplink_mbit"]:
             raise click.UsageError("--uplink-mbit needs --topology nat")
         return
     if kw["per_process"] != 1:

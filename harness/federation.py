@@ -42,6 +42,7 @@ import structlog
 from cpm.report import collect_from_store  # the CPM's rows → pairs and pass@1 per round (one implementation)
 from harness import results as R
 from harness.netlab.system import NetlabError
+from harness.paths import path_section
 from harness.procs import Child, ChildFailed, HarnessInterrupted, Supervisor, executable, parse_ready, tail
 from harness.topology import topology_for
 from p2p.process import ExitCode
@@ -86,6 +87,7 @@ class UpConfig:
     budget: str = "standard"  # ML agents' training budget (knexad.agent.ml_agent.BUDGETS)
     topology: str = "loopback"  # loopback | nat (harness.topology, docs/harness.md §Topology nat)
     uplink_mbit: float | None = None  # nat: every organisation's upload cap
+    uplink_caps: dict[str, float] = field(default_factory=dict)  # nat: org → upload cap (wins over uplink_mbit)
 
     def model_for(self, index: int) -> str:
         if self.agent == "synthetic":
@@ -212,7 +214,7 @@ class Federation:
             for i in range(cfg.nodes)
         ]
         self.cpm_addr = ""
-        self.net = topology_for(cfg.topology, [n.org for n in self.nodes], cfg.uplink_mbit)
+        self.net = topology_for(cfg.topology, [n.org for n in self.nodes], cfg.uplink_mbit, cfg.uplink_caps)
         self.crashed: list[dict[str, Any]] = []
         self.started_at = time.time()
 
@@ -475,7 +477,8 @@ class Federation:
             rounds_completed=data["closed"],
             crashed=self.crashed,
             extra={"started_at": self.started_at, "finished_at": time.time(),
-                   "duration_s": time.time() - self.started_at},
+                   "duration_s": time.time() - self.started_at,
+                   "paths": path_section(self._homes(), data["pairs"], {p: n.name for p, n in names.items()})},
         )
         labels = {peer: n.name for peer, n in sorted(names.items(), key=lambda kv: kv[1].index)}
         paths = R.write_run_outputs(self.out, doc, data["pairs"], labels)
@@ -517,12 +520,15 @@ def held_out_pass1(homes: Mapping[str, Path]) -> dict[int, dict[str, float]]:
 def snapshot(store: Any, homes: Mapping[str, Path] | None = None) -> dict[str, Any]:
     """What the progress bar shows: closed rounds (as rows) and the open round's state;
     pass@1 is the held-out one from the daemons' homes when given."""
+    # closed rounds first: a round closes after its feedback is stored, so every round
+    # seen closed here has all its feedback in the rows read next (the other order
+    # printed "2 pairs, 1 feedback" for a round that closed in between)
+    closed_ids = {r.round for r in store.list_rounds() if r.state == "closed"}
     data = collect_from_store(store)
     if homes is not None:
         data["pass1_by_round"] = held_out_pass1(homes)
     rows = [asdict(r) for r in R.build_round_rows(data["pairs"], data["pass1_by_round"], data["rounds"])]
     latest = store.latest_round()
-    closed_ids = {r.round for r in store.list_rounds() if r.state == "closed"}
     closed_rows = [r for r in rows if r["round"] in closed_ids]
     if latest is None:
         info = "waiting for the first round"

@@ -339,6 +339,10 @@ def print_run_summary(console: Any, status: str, message: str, doc: Mapping[str,
     s = doc["summary"]
     console.print(f"mean pass@1 {fmt(s['initial_pass1'])} → {fmt(s['final_pass1'])} (gain {fmt(s['gain'])}), "
                   f"cumulative raw reward {fmt(s['cumulative_reward'])}, {s['pairs']} pairs")
+    if doc.get("paths"):
+        from harness.paths import summary_line
+
+        console.print(summary_line(doc["paths"]), soft_wrap=True)
     out = Path(doc["config"]["out"])
     console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}; plots: {out / 'rounds.png'}, "
                   f"{out / 'pairs_heatmap.png'}; logs: {out / 'logs'}", soft_wrap=True)

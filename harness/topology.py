@@ -14,7 +14,8 @@ to pass — so the wiring stays out of ``harness.federation``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -56,18 +57,19 @@ class Nat(Loopback):
 
     name = "nat"
 
-    def __init__(self, orgs: Sequence[str], uplink_mbit: float | None = None) -> None:
+    def __init__(self, orgs: Sequence[str], uplink_mbit: float | None = None,
+                 uplink_caps: Mapping[str, float] | None = None) -> None:
         from harness.netlab import NatTestbed
 
         # the harness turns SIGINT/SIGTERM into exceptions and closes us in `finally`
         self.testbed = NatTestbed(list(orgs), public_hosts=("cpm",), handle_signals=False)
         self.uplink_mbit = uplink_mbit
+        self.caps = uplink_table(orgs, uplink_mbit, uplink_caps)
 
     def up(self) -> None:
         self.testbed.up()
-        if self.uplink_mbit:
-            for org in self.testbed.orgs:
-                self.testbed.cap_uplink(org.index, self.uplink_mbit)
+        for org, mbit in self.caps.items():
+            self.testbed.cap_uplink(org, mbit)
         log.info("harness.topology.up", **self.describe())
 
     def close(self) -> None:
@@ -90,12 +92,49 @@ class Nat(Loopback):
         return ["--listen", f"/ip4/{self.testbed.lan_addr(index)}/tcp/0"]
 
     def describe(self) -> dict[str, Any]:
-        return {"topology": self.name, "uplink_mbit": self.uplink_mbit, **self.testbed.describe()}
+        return {"topology": self.name, "uplink_mbit": self.uplink_mbit, "uplink_caps": dict(self.caps),
+                **self.testbed.describe()}
 
 
-def topology_for(name: str, orgs: Sequence[str], uplink_mbit: float | None = None) -> Loopback:
+def parse_uplinks(values: Sequence[str], nodes: Sequence[str], orgs: Sequence[str]) -> tuple[float | None, dict[str, float]]:
+    """``--uplink-mbit`` values → (cap for every org, {org: cap}). A value is ``N``
+    (every organisation) or ``NAME=N`` with NAME a node (``node-01``) or an organisation
+    (``org-01``): one teacher's upload can be capped while the others run free.
+    Raises ValueError (the CLI's usage error) on an unknown name or a rate ≤ 0."""
+    every: float | None = None
+    caps: dict[str, float] = {}
+    for value in values:
+        name, sep, rate = str(value).rpartition("=")
+        try:
+            mbit = float(rate)
+        except ValueError:
+            raise ValueError(f"--uplink-mbit {value!r}: expected N or NAME=N (N in Mbit/s)") from None
+        if not (mbit > 0 and math.isfinite(mbit)):
+            raise ValueError(f"--uplink-mbit {value!r}: the rate must be a number > 0")
+        if not sep:
+            every = mbit
+            continue
+        if name in nodes:
+            caps[orgs[list(nodes).index(name)]] = mbit
+        elif name in orgs:
+            caps[name] = mbit
+        else:
+            raise ValueError(f"--uplink-mbit {value!r}: no node or organisation {name!r} "
+                             f"(known: {', '.join([*nodes, *orgs])})")
+    return every, caps
+
+
+def uplink_table(orgs: Sequence[str], every: float | None, caps: Mapping[str, float] | None) -> dict[str, float]:
+    """org → upload cap in Mbit/s: ``every`` for each org, a per-organisation cap wins."""
+    table = {org: float(every) for org in orgs} if every else {}
+    table.update({org: float(v) for org, v in (caps or {}).items()})
+    return table
+
+
+def topology_for(name: str, orgs: Sequence[str], uplink_mbit: float | None = None,
+                 uplink_caps: Mapping[str, float] | None = None) -> Loopback:
     if name == "loopback":
         return Loopback()
     if name == "nat":
-        return Nat(orgs, uplink_mbit)
+        return Nat(orgs, uplink_mbit, uplink_caps)
     raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")

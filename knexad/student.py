@@ -29,6 +29,7 @@ from knexad.agents import AgentWorker
 from knexad.config import CHECKPOINT_DIR, DaemonConfig
 from knexad.cpm_client import CpmRpc, FeedbackSender
 from knexad.exchange import UsedDirectives
+from knexad.exchanges import append_exchange
 from knexad.state import StateFile
 from p2p.relay import PATH_DIRECT, PATH_RELAY, RelayNode, open_stream_via
 from p2p.streams import NET_ERRORS, PIPELINE_DEPTH, FramedStream, pipeline, stream_failures
@@ -96,6 +97,13 @@ class Student:
                                          relay=self.relay)
             self.state.count_bytes(d.teacher, bytes_in=result.wire_bytes_in, bytes_out=result.wire_bytes_out)
             self.state.count_path(result.path)
+            try:  # the harness's path table (knexad/exchanges.py): a record, never a reason to fail
+                await trio.to_thread.run_sync(lambda: append_exchange(
+                    self.home, directive=d.directive_id, round_=d.round, teacher=d.teacher, student=d.student,
+                    path=result.path, wire_bytes=result.wire_bytes_in + result.wire_bytes_out,
+                    seconds=result.duration_ms / 1000.0, dial_seconds=result.dial_ms / 1000.0))
+            except OSError as exc:
+                log.warning("student.exchange_record.failed", directive=d.directive_id, error=str(exc))
             kb = result.wire_bytes_in / 1024.0
             log.info(
                 "exchange.package.received",
@@ -141,6 +149,7 @@ class FetchResult:
     dropped: int
     duration_ms: int
     path: str = PATH_DIRECT  # direct | holepunch | relay (p2p.relay)
+    dial_ms: int = 0  # of duration_ms: until the stream was open (direct try, relay, hole punch)
 
 
 async def fetch_package(
@@ -167,6 +176,7 @@ async def fetch_package(
     start = time.perf_counter()
     stream, path = await open_stream_via(host, relay, teacher, EXCHANGE_PROTOCOL,
                                          direct_s=cfg.network.direct_dial_s, dial_s=cfg.timeouts.dial_s)
+    dial_ms = int((time.perf_counter() - start) * 1000)
     framed = FramedStream(stream, cfg.limits.max_frame)
     try:
         async with stream_failures(framed, too_slow=f"teacher {teacher_id} too slow (step > {cfg.timeouts.exchange_step_s} s)",
@@ -180,7 +190,7 @@ async def fetch_package(
                     await host.disconnect(teacher.peer_id)
                 except NET_ERRORS:
                     pass
-    return replace(result, path=path)
+    return replace(result, path=path, dial_ms=dial_ms)
 
 
 async def _read_frame(framed: FramedStream, peer: str) -> bytes | None:

@@ -56,6 +56,12 @@ log = structlog.get_logger(__name__)
 
 PATH_DIRECT, PATH_HOLEPUNCH, PATH_RELAY = "direct", "holepunch", "relay"
 PATHS = (PATH_DIRECT, PATH_HOLEPUNCH, PATH_RELAY)
+# DCUtR is one CONNECT/SYNC exchange over the relayed connection and a simultaneous dial:
+# on a real path it is done within a few round trips, so a punch that has not worked by
+# then will not. The relayed stream is already usable while it runs; measured on the
+# NAT testbed (docs/networking.md), every punch failed and waiting the full dial deadline
+# (10 s) for it was most of each exchange's time.
+HOLEPUNCH_S = 3.0
 REACHABILITY = ("unknown", "public", "private")
 # what a failed relay step raises in 0.8.1 (RelayConnectionError is a ConnectionError)
 DIAL_ERRORS: tuple[type[BaseException], ...] = (*NET_ERRORS, ConnectionError, OSError, trio.TooSlowError)
@@ -186,11 +192,11 @@ def stream_path(host: IHost, stream: INetStream) -> str:
 
 
 async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, protocol: str, *,
-                          direct_s: float, dial_s: float) -> tuple[INetStream, str]:
+                          direct_s: float, dial_s: float, holepunch_s: float = HOLEPUNCH_S) -> tuple[INetStream, str]:
     """Open ``protocol`` to ``info``: direct addresses first under ``direct_s``, then each
-    ``/p2p-circuit`` address (relayed connection, then DCUtR when ``node`` has it), under
-    ``dial_s`` each. Returns the stream and the path it took. ``PeerUnavailable`` when
-    every path failed."""
+    ``/p2p-circuit`` address (relayed connection under ``dial_s``, then DCUtR when ``node``
+    has it, under ``holepunch_s``). Returns the stream and the path it took.
+    ``PeerUnavailable`` when every path failed."""
     direct = [a for a in info.addrs if not is_circuit(a)]
     circuits = [a for a in info.addrs if is_circuit(a)]
     peer = info.peer_id.to_base58()
@@ -211,7 +217,7 @@ async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, p
         except DIAL_ERRORS as exc:
             reasons.append(f"{circuit}: {type(exc).__name__}: {exc}"[:300])
             continue
-        punched = await node.hole_punch(info.peer_id, dial_s)
+        punched = await node.hole_punch(info.peer_id, min(holepunch_s, dial_s))
         try:
             with trio.fail_after(dial_s):
                 stream = await host.new_stream(info.peer_id, [protocol])

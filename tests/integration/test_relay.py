@@ -18,6 +18,7 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from p2p.host import build_host, full_addrs, parse_peer_addr
 from p2p.relay import (
+    HOLEPUNCH_S,
     PATH_DIRECT,
     PATH_HOLEPUNCH,
     PATH_RELAY,
@@ -119,9 +120,20 @@ async def test_holepunch_upgrades_relayed_connection() -> None:
         client = RelayNode(dialer, None, holepunch=True)
         await nursery.start(client.run)
         info = PeerInfo(private.get_id(), [multiaddr.Multiaddr(a) for a in keeper.circuit_addrs()])
+        budgets: list[float] = []
+        punch = client.hole_punch
+
+        async def recording_punch(peer, timeout_s):
+            budgets.append(timeout_s)
+            return await punch(peer, timeout_s)
+
+        client.hole_punch = recording_punch
         stream, path = await open_stream_via(dialer, client, info, PROTO, direct_s=3, dial_s=15)
         assert await _round_trip(stream) == b"echo:hello"
         assert path == PATH_HOLEPUNCH
+        # the punch has its own short budget, not the 15 s dial deadline (the relayed
+        # stream is usable while it runs)
+        assert budgets == [HOLEPUNCH_S] and HOLEPUNCH_S < 15
         nursery.cancel_scope.cancel()
 
 

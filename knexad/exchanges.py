@@ -1,0 +1,62 @@
+"""The student's local record of each exchange it made, one line per package fetched.
+
+Why a local file: the path an exchange took (direct, hole-punched or relayed —
+``p2p.relay``) and its wire bytes and seconds are known only to the student; the
+Feedback the CPM stores carries kb and losses but no path, and the daemon's state file
+keeps counts only. The harness builds its per-exchange path table from
+``<home>/exchanges.jsonl`` (``harness.paths``, docs/harness.md §Paths), the same way it
+reads held-out pass@1 from ``evaluations.jsonl``: a plain file, whatever the log format,
+surviving a restart. One JSON object per line: ``directive``, ``round``, ``teacher``,
+``student``, ``path``, ``wire_bytes``, ``seconds`` (dial + transfer), ``dial_seconds``
+(until the stream was open: the direct try, the relay, a hole punch), ``unix_ms``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+EXCHANGES_FILE = "exchanges.jsonl"
+
+log = structlog.get_logger(__name__)
+
+
+def append_exchange(home: Path, *, directive: str, round_: int, teacher: str, student: str, path: str,
+                    wire_bytes: int, seconds: float, dial_seconds: float = 0.0, now_ms: int | None = None) -> None:
+    """Append one fetched package's record and fsync: the harness may read it while
+    the daemon runs (the same discipline as ``knexad.evaluations``)."""
+    row = {"directive": directive, "round": int(round_), "teacher": teacher, "student": student, "path": path,
+           "wire_bytes": int(wire_bytes), "seconds": float(seconds), "dial_seconds": float(dial_seconds),
+           "unix_ms": int(time.time() * 1000) if now_ms is None else int(now_ms)}
+    with open(Path(home) / EXCHANGES_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_exchanges(home: Path) -> list[dict[str, Any]]:
+    """The records of a daemon home (empty when it never fetched), in file order; a torn
+    or foreign line is skipped with a warning; a directive recorded twice (re-fetched
+    after a crash) keeps its last line."""
+    path = Path(home) / EXCHANGES_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            rec = {"directive": str(row["directive"]), "round": int(row["round"]), "teacher": str(row["teacher"]),
+                   "student": str(row["student"]), "path": str(row["path"]), "wire_bytes": int(row["wire_bytes"]),
+                   "seconds": float(row["seconds"]), "dial_seconds": float(row.get("dial_seconds", 0.0))}
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("knexad.exchanges.bad_line", path=str(path), line=number, error=type(exc).__name__)
+            continue
+        out[rec["directive"]] = rec
+    return list(out.values())
