@@ -17,12 +17,14 @@ peer, so a valid envelope is bound to the connection it arrived on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
@@ -47,7 +49,7 @@ class Identity:
     returns it, so ``SigningKey(seed)`` signs exactly as the libp2p key would.
     """
 
-    __slots__ = ("_signing", "public_key", "peer_id")
+    __slots__ = ("_signing", "_secret", "public_key", "peer_id")
 
     def __init__(self, seed: bytes) -> None:
         if len(seed) != 32:
@@ -55,6 +57,8 @@ class Identity:
         self._signing = nacl.signing.SigningKey(seed)
         self.public_key = bytes(self._signing.verify_key)
         self.peer_id = peer_id_from_public_key(self.public_key)
+        # libsodium's 64-byte secret key (seed || public key), for ``sign``'s direct call
+        self._secret = seed + self.public_key
 
     @classmethod
     def generate(cls) -> Identity:
@@ -65,7 +69,10 @@ class Identity:
         return bytes(self._signing)
 
     def sign(self, data: bytes) -> bytes:
-        return self._signing.sign(data).signature
+        """The detached Ed25519 signature (the same bytes ``SigningKey.sign`` gives);
+        libsodium directly, because PyNaCl's wrapper objects cost ~40 % of a small
+        signature and the CPM signs every Ack (docs/performance.md "Ingest profile")."""
+        return nacl.bindings.crypto_sign(data, self._secret)[: nacl.bindings.crypto_sign_BYTES]
 
     def curve25519_private(self) -> bytes:
         return bytes(self._signing.to_curve25519_private_key())
@@ -113,21 +120,14 @@ def seal(
     message: Any, identity: Identity, *, ts_ms: int | None = None, nonce: bytes | None = None
 ) -> bytes:
     """Sign ``message`` as ``identity`` and return the envelope's wire bytes."""
-    unsigned = Envelope(
-        v=PROTOCOL_VERSION,
-        type=message_type(message),
-        sender=identity.peer_id,
-        ts_ms=now_ms() if ts_ms is None else ts_ms,
-        nonce=os.urandom(NONCE_BYTES) if nonce is None else nonce,
-        body=encode_body(message),
-        sig=b"",
-    )
-    signed = Envelope(**{**_fields(unsigned), "sig": identity.sign(unsigned.signed_bytes())})
-    return signed.to_bytes()
-
-
-def _fields(env: Envelope) -> dict[str, Any]:
-    return {name: getattr(env, name) for name in Envelope.__slots__}
+    type_name = message_type(message)
+    ts = now_ms() if ts_ms is None else ts_ms
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+    body = encode_body(message)
+    # one Envelope, signed over the same bytes as Envelope.signed_bytes (hot path: every Ack)
+    sig = identity.sign(signed_bytes(PROTOCOL_VERSION, type_name, identity.peer_id, ts, nonce,
+                                     hashlib.sha256(body).digest()))
+    return Envelope(PROTOCOL_VERSION, type_name, identity.peer_id, ts, nonce, body, sig).to_bytes()
 
 
 def parse_envelope(data: bytes) -> Envelope:
@@ -159,6 +159,14 @@ def parse_envelope(data: bytes) -> Envelope:
     return Envelope(raw["v"], raw["type"], raw["sender"], raw["ts"], raw["nonce"], raw["body"], raw["sig"])
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(sender: str) -> bytes:
+    """``public_key_from_peer_id``, remembered: a node hears the same few senders again
+    and again (base58 decoding was ~5 % of the CPM's CPU per profile). Bounded, and a
+    sender that is not an Ed25519 peer ID raises, which is never cached."""
+    return public_key_from_peer_id(sender)
+
+
 def open_envelope(
     data: bytes,
     *,
@@ -174,9 +182,9 @@ def open_envelope(
     env = parse_envelope(data)
     if expected_sender is not None and env.sender != expected_sender:
         raise BadSignature(f"envelope sender {env.sender} is not the authenticated peer")
-    verify_key = nacl.signing.VerifyKey(public_key_from_peer_id(env.sender))
-    try:
-        verify_key.verify(env.signed_bytes(), env.sig)
+    public_key = _public_key(env.sender)
+    try:  # libsodium directly: what VerifyKey.verify does, minus its per-call wrapper objects
+        nacl.bindings.crypto_sign_open(env.sig + env.signed_bytes(), public_key)
     except nacl.exceptions.BadSignatureError:
         raise BadSignature("envelope signature does not verify") from None
     message = decode_body(env.type, env.body)
