@@ -7,6 +7,17 @@ rounds and pairs. Agents improve (and forget) over rounds, so the best partner c
 Rewards reach the bandit only the way they would in the system: teacher ``teach`` →
 student ``learn`` → ``LearnResult`` + package KB → ``Feedback`` → ``update``.
 
+Every strategy runs inside the CPM's own round engine (``cpm.rounds.RoundEngine`` on a
+temp SQLite store, tmpfs when there is one, fake clock, group commit per round as the
+node batches): each agent has a deterministic key pair, registers, sends a ``Profile``
+each round; the engine matches (quorum), the sim verifies the signed ``Directive``s,
+runs teach/learn in the world and returns the student's ``Feedback`` through
+``RoundEngine.feedback``. So reward (Eq. 3), z-score, failure clipping and teacher
+quarantine are the node's — a teacher whose deliveries really harm (negative transfer,
+a poisoner) is quarantined here as on a node (``quarantined_teachers`` in the JSON).
+The two oracles read the true world's reward matrix, which no node has, and pick their
+pairs directly (no engine, no reputation): they are the ceiling, not a node.
+
 Methods: the strategies of ``cpm.strategies`` by registry name, variants included
 (``random-arm``, ``oracle-greedy``). ``oracle`` is the exact per-round optimum
 (maximum-weight matching of at most K_p disjoint pairs on the true expected reward,
@@ -35,8 +46,11 @@ Usage: ``python -m harness.sim --clients 32 --rounds 100 --seeds 5 --heterogenei
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -47,7 +61,10 @@ from cpm.bandit import DELTA_PER_KB as BANDIT_DELTA_PER_KB
 import structlog
 
 from cpm import features as F
-from cpm.strategies import DEFAULT_ARMS, STRATEGIES, VARIANTS, Feedback, OracleStrategy, make_strategy
+from cpm.config import CpmConfig
+from cpm.rounds import RoundEngine
+from cpm.store import open_store
+from cpm.strategies import DEFAULT_ARMS, STRATEGIES, VARIANTS, OracleStrategy, Strategy, make_strategy
 from knexad.agent_api import N_CATEGORIES, TeachRequest
 from knexad.synthetic import (
     TRANSFER_SET_SIZE,
@@ -58,6 +75,9 @@ from knexad.synthetic import (
     make_population,
     package_kb,
 )
+from protocol.directives import verify_directive
+from protocol.envelope import Identity
+from protocol.messages import Directive, Feedback, Profile, Register
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +85,7 @@ HETEROGENEITY = {"high": 0.1, "low": 10.0}
 DEFAULT_METHODS = ("linucb", "random", "random-arm", "heuristic", "oracle-greedy", "oracle")
 ORACLES = {"oracle": "optimal", "oracle-greedy": "greedy"}
 DELTA_PER_KB = BANDIT_DELTA_PER_KB  # the CPM's δ, so sim rewards match the node's
+T0 = 1_700_000_000_000  # the fake clock's start (ms); each round advances it by 1 s
 
 
 def _alpha(heterogeneity: str | float) -> float:
@@ -108,47 +129,154 @@ def _reward_matrices(agents: list[SyntheticAgent], arm_kb: np.ndarray) -> np.nda
                      for k, arm in enumerate(DEFAULT_ARMS)])
 
 
+def _identity(seed: int, name: str) -> Identity:
+    """A key pair deterministic by (seed, name): peer IDs order the agents in matching,
+    so a run repeats exactly."""
+    return Identity(hashlib.sha256(f"knexa-sim/{seed}/{name}".encode()).digest())
+
+
+def _store_dir() -> str | None:
+    """Where the run's SQLite file goes: tmpfs when there is one. The store commits with
+    ``synchronous=FULL`` (the node's durability); on tmpfs an fsync costs nothing."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class _EngineRounds:
+    """The CPM's own round engine (``cpm.rounds.RoundEngine``) on a temp SQLite store,
+    driven with a fake clock: every agent registers, sends its Profile each round (the
+    last one reaches quorum and the engine matches, quarantined teachers excluded), the
+    sim reads the signed Directives and returns the student's Feedback through
+    ``RoundEngine.feedback`` — reward, z-score, failure clipping and reputation are the
+    node's."""
+
+    def __init__(self, strategy_name: str, strategy: Strategy, agents: list[SyntheticAgent], seed: int,
+                 k_pairs: int, db_dir: str) -> None:
+        self.cfg = CpmConfig(strategy=strategy_name, seed=seed, k_pairs=k_pairs, round_timer_s=30.0,
+                             directive_ttl_s=60.0)
+        self.cpm = _identity(seed, "cpm")
+        self.peers = [_identity(seed, f"agent{i}").peer_id for i in range(len(agents))]
+        self.index = {p: i for i, p in enumerate(self.peers)}
+        self.now = T0
+        self.store = open_store(os.path.join(db_dir, "cpm.db"))
+        self.engine = RoundEngine(self.store, self.cfg, self.cpm, strategy=strategy)
+        self.engine.start(self.now)
+        for i, peer in enumerate(self.peers):
+            self.store.admit(peer, f"org{i}", self.now)
+            self.engine.register(peer, Register(f"org{i}", agents[i].family, (), "sim"), self.now)
+
+    def match(self, P: np.ndarray) -> tuple[int, list[Directive]]:
+        """Send every agent's profile; the directives the engine issued, in a fixed order
+        (directive IDs are random: the bandit sees feedback in the same order every run)."""
+        self.now += 1000
+        r = self.engine.current_round()
+        with self.store.grouped():  # group commit, as the node's service does (one COMMIT)
+            for i, peer in enumerate(self.peers):
+                msg = Profile(r, tuple(float(v) for v in P[i]), self.cfg.transfer_hash)
+                if self.engine.profile(peer, msg, self.now) is not None:
+                    raise RuntimeError(f"sim: the engine refused round {r}'s profile of agent {i}")
+        self.store.commit_batch()
+        out = []
+        for row in self.store.directives_for_round(r):
+            blob = self.engine.directive(row.student, r, self.now)
+            if not isinstance(blob, bytes):
+                raise RuntimeError(f"sim: no directive for a matched student: {blob!r}")
+            out.append(verify_directive(blob, cpm_peer_id=self.cpm.peer_id, now_ms=self.now, teacher=row.teacher,
+                                        student=row.student, transfer_hash=self.cfg.transfer_hash)[1])
+        return r, sorted(out, key=lambda d: (d.teacher, d.student))
+
+    def feedback(self, reports: list[tuple[Directive, float, float, float]]) -> None:
+        """The round's Feedback (directive, L_pre, L_post, KB), in one group-commit batch
+        as the node's service batches concurrent messages: the strategy state (tens of
+        KiB of JSON) is then serialised once per round, not once per feedback."""
+        with self.store.grouped():
+            for d, loss_pre, loss_post, kb in reports:
+                fb = Feedback(d.directive_id, d.round, d.teacher, d.student, loss_pre, loss_post, kb, True, "")
+                if not self.engine.feedback(d.student, fb, self.now):
+                    raise RuntimeError(f"sim: feedback for {d.directive_id} counted as a duplicate")
+        self.store.commit_batch()
+
+    def quarantined(self) -> set[str]:
+        return {p for p in self.peers if self.engine.reputation.is_quarantined(p)}
+
+    def close(self) -> None:
+        row = self.store.latest_round()
+        if row is not None and row.state == "matched":
+            raise RuntimeError(f"sim: round {row.round} did not close after its feedback")
+        self.store.close()
+
+
 def run_method(method: str, agents: list[SyntheticAgent], rounds: int, k_pairs: int, seed: int,
                n_transfer: int = 12, strategy_kw: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one method on ``agents`` (mutated in place: pass a deep copy)."""
+    """Run one method on ``agents`` (mutated in place: pass a deep copy).
+
+    Every strategy runs inside the CPM's ``RoundEngine`` (``_EngineRounds``). The two
+    oracles do not: they read the true world's reward matrix, which no node has, and are
+    the ceiling the others are measured against, so they pick their pairs directly (no
+    reputation: the sim's agents are honest unless a test poisons one)."""
+    with tempfile.TemporaryDirectory(prefix="knexa-sim-", dir=_store_dir()) as tmp:
+        return _run_method(method, agents, rounds, k_pairs, seed, n_transfer, strategy_kw, tmp)
+
+
+def _run_method(method: str, agents: list[SyntheticAgent], rounds: int, k_pairs: int, seed: int,
+                n_transfer: int, strategy_kw: dict[str, Any] | None, db_dir: str) -> dict[str, Any]:
     n = len(agents)
-    ids = [a.agent_id for a in agents]
-    index = {aid: i for i, aid in enumerate(ids)}
     arm_kb = _arm_kb(agents[0], n_transfer)
     box: dict[str, np.ndarray] = {}
+    optimum = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS), solver="optimal")
+    loop: _EngineRounds | None = None
     if method in ORACLES:
-        strat = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS), solver=ORACLES[method])
+        greedy = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS), solver=ORACLES[method])
+        ids = [str(i) for i in range(n)]
     else:
-        strat = make_strategy(method, **(strategy_kw or {}))
+        loop = _EngineRounds(method, make_strategy(method, **(strategy_kw or {})), agents, seed, k_pairs, db_dir)
     rng = np.random.default_rng([seed, 1])
     gains, regrets, best_values, js_all, n_pairs = [], [], [], [], []
-    optimum = OracleStrategy(matrix_fn=lambda k: box["R"][k], n_arms=len(DEFAULT_ARMS), solver="optimal")
+    teachers: list[list[int]] = []
+    quarantined: dict[int, int] = {}
     for r in range(rounds):
         P = np.array([a.profile() for a in agents])
         box["R"] = _reward_matrices(agents, arm_kb)
         best = optimum.match(n, k_pairs)
         best_value = float(best.score.sum())
-        # the oracle plays the optimum just computed (solving again would give the same pairs)
-        pairs = OracleStrategy.pairs(best, ids) if method == "oracle" else strat.select(P, ids, r, k_pairs, rng)
+        # (teacher index, student index, arm, the engine's Directive or None)
+        plan: list[tuple[int, int, int, Directive | None]]
+        if loop is not None:
+            _, directives = loop.match(P)
+            plan = [(loop.index[d.teacher], loop.index[d.student], d.arm, d) for d in directives]
+        else:
+            # the oracle plays the optimum just computed (solving again would give the same pairs)
+            pairs = OracleStrategy.pairs(best, ids) if method == "oracle" else greedy.select(P, ids, r, k_pairs, rng)
+            plan = [(int(p.teacher), int(p.student), int(p.arm), None) for p in pairs]
         chosen_value = 0.0
         round_gain = 0.0
-        for i, pair in enumerate(pairs):
-            t, s = index[pair.teacher], index[pair.student]
-            chosen_value += float(box["R"][pair.arm, t, s])
+        reports: list[tuple[Directive, float, float, float]] = []
+        for i, (t, s, k, d) in enumerate(plan):
+            chosen_value += float(box["R"][k, t, s])
             js_all.append(float(F.js_divergence(P[t, F.HIST], P[s, F.HIST])))
-            arm = DEFAULT_ARMS[pair.arm]
-            pkg = agents[t].teach(TeachRequest(f"r{r}-{i}", r, _transfer_ids(r, n_transfer), arm, agents[s].family))
+            arm = DEFAULT_ARMS[k]
+            # the sim's balanced rotation, not the engine's per-arm subset: the oracle's
+            # expected gain assumes a category-balanced package (``_transfer_ids``)
+            req_id = d.directive_id if d is not None else f"r{r}-{i}"
+            pkg = agents[t].teach(TeachRequest(req_id, r, _transfer_ids(r, n_transfer), arm, agents[s].family))
             kb = package_kb(pkg)
             true_pre = loss(agents[s].state)
             res = agents[s].learn(pkg, arm)
             round_gain += true_pre - loss(agents[s].state)
-            strat.update(pair, Feedback(res.loss_pre, res.loss_post, kb))
+            if d is not None:
+                reports.append((d, res.loss_pre, res.loss_post, kb))
+        if loop is not None:
+            loop.feedback(reports)
+            for peer in loop.quarantined():
+                quarantined.setdefault(loop.index[peer], r)
         for a in agents:
             a.end_round()
+        teachers.append([t for t, _, _, _ in plan])
         gains.append(round_gain)
         regrets.append(best_value - chosen_value)
         best_values.append(best_value)
-        n_pairs.append(len(pairs))
+        n_pairs.append(len(plan))
+    if loop is not None:
+        loop.close()
     return {
         "cum_gain": float(np.sum(gains)),
         "gain_per_round": gains,
@@ -158,6 +286,8 @@ def run_method(method: str, agents: list[SyntheticAgent], rounds: int, k_pairs: 
         "mean_js": float(np.mean(js_all)) if js_all else 0.0,
         "mean_pairs": float(np.mean(n_pairs)),
         "final_pass1": float(np.mean([a.evaluate()["pass@1"] for a in agents])),
+        "teachers_per_round": teachers,
+        "quarantined": quarantined,  # agent index → round (0-based) its quarantine began
     }
 
 
@@ -212,6 +342,7 @@ def run_sim(n_clients: int, rounds: int, seeds: int | Sequence[int], heterogenei
             "min_round_regret": float(min(min(r["regret_per_round"]) for r in runs)),
             "frac_of_optimum_value": _ms([_value_frac(r) for r in runs]),
             "mean_pairs": _ms([r["mean_pairs"] for r in runs]),
+            "quarantined_teachers": _ms([len(r["quarantined"]) for r in runs]),  # by the engine's reputation
             "gain_curve": np.mean([r["gain_per_round"] for r in runs], axis=0).tolist(),
             "per_seed_cum_gain": g,
         }
@@ -309,7 +440,17 @@ def _log_to_stderr() -> None:
     from p2p.logs import configure_logging
 
     configure_logging("auto", stream=sys.stderr)
-    structlog.configure(logger_factory=_StderrLoggerFactory())
+    structlog.configure(logger_factory=_StderrLoggerFactory(),
+                        processors=[_drop_engine_info, *structlog.get_config()["processors"]])
+
+
+def _drop_engine_info(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Drop the round engine's info lines (``cpm.*``: one per profile, directive and
+    feedback — over a million for a fresh-seeds table); its warnings (a quarantine)
+    and errors stay."""
+    if method in ("debug", "info") and str(event.get("event", "")).startswith("cpm."):
+        raise structlog.DropEvent
+    return event
 
 
 # -h like every KNEXA command; set here too because click caches a command's help option

@@ -157,3 +157,23 @@ def test_gain_curve_adds_up_to_the_cumulative_gain() -> None:
     for m in r["methods"].values():
         assert len(m["gain_curve"]) == 6
         assert sum(m["gain_curve"]) == pytest.approx(m["cum_gain"]["mean"], rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["heuristic", "random"])  # linucb learns to avoid it unaided
+def test_a_quarantined_teacher_is_never_assigned_again_in_the_sim(method: str) -> None:
+    """The sim drives the CPM's round engine, so the node's teacher quarantine holds in
+    it: the population's best agent, poisoned, is the most attractive teacher; once the
+    engine quarantines it, no later round makes it a teacher (it may still learn)."""
+    from harness.sim import run_method
+    from tests.unit.quarantine_world import strongest
+
+    n, seed, rounds = 8, 0, 40
+    poisoner = strongest(n, seed)
+    res = run_method(method, make_population(n, alpha=0.1, seed=seed, poisoned=(poisoner,)), rounds, n // 2, seed)
+    teachers = res["teachers_per_round"]
+    assert poisoner in res["quarantined"], [r for r, ts in enumerate(teachers) if poisoner in ts]
+    q = res["quarantined"][poisoner]
+    assert any(poisoner in ts for ts in teachers[: q + 1])  # it did teach, and harm, first
+    assert all(poisoner not in ts for ts in teachers[q + 1:]), (q, teachers)
+    assert rounds - q > 10  # enough rounds after it to mean something
+    assert res["mean_pairs"] >= n // 2 - 1  # everyone else kept being matched
