@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -456,7 +456,7 @@ class Federation:
             data = collect_from_store(store)
         finally:
             store.close()
-        data["pass1_by_round"] = held_out_pass1(self._homes())
+        data["pass1_by_round"] = held_out_pass1(self._homes(), data["rounds"])
         names = {n.peer: n for n in self.nodes if n.peer}
         peers = {
             peer: {"name": n.name, "org": n.org, "family": data["families"].get(peer, n.model), "model": n.model,
@@ -504,16 +504,20 @@ def training_counts(home: Path) -> dict[str, int]:
     return {"steps_trained": state.steps_trained, "local_rounds": state.local_rounds}
 
 
-def held_out_pass1(homes: Mapping[str, Path]) -> dict[int, dict[str, float]]:
+def held_out_pass1(homes: Mapping[str, Path], rounds: Iterable[int] | None = None) -> dict[int, dict[str, float]]:
     """``{round: {peer: test pass@1}}`` from the daemons' own evaluation logs
     (``knexad.evaluations``): the weights each round's profile describes, scored on the
-    held-out test set. Not from the CPM's profiles, which carry validation numbers only."""
+    held-out test set. Not from the CPM's profiles, which carry validation numbers only.
+    ``rounds``: keep only these — a daemon also evaluates when it builds the profile
+    after the last round (to train its idle steps), a round the CPM never opened."""
     from knexad.evaluations import read_evaluations
 
+    keep = None if rounds is None else set(rounds)
     out: dict[int, dict[str, float]] = {}
     for peer, home in homes.items():
         for rnd, value in read_evaluations(home).items():
-            out.setdefault(rnd, {})[peer] = value
+            if keep is None or rnd in keep:
+                out.setdefault(rnd, {})[peer] = value
     return out
 
 
@@ -526,7 +530,7 @@ def snapshot(store: Any, homes: Mapping[str, Path] | None = None) -> dict[str, A
     closed_ids = {r.round for r in store.list_rounds() if r.state == "closed"}
     data = collect_from_store(store)
     if homes is not None:
-        data["pass1_by_round"] = held_out_pass1(homes)
+        data["pass1_by_round"] = held_out_pass1(homes, data["rounds"])
     rows = [asdict(r) for r in R.build_round_rows(data["pairs"], data["pass1_by_round"], data["rounds"])]
     latest = store.latest_round()
     closed_rows = [r for r in rows if r["round"] in closed_ids]

@@ -37,3 +37,6 @@ def test_harness_reads_test_pass1_per_round_and_peer_from_the_homes(tmp_path) ->
     append_evaluation(a, 2, {"pass@1": 0.3})
     append_evaluation(b, 2, {"pass@1": 0.6})
     assert held_out_pass1({"PA": a, "PB": b, "PC": tmp_path / "never-ran"}) == {1: {"PA": 0.2}, 2: {"PA": 0.3, "PB": 0.6}}
+    # the profile a daemon builds after the last round (round 3 here) is no round of the CPM's
+    append_evaluation(a, 3, {"pass@1": 0.9})
+    assert held_out_pass1({"PA": a, "PB": b}, rounds=[1, 2]) == {1: {"PA": 0.2}, 2: {"PA": 0.3, "PB": 0.6}}
