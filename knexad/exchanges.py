@@ -13,50 +13,34 @@ surviving a restart. One JSON object per line: ``directive``, ``round``, ``teach
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import structlog
+from p2p.files import append_json_line, read_json_lines
 
 EXCHANGES_FILE = "exchanges.jsonl"
-
-log = structlog.get_logger(__name__)
 
 
 def append_exchange(home: Path, *, directive: str, round_: int, teacher: str, student: str, path: str,
                     wire_bytes: int, seconds: float, dial_seconds: float = 0.0, now_ms: int | None = None) -> None:
-    """Append one fetched package's record and fsync: the harness may read it while
-    the daemon runs (the same discipline as ``knexad.evaluations``)."""
-    row = {"directive": directive, "round": int(round_), "teacher": teacher, "student": student, "path": path,
-           "wire_bytes": int(wire_bytes), "seconds": float(seconds), "dial_seconds": float(dial_seconds),
-           "unix_ms": int(time.time() * 1000) if now_ms is None else int(now_ms)}
-    with open(Path(home) / EXCHANGES_FILE, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one fetched package's record, fsynced: the harness may read it while the
+    daemon runs (``p2p.files.append_json_line``, as ``knexad.evaluations``)."""
+    append_json_line(Path(home) / EXCHANGES_FILE, {
+        "directive": directive, "round": int(round_), "teacher": teacher, "student": student, "path": path,
+        "wire_bytes": int(wire_bytes), "seconds": float(seconds), "dial_seconds": float(dial_seconds),
+        "unix_ms": int(time.time() * 1000) if now_ms is None else int(now_ms)})
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    return {"directive": str(row["directive"]), "round": int(row["round"]), "teacher": str(row["teacher"]),
+            "student": str(row["student"]), "path": str(row["path"]), "wire_bytes": int(row["wire_bytes"]),
+            "seconds": float(row["seconds"]), "dial_seconds": float(row.get("dial_seconds", 0.0))}
 
 
 def read_exchanges(home: Path) -> list[dict[str, Any]]:
     """The records of a daemon home (empty when it never fetched), in file order; a torn
     or foreign line is skipped with a warning; a directive recorded twice (re-fetched
     after a crash) keeps its last line."""
-    path = Path(home) / EXCHANGES_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    out: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            rec = {"directive": str(row["directive"]), "round": int(row["round"]), "teacher": str(row["teacher"]),
-                   "student": str(row["student"]), "path": str(row["path"]), "wire_bytes": int(row["wire_bytes"]),
-                   "seconds": float(row["seconds"]), "dial_seconds": float(row.get("dial_seconds", 0.0))}
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("knexad.exchanges.bad_line", path=str(path), line=number, error=type(exc).__name__)
-            continue
-        out[rec["directive"]] = rec
-    return list(out.values())
+    rows = read_json_lines(Path(home) / EXCHANGES_FILE, _record, "knexad.exchanges.bad_line")
+    return list({rec["directive"]: rec for rec in rows}.values())

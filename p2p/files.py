@@ -9,8 +9,16 @@ directory so the rename itself survives power loss — and it is easy to get sub
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 TEMP_SUFFIX = ".tmp"
 
@@ -66,3 +74,30 @@ def remove_stale_temps(directory: Path) -> int:
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def append_json_line(path: Path | str, row: Any) -> None:
+    """Append ``row`` as one JSON line and fsync: an append-only local record (a daemon's
+    evaluations, its exchanges) that another process may read while it grows. A crash
+    can leave only the last line torn, which ``read_json_lines`` skips."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_json_lines(path: Path | str, convert: Callable[[Any], T], event: str) -> list[T]:
+    """``convert`` of every line of an ``append_json_line`` file, in file order (empty
+    when it does not exist); a line that is not JSON or that ``convert`` refuses
+    (ValueError, KeyError, TypeError) is skipped with an ``event`` warning."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out: list[T] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(convert(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning(event, path=str(path), line=number, error=type(exc).__name__)
+    return out
