@@ -51,6 +51,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p2p.logs import log_events
+
 REPO = Path(__file__).resolve().parents[1]
 CPM = [sys.executable, "-m", "cpm.cli"]
 KNEXAD = [sys.executable, "-m", "knexad.cli"]
@@ -82,15 +84,7 @@ class Proc:
                                           start_new_session=True)
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.err.read_text(errors="replace").splitlines():
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(doc, dict) and doc.get("event") == name:
-                out.append(doc)
-        return out
+        return log_events(self.err.read_text(errors="replace"), name)
 
     def alive(self) -> bool:
         return self.popen.poll() is None

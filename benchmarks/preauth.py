@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file too (python benchmarks/preauth.py)
     sys.path.insert(0, str(REPO))
 
+from p2p.logs import log_events  # noqa: E402
 from protocol.framing import encode_varint  # noqa: E402 — the multistream length prefix is the same varint
 
 MULTISTREAM_HEADER = b"/multistream/1.0.0\n"
@@ -178,13 +179,8 @@ def legit_register(addr: str, timeout_s: float = 20.0) -> tuple[bool, float, str
 def refusals(stderr_text: str) -> dict[str, int]:
     """``p2p.preauth.refused`` events (JSON log lines) counted by reason, suppressed included."""
     counts: Counter[str] = Counter()
-    for line in stderr_text.splitlines():
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == "p2p.preauth.refused":
-            counts[str(doc.get("reason"))] += 1 + int(doc.get("suppressed", 0))
+    for doc in log_events(stderr_text, "p2p.preauth.refused"):
+        counts[str(doc.get("reason"))] += 1 + int(doc.get("suppressed", 0))
     return dict(counts)
 
 

@@ -9,10 +9,12 @@ rate-limited per message template, because py-libp2p repeats the same warning in
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -79,3 +81,18 @@ class _ToStructlog(logging.Handler):
         structlog.get_logger("libp2p").warning(
             "libp2p.log", logger=record.name, level_name=record.levelname, message=record.getMessage(), **extra
         )
+
+
+def log_events(text: str, name: str | None = None) -> list[dict[str, Any]]:
+    """The JSON log lines (this module's JSON renderer) in ``text`` — a process's captured
+    stderr — as dicts, optionally only the events called ``name``; other lines are
+    skipped. One parser for the benchmarks and tests that read a child's log."""
+    out = []
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(doc, dict) and (name is None or doc.get("event") == name):
+            out.append(doc)
+    return out

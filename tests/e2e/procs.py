@@ -4,13 +4,14 @@ tests/reliability so both drive the binaries the same way."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from p2p.logs import log_events
 
 REPO = Path(__file__).resolve().parents[2]
 KNEXAD = [sys.executable, "-m", "knexad.cli"]
@@ -40,15 +41,7 @@ class Proc:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """JSON log lines (structlog) from stderr, optionally only events called ``name``."""
-        out = []
-        for line in self.err.read_text(errors="replace").splitlines():
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(doc, dict) and (name is None or doc.get("event") == name):
-                out.append(doc)
-        return out
+        return log_events(self.err.read_text(errors="replace"), name)
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:

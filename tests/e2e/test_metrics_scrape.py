@@ -9,7 +9,6 @@ one `exchange.package.received` (student) per exchange, with the stable keys.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from p2p.logs import log_events
 from tests.e2e.conftest import ManagedProcess, ProcessManager, cpm_init, e2e_env, run_cli, start_cpm
 
 pytestmark = pytest.mark.timeout(240)
@@ -79,15 +79,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, procs: lis
 
 
 def events(proc: ManagedProcess, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in proc.stderr().splitlines():
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == name:
-            out.append(doc)
-    return out
+    return log_events(proc.stderr(), name)
 
 
 def synthetic_transfer_hash() -> str:

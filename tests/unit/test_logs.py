@@ -41,3 +41,12 @@ def test_repeated_template_is_rate_limited_and_counted() -> None:
     assert [e["message"] for e in events] == ["redial to peer0 failed", "other problem", "redial to peer99 failed"]
     assert "suppressed" not in events[0]
     assert events[2]["suppressed"] == 49
+
+
+def test_log_events_reads_json_lines_and_filters_by_event() -> None:
+    from p2p.logs import log_events
+
+    text = '{"event": "a", "x": 1}\nplain text\n{"event": "b"}\n[1, 2]\n{"event": "a", "x": 2\n{"event": "a", "x": 3}\n'
+    assert [e["x"] for e in log_events(text, "a")] == [1, 3]
+    assert [e["event"] for e in log_events(text)] == ["a", "b", "a"]
+    assert log_events("") == []
