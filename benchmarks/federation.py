@@ -41,6 +41,7 @@ import argparse
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -171,12 +172,27 @@ def run_one(plan: Plan, strategy: str, seed: int, console: Any) -> tuple[dict[st
     entry, outcome = run_cell(plan.up_config(), strategy, seed, path, console)
     record = FR.cell_record(strategy, seed, plan.fingerprint(), outcome.status, outcome.exit_code,
                             outcome.message, outcome.doc)
+    record["code"] = code_version()
     if outcome.status != "interrupted":  # an interrupted cell is not a measurement: run it again next time
         path.mkdir(parents=True, exist_ok=True)
         write_json(path / CELL_FILE, record)
     log.info("bench.federation.cell.done", strategy=strategy, seed=seed, status=outcome.status,
              final_pass1=record["final_pass1"], wall_s=record["wall_s"], rounds=entry["rounds_completed"])
     return record, outcome.status
+
+
+def code_version() -> str:
+    """The commit the cell was measured with (``+dirty`` when the work tree differs from
+    it), so a table built over several sessions can show it came from one frozen commit."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def execute(plan: Plan, console: Any, redo: bool = False, report_only: bool = False) -> tuple[int, dict[str, Any]]:

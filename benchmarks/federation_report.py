@@ -233,6 +233,7 @@ def summary_document(config: Mapping[str, Any], cells: Sequence[Mapping[str, Any
         "table": table_rows(cells, strategies),
         "paired": paired(cells, *pair) if pair else None,
         "cells_wall_s": sum(float(c.get("wall_s") or 0.0) for c in cells),
+        "code_versions": sorted({str(c.get("code", "unrecorded")) for c in cells}),
     }
 
 

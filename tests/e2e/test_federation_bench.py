@@ -11,6 +11,7 @@ written; no process outlives the command. The default test uses synthetic agents
 from __future__ import annotations
 
 import csv
+import re
 import json
 import sys
 from pathlib import Path
@@ -58,6 +59,7 @@ def _check_summary(out: Path, strategies: list[str], nodes: int, rounds: int, ag
         assert cell["initial_pass1"] == res["summary"]["initial_pass1"]
         assert len(cell["curve"]) == rounds + 1 and cell["curve"][-1] == cell["final_pass1"]
         assert 0.0 <= cell["auc_pass1"] <= 1.0 and cell["wall_s"] > 0
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", cell["code"]), cell["code"]  # the commit measured
         assert [r["round"] for r in cell["rounds"]] == list(range(1, rounds + 1))
         assert set(cell["rounds"][0]) >= {"pairs", "mean_pass1", "mean_raw_reward", "bytes"}
         assert len(cell["agents"]) == nodes
@@ -74,6 +76,7 @@ def _check_summary(out: Path, strategies: list[str], nodes: int, rounds: int, ag
         _no_survivors(cell_dir, nodes)
     table = {row["strategy"]: row for row in doc["table"]}
     assert list(table) == strategies
+    assert doc["code_versions"] == sorted({c["code"] for c in doc["cells"]})
     for cell in doc["cells"]:
         row = table[cell["strategy"]]
         assert row["ok"] == 1 and row["final_pass1"] == cell["final_pass1"] and row["final_pass1_ci95"] is None
