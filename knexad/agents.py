@@ -58,7 +58,8 @@ def build_agent(cfg: DaemonConfig) -> Agent:
     from knexad.agent.ml_agent import MLAgent, steps_for_budget
 
     return MLAgent(model=a.model, agent_index=a.index, n_agents=a.n_agents, seed=a.seed,
-                   steps=steps_for_budget(a.budget), verify_knowledge=a.verify_knowledge)
+                   steps=steps_for_budget(a.budget), verify_knowledge=a.verify_knowledge,
+                   reward_measure=a.reward_measure)
 
 
 def end_round(agent: Agent) -> None:

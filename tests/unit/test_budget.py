@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from knexad.config import AGENT_BUDGETS, DaemonConfig, from_mapping, load_config, write_config
+from knexad.config import AGENT_BUDGETS, AGENT_REWARD_MEASURES, DaemonConfig, from_mapping, load_config, write_config
 from protocol.errors import ConfigError
 
 CPM = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
@@ -25,6 +25,10 @@ def test_budget_defaults_validates_and_rejects_unknown() -> None:
     with pytest.raises(ConfigError) as err:
         from_mapping({"cpm": CPM, "agent": {"budget": "turbo"}})
     assert err.value.key == "agent.budget"
+    assert from_mapping({"cpm": CPM}).agent.reward_measure == "val_pass"
+    with pytest.raises(ConfigError) as err:
+        from_mapping({"cpm": CPM, "agent": {"reward_measure": "vibes"}})
+    assert err.value.key == "agent.reward_measure"
 
 
 def test_env_override_reaches_the_budget(tmp_path) -> None:
@@ -38,6 +42,9 @@ def test_ml_agent_budgets_match_config_names_and_cli_help() -> None:
     from knexad.agent.ml_agent import BUDGETS, StepsConfig, steps_for_budget
 
     assert tuple(BUDGETS) == AGENT_BUDGETS == tuple(cli.BUDGETS)
+    from knexad.agent.ml_agent import REWARD_MEASURES
+
+    assert REWARD_MEASURES == AGENT_REWARD_MEASURES
     assert steps_for_budget("standard") == StepsConfig()
     assert steps_for_budget("fast").local < StepsConfig().local < steps_for_budget("thorough").local
     with pytest.raises(ValueError):
@@ -63,6 +70,10 @@ def test_build_agent_uses_the_budget_steps() -> None:
     for name in AGENT_BUDGETS:
         agent = build_agent(DaemonConfig(cpm=CPM, agent=AgentSection(model="tiny-gpt2", n_agents=2, budget=name)))
         assert agent.steps == BUDGETS[name]  # the model itself is built lazily: cheap
+    for measure in AGENT_REWARD_MEASURES:
+        agent = build_agent(DaemonConfig(cpm=CPM, agent=AgentSection(model="tiny-gpt2", n_agents=2,
+                                                                     reward_measure=measure)))
+        assert agent.reward_measure == measure
 
 
 def test_set_budget_rewrites_the_node_config(tmp_path) -> None:

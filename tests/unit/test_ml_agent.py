@@ -201,6 +201,7 @@ def test_evaluate_reruns_only_after_the_weights_changed(quick_cache, monkeypatch
     monkeypatch.setattr(evaluate, "check_programs", counting_check)
     agent = _agent(0)
     agent.verify_knowledge = False  # its sandbox runs would count as evaluations here
+    agent.reward_measure = "val_loss"  # so would val_pass's check after a KD round (next test)
     first = agent.evaluate()
     assert len(calls) == 1 and first["pass@1"] == 1.0
     again = agent.evaluate()  # nothing trained since: no generation, no sandbox run
@@ -228,6 +229,40 @@ def test_evaluate_reruns_only_after_the_weights_changed(quick_cache, monkeypatch
     assert restored.load(tmp_path / "stale")
     restored.evaluate()  # no metrics for these weights: a real evaluation
     assert len(calls) == 5
+
+
+def test_val_pass_reward_is_the_validation_error_rate_before_and_after_kd(quick_cache, monkeypatch) -> None:
+    """The default reward measure: L_pre = 1 − val pass@1 of the weights the profile was
+    evaluated with (no new run), L_post = the same after the KD steps (one sandbox run of
+    the validation programs only); val_loss reports the token cross-entropy instead."""
+    from knexad.agent import evaluate
+
+    calls: list[int] = []
+
+    def check(programs, timeout_s=5.0, memory_mb=512):
+        calls.append(len(programs))
+        return [len(calls) > 1] * len(programs)  # fails everything before KD, passes after
+
+    monkeypatch.setattr(evaluate, "check_programs", check)
+    agent = _agent(0)
+    agent.verify_knowledge = False
+    assert agent.reward_measure == "val_pass"
+    assert agent.evaluate()["val_pass@1"] == 0.0 and len(calls) == 1
+    good = tuple(KnowledgeItem(str(i), t.prompt, t.solution, t.category) for i, t in enumerate(agent.transfer[:4]))
+    res = agent.learn(KnowledgePackage("tiny-gpt2", good, {"round": 0}), ProtocolArm())
+    assert (res.loss_pre, res.loss_post) == (1.0, 0.0)
+    assert calls == [len(agent.split.test) + len(agent.split.val), len(agent.split.val)]
+    assert agent._state.kd_gain == pytest.approx(math.tanh(1.0))  # the profile's kd-gain slot agrees
+
+    calls.clear()
+    ce = _agent(0)
+    ce.verify_knowledge = False
+    ce.reward_measure = "val_loss"
+    ce.evaluate()
+    res = ce.learn(KnowledgePackage("tiny-gpt2", good, {"round": 0}), ProtocolArm())
+    assert len(calls) == 1 and res.loss_pre > 1.0  # cross-entropy of a barely trained model, no extra run
+    with pytest.raises(ValueError, match="reward_measure"):
+        MLAgent("tiny-qwen2", 0, 2, seed=3, steps=STEPS, data=DATA, reward_measure="vibes")
 
 
 def test_checkpoint_round_trip_restores_outputs_and_counters(quick_cache, tmp_path) -> None:
