@@ -57,8 +57,8 @@ class StepsConfig:
 # rate 1 − pass@1 (greedy, sandboxed, all 12 categories), ``val_loss`` = mean token
 # cross-entropy on the reference solutions. Why val_pass is the default: over the tuning
 # seed's 88 KD rounds its change tracks the student's later test pass@1 change better
-# (Pearson 0.51–0.76 vs 0.45–0.56, docs/results.md §Federation), and the cross-entropy
-# rewards the gentle arm that moves the loss without teaching a new category.
+# (Pearson 0.51–0.76 vs 0.45–0.56, benchmarks/reward_alignment.py), and the cross-entropy
+# scores the gentle arm as high as the default one although its students gained less.
 REWARD_MEASURES: tuple[str, ...] = ("val_pass", "val_loss")
 
 BUDGETS: dict[str, StepsConfig] = {
