@@ -2,58 +2,12 @@
 
     python -m benchmarks.ingest [--profiles 1000] [--clients 16] [--pipeline 16] [--json]
 
-What runs, per mode, side by side in one invocation (small defaults: well under a
-minute on an idle 2-core machine):
-
-* the CPM: a real ``CpmService`` (py-libp2p host, Noise + yamux, the engine, SQLite in
-  WAL with ``synchronous=FULL``, INFO logs rendered as JSON to a file) in this process;
-* ``--clients`` K agents in one driver subprocess (so they do not share the CPM's event
-  loop): each has its own Ed25519 identity, its own libp2p host and connection, is
-  admitted, sends ``Register`` and then sealed ``Profile`` envelopes on one kept-open
-  stream, each batch as soon as the previous one was acknowledged; every ``Ack`` is
-  checked (CPM signature, ``ref`` = our nonce).
-
-Modes (W = requests each agent has in flight):
-
-* ``group``: group commit (one fsync per batch, COMMIT on a worker thread — the node's
-  default), W = 1: many agents, one request each, the realistic load;
-* ``per_message``: one COMMIT + fsync per message on the event loop (the behaviour
-  before group commit), W = 1;
-* ``group_new_stream``: as ``group`` but a new stream per request, as
-  ``knexad.cpm_client.CpmRpc`` does (context: the cost of a stream);
-* ``echo``: the same clients and frames against a bare py-libp2p handler that answers
-  each request with a stored Ack — no verification, engine or SQLite: the transport's
-  own ceiling, W = 1;
-* ``group_pipelined`` / ``echo_pipelined``: the same with W = ``--pipeline`` requests
-  sent in one write (the node answers a burst with one commit and one write).
-
-``--registered N`` adds N more admitted, registered agents, each with a profile in the
-open round, before the clients start (written straight into the database; they send
-nothing): the engine's per-request work must not grow with the number of agents, or a
-round of N agents costs O(N²) to ingest. Compare ``--registered 0`` with
-``--registered 10000``.
-
-``--store`` picks the backend, repeatable to compare them in one run: ``sqlite`` (the
-default: a fresh file per mode), ``postgresql`` (a throwaway PostgreSQL server started
-from the server binaries for this run — ``benchmarks.pgserver``, durable defaults — a
-fresh database per mode; its server processes' CPU is measured too), or a
-``postgresql://…`` URL (a fresh schema per mode in that database, left there). Results
-of other stores than ``sqlite`` are keyed ``<mode>@<store>``.
-
-Plus ``verify`` (the envelope check alone: ``open_envelope``, decode + Ed25519 verify,
-one thread) and ``commit_ms`` (one standalone write transaction — SQLite: ``BEGIN
-IMMEDIATE … COMMIT`` with ``synchronous=FULL`` on this disk; PostgreSQL: the same
-through the store, ``synchronous_commit=on``).
-
-Measured: acked profiles / wall second from the first to the last profile, and the
-CPM process's CPU seconds per profile over the same window (what one core of CPM could
-sustain if the clients were elsewhere: on a 2-core machine the clients take the other
-core, so wall rates understate the CPM). Verified afterwards, on the database reopened
-from disk: every client's stored profile is the last one it got an Ack for, the
-profiles row count is K, and the engine counted exactly the acked profiles.
-
-What an Ack guarantees is in docs/cpm.md ("Durability"): the COMMIT that holds the
-profile returned (fsynced WAL) before the Ack was written.
+Why: the CPM must take a whole federation's profiles each round; this measures a real
+``CpmService`` (libp2p, the engine, SQLite or PostgreSQL) against its own ceilings in
+the same run — the bare py-libp2p transport (``echo`` modes) and signature verification
+alone — and then checks on the reopened database that every acked profile is stored.
+The modes, ``--registered``, ``--store``, what is measured and what is verified:
+docs/performance.md §How the ingest benchmark measures; the figures: same page.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ service, the strategies and the simulator all use this one, so a fix lands every
 Ridge regression of the z-scored reward (Eq. 3) on the pair context φ, with a
 Sherman–Morrison inverse (re-inverted every ``reinvert_every`` updates against round-off),
 an optional discount γ_d (the ``(1 − γ_d)·λI`` share keeps A ⪰ λI, so the exploration
-width never collapses on old directions) and β_t schedules. The model, the defaults
-(λ = 0.3 and how it was chosen, on which seeds) and the reward's normalisation:
-docs/matchmaking.md §LinUCB and §Synthetic benchmark.
+width never collapses on old directions) and β_t schedules. The reward itself is
+``cpm.reward`` (the round engine scores every feedback with it, for every strategy); a
+LinUCB owns one, so its z-score statistics are saved with the θ fitted to them. The
+model, the defaults (λ = 0.3 and how it was chosen, on which seeds) and the reward's
+normalisation: docs/matchmaking.md §LinUCB and §Synthetic benchmark.
 """
 
 from __future__ import annotations
@@ -18,41 +20,11 @@ from typing import Any
 import numpy as np
 import structlog
 
+from cpm.reward import DELTA_PER_KB, Reward
+
 log = structlog.get_logger(__name__)
 
 BETA_SCHEDULES = ("sqrt", "exp", "const")
-
-
-DELTA_PER_KB = 1e-6  # δ = 1e-3 per MB of knowledge received (design §4)
-
-class RunningZ:
-    """Welford running mean/variance; z-scores a stream of scalars."""
-
-    __slots__ = ("n", "mean", "m2", "eps")
-
-    def __init__(self, eps: float = 1e-6) -> None:
-        self.n = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-        self.eps = eps
-
-    def push(self, x: float) -> None:
-        self.n += 1
-        delta = x - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (x - self.mean)
-
-    @property
-    def var(self) -> float:
-        """Population variance of everything pushed so far (0 before two samples)."""
-        return self.m2 / self.n if self.n > 1 else 0.0
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.var)
-
-    def z(self, x: float) -> float:
-        return (x - self.mean) / (self.std + self.eps)
 
 
 class LinUCB:
@@ -88,30 +60,13 @@ class LinUCB:
         self.tau = float(tau)
         self.decay = float(decay)
         self.discount = float(discount)
-        self.gamma = float(gamma)
-        self.delta_per_kb = float(delta_per_kb)
+        self.reward = Reward(gamma, delta_per_kb, eps)  # Eq. 3 and the z-score statistics θ is fitted to
         self.reinvert_every = int(reinvert_every)
         self.A = np.eye(d) * self.lam
         self.Ainv = np.eye(d) / self.lam
         self.b = np.zeros(d)
         self.t = 0
-        self.z = RunningZ(eps)
         self._theta: np.ndarray | None = None
-
-    # ---- reward -----------------------------------------------------------------
-    def raw_reward(self, loss_pre: float, loss_post: float, kb: float) -> float:
-        """Eq. 3 before normalisation: γ·(L_pre − L_post) − δ·KB.
-
-        δ defaults to 1e-3 per **MB** (design §4), i.e. 1e-6 per KB: with the paper's
-        1e-3 per KB a 20 KB package costs more than a typical validation-loss gain, and
-        the bandit learns "send small packages" instead of "pick good partners".
-        """
-        return self.gamma * (float(loss_pre) - float(loss_post)) - self.delta_per_kb * float(kb)
-
-    def normalize(self, r: float) -> float:
-        """Push r into the running statistics, return its z-score."""
-        self.z.push(float(r))
-        return self.z.z(float(r))
 
     # ---- model ------------------------------------------------------------------
     @property
@@ -143,7 +98,7 @@ class LinUCB:
         return self.mean(X) + self.beta() * self.width(X)
 
     def update(self, phi: np.ndarray, r: float) -> None:
-        """One (already normalised) reward for context φ."""
+        """One z-scored reward (``self.reward.observe``) for context φ."""
         x = np.asarray(phi, dtype=float).reshape(-1)
         if x.shape[0] != self.d:
             raise ValueError(f"context has dim {x.shape[0]}, expected {self.d}")
@@ -165,12 +120,6 @@ class LinUCB:
         self.Ainv = 0.5 * (self.Ainv + self.Ainv.T)
         self._theta = None
 
-    def update_feedback(self, phi: np.ndarray, loss_pre: float, loss_post: float, kb: float) -> float:
-        """Eq. 3 end to end: raw reward → z-score → update. Returns the z-scored reward."""
-        r = self.normalize(self.raw_reward(loss_pre, loss_post, kb))
-        self.update(phi, r)
-        return r
-
     # ---- state ------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
         """Plain-typed state (lists, floats, ints, str) for JSON/msgpack/SQLite."""
@@ -182,16 +131,16 @@ class LinUCB:
             "tau": self.tau,
             "decay": self.decay,
             "discount": self.discount,
-            "gamma": self.gamma,
-            "delta_per_kb": self.delta_per_kb,
+            "gamma": self.reward.gamma,
+            "delta_per_kb": self.reward.delta_per_kb,
             "reinvert_every": self.reinvert_every,
             "t": self.t,
             "A": [float(v) for v in self.A.reshape(-1)],
             "b": [float(v) for v in self.b],
-            "z_n": self.z.n,
-            "z_mean": self.z.mean,
-            "z_m2": self.z.m2,
-            "z_eps": self.z.eps,
+            "z_n": self.reward.z.n,
+            "z_mean": self.reward.z.mean,
+            "z_m2": self.reward.z.m2,
+            "z_eps": self.reward.z.eps,
         }
 
     def embed(self, index: np.ndarray, d: int) -> LinUCB:
@@ -236,7 +185,6 @@ class LinUCB:
         bandit.Ainv = np.linalg.inv(bandit.A)
         bandit.b = np.asarray(state["b"], dtype=float)
         bandit.t = int(state["t"])
-        bandit.z.n = int(state["z_n"])
-        bandit.z.mean = float(state["z_mean"])
-        bandit.z.m2 = float(state["z_m2"])
+        z = bandit.reward.z
+        z.n, z.mean, z.m2 = int(state["z_n"]), float(state["z_mean"]), float(state["z_m2"])
         return bandit

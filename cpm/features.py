@@ -2,47 +2,11 @@
 
 Why not the paper's [p_t, p_s]: a linear model over a concatenation is *separable*,
 score(t, s) = f(t) + g(s), so it can learn "good teachers" and "needy students" but never
-"this teacher has what this student lacks". φ therefore adds pairwise terms.
-
-Profile layout (32-d, design §4)::
-
-    [0:8]   family one-hot
-    [8:20]  dynamic performance (slot 8 = pass@1), normalised to [0, 1]
-    [20:32] data-category histogram (sums to 1)
-
-Context layout (d = 82 + 10K, K protocol arms; d = 112 for K = 3)::
-
-    0        bias                                   1
-    1..32    teacher profile p_t                    linear in t
-    33..64   student profile p_s                    linear in s
-    65..76   |h_t − h_s| (histogram block)          elementwise, non-bilinear
-    77       JS(h_t, h_s) in bits (∈ [0, 1])        non-bilinear
-    78       lack = Σ_c h_t[c]·(1 − h_s[c])         = 1 − h_t·h_s (bilinear)
-    79       gap = pass@1 p_t[8] − p_s[8]           linear
-    80       same family f_t·f_s                    bilinear
-    81       same lineage (``FAMILY_LINEAGE``)      bilinear
-    82..     per arm k, 10 dims, zero unless arm k: "arm × pair summary"
-             [1, lack, same, gap, lack·same, gap·same, lack·π_t, lack·π_s, lin, gap·lin]
-             (π = pass@1 slot, lin = same lineage)
-
-|p_t − p_s| is kept on the histogram block only: on the family block it equals
-f_t + f_s − 2 f_t·f_s (already spanned), and on the performance block it did not help
-in an offline fit. ``lack`` is the teacher's data mass in categories the student does not
-hold (1 for disjoint histograms, 0 for identical one-hot ones). The per-arm block lets the
-value of a protocol depend on the pair — e.g. a strong KD weight pays off between
-compatible families when the teacher covers what the student lacks, and hurts otherwise.
-Measured on the synthetic world (best ridge fit, then greedy, fraction of the oracle's
-per-round value): concat [p_t, p_s] 0.45, φ without the arm block 0.56, φ 0.9.
-
-Why a lineage flag next to the same-family flag: how much of a teacher's text a student
-can absorb depends on how close their tokenizers and architectures are, and that is not
-all-or-nothing — qwen2, llama and mistral are llama-style decoders, gpt2, gpt_neox and
-bloom GPT-2-style byte-level BPE models. With "same family" alone a linear model must
-treat a same-lineage pair like an unrelated one. ``FAMILY_LINEAGE`` is prior knowledge
-of the CPM about the profile's family slots, like the family list itself.
-
-JS is the divergence itself (not scipy's ``jensenshannon``, which is its square root),
-computed with log base 2 so it lies in [0, 1].
+"this teacher has what this student lacks". φ therefore adds pairwise terms (histogram
+distance, JS, "lack" mass, same family, same lineage, pass@1 gap) and a per-arm block, so
+the value of a protocol can depend on the pair. The profile layout is the contract's
+(``protocol.profile``). The context layout index by index, why each term (lineage, arm
+block) and what each was measured to add: docs/matchmaking.md §Pair context φ.
 """
 
 from __future__ import annotations

@@ -1,51 +1,14 @@
 """Which replica runs the rounds: a lease row in the PostgreSQL store, with a fencing epoch.
 
-Why: N ``knexa-cpm serve`` processes may share one PostgreSQL store (docs/operations.md,
-"High availability"). Any of them ingests profiles and feedback and serves directives —
-those are single-row writes serialised by the store's write lock — but opening a round,
-matching it, expiring its directives and closing it must be done by exactly one of them
-at a time, or a round could be matched twice. That one holds the lease.
-
-Why a lease row and not a session advisory lock: an advisory lock lives as long as its
-connection, so a leader that hangs while connected (SIGSTOP, a stuck thread, a GC
-pause of minutes) keeps it forever and the rounds stop. A row with an expiry written by
-the *database's* clock (``clock_timestamp()``; the replicas' clocks never enter) lapses
-by itself when its holder stops renewing it, and another replica takes it over.
-
-The lease row (``lease(name, holder, epoch, expires_at, acquired_at)``,
-``cpm.schema_postgres``):
-
-* **renew** (the holder, every ``ttl/3``): ``UPDATE … SET expires_at = clock_timestamp()
-  + ttl WHERE holder = me`` — no write lock, so a busy ingest cannot delay it.
-* **take over** (any other replica, every ``poll_s``): in a transaction that holds the
-  store's write lock, ``UPDATE … SET holder = me, epoch = epoch + 1 … WHERE expires_at <
-  clock_timestamp()`` (an INSERT the first time). The epoch grows with every new holder.
-* **fence** (the holder, inside every write transaction that advances the rounds, under
-  the same write lock): ``SELECT holder, epoch`` must still be (me, my epoch), or the
-  transaction writes nothing of the rounds. A takeover and a fenced write are therefore
-  totally ordered by the write lock: either the old holder's transition committed before
-  the takeover (the new holder reads it) or the old holder sees the new epoch and stops.
-  A stale leader — paused longer than the lease, then resumed — can never match a round
-  the new leader matched.
-* **release** (clean shutdown, e.g. a rolling upgrade): the lease expires at once, so a
-  follower takes over at its next poll instead of after ``ttl``.
-
-The holder also keeps a local deadline (renew start + ttl on its monotonic clock) and
-stops acting as leader when it passes without a successful renew; that is an
-optimisation (it stops trying early), the fence is the guarantee.
-
-Failure modes (docs/operations.md): the holder dies (kill -9, host lost) → its lease
-lapses after at most ``ttl`` and a follower takes over within ``poll_s`` more; the
-holder hangs while connected → the same, and if it hangs *inside* a write transaction
-it also holds the write lock until PostgreSQL's ``idle_in_transaction_session_timeout``
-(set by ``cpm.pgdb``) ends its session; the database is unreachable → nobody can renew
-or write, rounds pause, and resume when it is back; clock steps on a replica → no
-effect on the lease (the database's clock decides), only on the holder's own early stop.
-
-The strategy state: each replica keeps the bandit in memory for matching and rewards.
-``PostgresStore.bandit_state_stale`` says whether another replica saved it since; the
-engine reloads before it builds on it (``RoundEngine._sync_state``), so a reward applied
-on one replica is never lost by another's save.
+Why: N ``knexa-cpm serve`` processes may share one store. Any of them ingests profiles
+and feedback and serves directives, but opening, matching, expiring and closing a round
+must be done by exactly one at a time, or a round could be matched twice. Why a row that
+expires by the *database's* clock rather than a session advisory lock: a leader that
+hangs while connected would keep an advisory lock forever. Why an epoch: the fence,
+checked under the store's write lock in every transaction that advances the rounds, is
+what guarantees that a stale leader writes nothing. Renew, take over, fence, release,
+the failure modes and the strategy-state reload: docs/operations.md §13; measured
+failover: docs/reliability.md §CPM replica failover.
 """
 
 from __future__ import annotations

@@ -1,59 +1,12 @@
 """Greedy disjoint matching of (teacher, student, arm) tuples by LinUCB score.
 
-Semantics (Algorithm 1, made precise): candidates are all ordered (t, s, k) with t ≠ s
-over the eligible agents; repeatedly take the highest UCB, remove both agents, stop at
-K_p pairs or when nothing is left. Both directions of a pair are candidates, so roles
-are decided by the score. Ties break by (t, s, k) ascending, so results are
-deterministic.
-
-Three implementations share the exact scoring code path:
-
-* ``naive_match`` — per-pair φ and UCB in Python loops, O(N²·K·d²) Python work. Only a
-  benchmark baseline and an equivalence oracle for small N.
-* ``exact_match`` — every candidate scored exactly, vectorized. O(N²) work; fine up to a
-  few thousand agents.
-* ``fast_match`` — scales to 10⁴ agents (design §4), and near-linearly beyond with the
-  clustered stage 1 (``cpm.prefilter``, above ``ann_above`` agents in a pass):
-
-  1. **Prefilter (approximate).** The mean term θᵀφ of arm k is decomposed into a
-     bilinear form L[k, t]·R[s] (rank 43, R shared by the arms). Exact in this
-     decomposition: bias, p_t, p_s, pass@1 gap, lack = 1 − h_t·h_s, same-family,
-     same-lineage, gap·same, gap·lineage, lack·π_t, lack·π_s. Approximated:
-     |x − y| ≈ x + y − 2xy on the histogram (exact when x or y ∈ {0, 1}),
-     JS(h_t, h_s) ≈ 1 − h_t·h_s (equal at disjoint and at identical one-hot
-     histograms), lack·same ≈ L̄·same (L̄ = mean lack of random pairs). Stage 1, over
-     all N² pairs, one float32 product per block of 64 rows: the arm-averaged
-     surrogate, top ``widen·topk`` partners per row by group maxima.
-     Stage 2, on those only: best-arm surrogate max_k L[k, t]·R[s] plus the exploration
-     width β·√(q_t + q_s + 2c_t·p_s + q̄), whose per-agent part is exact (bilinear) and
-     whose pair-dependent part is replaced by its median q̄ over a fixed sample.
-  2. **Shortlist.** Four lists of ``topk`` partners per agent: as teacher, the best
-     students by the stage-2 score and by that score minus the student's own linear
-     part; as student, the same for teachers. The second kind of list keeps the
-     shortlist from collapsing onto a few "hub" agents that every row prefers.
-  3. **Exact scoring** of every shortlisted pair for every arm (``_PairScorer``, float64):
-     the per-agent parts of θᵀφ and φᵀA⁻¹φ are precomputed once, so a pair costs only
-     its 27 pair-dependent features (|h_t − h_s|, JS, lack, gap, same, lineage, arm
-     block), not a full d-dim φ and a d×d quadratic form. Equal to ``bandit.ucb(batch_context(…))`` to
-     round-off (tested).
-  4. **Greedy** over the shortlist: best arm per pair, sort once, walk with a used-mask.
-  5. **Refill.** If fewer than K_p pairs were formed and ≥ 2 agents are unmatched, the
-     matcher runs again on the unmatched agents only, reusing the per-agent factors of
-     steps 1 and 3 (exactly, over all their pairs, once they are few). When θ = 0, when
-     a pass formed under half of the pairs still needed (its shortlists collapsed
-     onto a few hub agents) and on the last pass, the refill scores *coverage* pairs
-     instead: each agent with its 2·topk cyclic neighbours, both ways round
-     (``coverage_pairs``), so nearly everyone is paired whatever the bandit knows.
-
-  With ``topk ≥ N − 1`` nothing is pruned and the result equals ``exact_match``
-  (tested). With pruning, pairs outside every shortlist are never considered; the
-  tests bound the loss in total score against the exact greedy.
-
-BLAS threads: by default the prefilter and scoring run with one BLAS thread
-(``threadpoolctl``, when installed). Their products are thin (64 × N × 43), so a second
-thread gains little, and on a loaded machine OpenBLAS's spinning threads cost 3× the CPU
-time and wall time (10⁴ agents at load ≈ 6 on 2 cores: 6.3 s CPU / 14 s wall with two
-threads, 1.9 s / 4.2 s with one).
+Why three implementations of one rule (highest UCB first, both agents removed, at most
+K_p pairs, ties by (t, s, k)): ``naive_match`` is the equivalence oracle, ``exact_match``
+scores every candidate (up to a few thousand agents), and ``fast_match`` reaches 10⁴
+agents and beyond (design §4) by scoring exactly only shortlisted pairs; all three share
+the exact scoring path. The algorithm, what is exact and what approximate, refill and
+coverage passes, the one-BLAS-thread default and the measurements: docs/matchmaking.md
+§Matching and §Scale.
 """
 
 from __future__ import annotations

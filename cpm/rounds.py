@@ -15,11 +15,11 @@ the database (replicas: ``leader``, see ``tick``), so a restart after ``kill -9`
 stays open (its timer is recomputed from the first profile's arrival), a matched round
 keeps its directives and expires the overdue ones.
 
-Reward (Eq. 3): raw r = γ(L_pre − L_post) − δ·KB, z-scored by the strategy's running
-statistics, then ``strategy.update``. A *failed* exchange (``ok = false``) is recorded
-and counts as "nothing learned": raw r = −δ·KB, and its z-score is clipped at 0 so a
-failure can never look like a success to the bandit — repeated failures of a pairing
-push its estimate down. Feedback, directive state and bandit state commit in one
+Reward (Eq. 3, ``cpm.reward``, the one implementation): raw r = γ(L_pre − L_post) − δ·KB,
+z-scored by the strategy's running statistics, then ``strategy.update``. A *failed*
+exchange (``ok = false``) is recorded and counts as "nothing learned": raw r = −δ·KB,
+and its z-score is clipped at 0 so a failure can never look like a success to the
+bandit — repeated failures of a pairing push its estimate down. Feedback, directive state and bandit state commit in one
 transaction, so a crash cannot count a reward twice or lose it. In a group-commit
 batch the bandit state is written once, as the batch's last statement
 (``Store.save_bandit_state_at_commit``): it is tens of KiB of JSON plus the reputation,
@@ -47,7 +47,7 @@ import structlog
 
 from cpm.config import CpmConfig
 from cpm.store import DirectiveRow, FeedbackRow, RoundRow, Store
-from cpm.bandit import LinUCB, RunningZ
+from cpm.reward import Reward
 from cpm.reputation import Reputation, TeacherRecord
 from cpm.strategies import Pair, Strategy, make_strategy, strategy_class
 from protocol.envelope import Identity, seal
@@ -68,6 +68,14 @@ def build_strategy(config: CpmConfig) -> Strategy:
     if "n_arms" in inspect.signature(strategy_class(config.strategy)).parameters:
         kw["n_arms"] = len(config.arms)
     return make_strategy(config.strategy, **kw)
+
+
+def _reward_of(strategy: Strategy) -> Reward:
+    """The reward a strategy learns from (``strategy.reward``: a LinUCB's, saved in its
+    state), else a standalone one: baselines still get raw and z-scored rewards recorded
+    with the same γ, δ and running z-score, so runs are comparable in the export."""
+    own = getattr(strategy, "reward", None)
+    return own if isinstance(own, Reward) else Reward()
 
 
 class Leader(Protocol):
@@ -110,10 +118,7 @@ class RoundEngine:
         self._tick_row: RoundRow | None = None
         self.strategy: Strategy = strategy if strategy is not None else build_strategy(config)
         self.reputation = reputation if reputation is not None else Reputation()
-        # Eq. 3 lives in the bandit; baselines without one still get rewards recorded
-        # (same γ, δ and a running z-score) so runs are comparable in the export.
-        bandit = getattr(self.strategy, "bandit", None)
-        self._reward_model: LinUCB = bandit if isinstance(bandit, LinUCB) else LinUCB(1)
+        self._reward = _reward_of(self.strategy)
         self._load_state()
         self.epoch = 0  # bumps on every round transition; the service wakes long-polls on it
         self.counters: dict[str, int] = {
@@ -139,13 +144,12 @@ class RoundEngine:
             log.warning("cpm.strategy.state_ignored", saved=name, strategy=self.config.strategy)
             return
         self.strategy.load_state(state["strategy"])
-        bandit = getattr(self.strategy, "bandit", None)
-        if isinstance(bandit, LinUCB):
-            self._reward_model = bandit
+        own = getattr(self.strategy, "reward", None)
+        if isinstance(own, Reward):  # restored with the strategy's state (a new object)
+            self._reward = own
         elif "z" in state:
-            z = state["z"]
-            self._reward_model.z.n, self._reward_model.z.mean, self._reward_model.z.m2 = (
-                int(z["n"]), float(z["mean"]), float(z["m2"]))
+            z, saved = self._reward.z, state["z"]
+            z.n, z.mean, z.m2 = int(saved["n"]), float(saved["mean"]), float(saved["m2"])
         log.info("cpm.strategy.restored", strategy=name)
 
     def _sync_state(self) -> None:
@@ -155,24 +159,14 @@ class RoundEngine:
             return
         self.strategy = build_strategy(self.config)
         self.reputation = Reputation()
-        bandit = getattr(self.strategy, "bandit", None)
-        self._reward_model = bandit if isinstance(bandit, LinUCB) else LinUCB(1)
+        self._reward = _reward_of(self.strategy)
         self._load_state()
         log.info("cpm.strategy.synced")
 
     def _state(self) -> dict[str, Any]:
-        z: RunningZ = self._reward_model.z
+        z = self._reward.z
         return {"strategy": self.strategy.to_state(), "z": {"n": z.n, "mean": z.mean, "m2": z.m2},
                 "reputation": self.reputation.to_state()}
-
-    def _reward(self, loss_pre: float, loss_post: float, kb: float, ok: bool) -> tuple[float, float]:
-        """(raw, z-scored) reward; a failure is 'nothing learned' and never positive."""
-        model = self._reward_model
-        if ok:
-            raw = model.raw_reward(loss_pre, loss_post, kb)
-            return raw, model.normalize(raw)
-        raw = model.raw_reward(0.0, 0.0, kb)
-        return raw, min(model.normalize(raw), 0.0)
 
     def _update(self, d: DirectiveRow, reward: float) -> None:
         context = np.asarray(d.context, dtype=float) if d.context else None
@@ -477,7 +471,7 @@ class RoundEngine:
             log.info("cpm.feedback.duplicate", peer=peer, directive=msg.directive_id, round=d.round)
             return False
         self._sync_state()  # replicas: build on the latest saved bandit, never an older copy
-        raw, reward = self._reward(msg.loss_pre, msg.loss_post, msg.kb, msg.ok)
+        raw, reward = self._reward.observe(msg.loss_pre, msg.loss_post, msg.kb, msg.ok)
         verdict = None
         with self.store.transaction():
             inserted = self.store.add_feedback(

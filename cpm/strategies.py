@@ -1,5 +1,6 @@
-"""Pairing strategies behind one interface: the CPM service and the simulator call
-``select`` once per round and ``update`` once per feedback, whatever the strategy.
+"""Pairing strategies behind one interface: the round engine (on a node and in the
+simulator) calls ``select`` once per round and ``update(pair, reward)`` once per
+feedback, whatever the strategy.
 
 * ``linucb``     — LinUCB over the pair context φ + greedy disjoint matching (the system).
 * ``random``     — Random-P2P: random disjoint pairs and roles, the default arm — the arm
@@ -43,6 +44,7 @@ from cpm import features as F
 from cpm.bandit import LinUCB
 from cpm.matching import MatchResult, exact_match, fast_match, greedy_disjoint
 from cpm.optimum import optimal_disjoint
+from cpm.reward import Reward
 from protocol.errors import ConfigError
 from protocol.profile import DEFAULT_ARM_INDEX, DEFAULT_ARMS  # noqa: F401 — the contract's arms, re-exported
 
@@ -58,15 +60,6 @@ class Pair:
     context: np.ndarray | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Feedback:
-    """What a student reports (Eq. 3 inputs)."""
-
-    loss_pre: float
-    loss_post: float
-    kb: float
-
-
 @runtime_checkable
 class Strategy(Protocol):
     name: str
@@ -75,7 +68,12 @@ class Strategy(Protocol):
     def select(self, profiles: np.ndarray, agent_ids: list[str], round: int, k_pairs: int,
                rng: np.random.Generator) -> list[Pair]: ...
 
-    def update(self, pair: Pair, feedback: Feedback | float) -> None: ...
+    def update(self, pair: Pair, reward: float) -> None:
+        """Learn from one pair's z-scored reward, the number the round engine computed
+        from the student's feedback (``cpm.reward.Reward.observe``: Eq. 3, z-score, a
+        failure clipped at 0). A strategy that learns exposes that ``Reward`` as its
+        ``reward`` attribute, so the engine scores with the statistics it learns from."""
+        ...
 
     def to_state(self) -> dict[str, Any]: ...
 
@@ -96,7 +94,7 @@ def _cap(k_pairs: int, n: int) -> int:
 class _Stateless:
     centralized = False
 
-    def update(self, pair: Pair, feedback: Feedback | float) -> None:
+    def update(self, pair: Pair, reward: float) -> None:
         """Baselines do not learn."""
 
     def to_state(self) -> dict[str, Any]:
@@ -174,7 +172,12 @@ class LinUCBStrategy:
         return [Pair(agent_ids[t], agent_ids[s], int(a), float(sc), X[i])
                 for i, (t, s, a, sc) in enumerate(zip(m.teacher, m.student, m.arm, m.score))]
 
-    def update(self, pair: Pair, feedback: Feedback | float) -> None:
+    @property
+    def reward(self) -> Reward:
+        """The bandit's reward model: the engine scores this strategy's feedback with it."""
+        return self.bandit.reward
+
+    def update(self, pair: Pair, reward: float) -> None:
         if pair.context is None:
             raise ValueError("linucb needs the pair context it selected")
         context = np.asarray(pair.context, dtype=float).reshape(-1)
@@ -186,10 +189,7 @@ class LinUCBStrategy:
         if self._dropped.size:
             context = context.copy()
             context[self._dropped] = 0.0
-        if isinstance(feedback, Feedback):
-            self.bandit.update_feedback(context, feedback.loss_pre, feedback.loss_post, feedback.kb)
-        else:
-            self.bandit.update(context, float(feedback))
+        self.bandit.update(context, float(reward))
         self._mask_bandit()
 
     def to_state(self) -> dict[str, Any]:

@@ -56,12 +56,11 @@ from typing import Any, Sequence
 
 import click
 import numpy as np
-
-from cpm.bandit import DELTA_PER_KB as BANDIT_DELTA_PER_KB
 import structlog
 
 from cpm import features as F
 from cpm.config import CpmConfig
+from cpm.reward import DELTA_PER_KB  # the CPM's δ: the oracles' values are the node's rewards
 from cpm.rounds import RoundEngine
 from cpm.store import open_store
 from cpm.strategies import DEFAULT_ARMS, STRATEGIES, VARIANTS, OracleStrategy, Strategy, make_strategy
@@ -84,7 +83,6 @@ log = structlog.get_logger(__name__)
 HETEROGENEITY = {"high": 0.1, "low": 10.0}
 DEFAULT_METHODS = ("linucb", "random", "random-arm", "heuristic", "oracle-greedy", "oracle")
 ORACLES = {"oracle": "optimal", "oracle-greedy": "greedy"}
-DELTA_PER_KB = BANDIT_DELTA_PER_KB  # the CPM's δ, so sim rewards match the node's
 T0 = 1_700_000_000_000  # the fake clock's start (ms); each round advances it by 1 s
 
 

@@ -1,46 +1,14 @@
 """Bounds on connections that are not upgraded yet (issue 14 §4, GHSA-hmjq-g7pp-rw3x).
 
-Why: py-libp2p 0.8.1 reads a multistream-select message with
-``read_exactly(reader, <varint the remote announced>)``, which keeps reading into one
-buffer until that many bytes arrived. Before Noise, anyone who can open a TCP socket
-can announce a 1 GiB protocol name and stream filler: issue 14 saw a ``knexa-cpm
-serve`` grow from 0.1 to 3.4 GiB RSS with 24 such connections; ``benchmarks/preauth.py``
-measures +1.5 GiB for 24 × 64 MiB (docs/threat-model.md, "Pre-authentication bounds").
-After Noise it is no better: ``SecureSession.read(n)`` also loops until ``n`` bytes, so
-the muxer negotiation over Noise (any throwaway key) buffers the same way.
-Upstream fixed it in 0.8.2, which the registry does not serve.
-
-The seam is one we own, not a library global: ``build_host`` gives its swarm a
-``PreauthUpgrader``, a ``TransportUpgrader`` subclass constructed from the same
-security/muxer options. The swarm calls ``upgrade_security`` with the raw TCP
-connection and then ``upgrade_connection`` with the Noise session, for inbound and
-outbound connections alike (py-libp2p 0.8.1 ``Swarm.upgrade_inbound_raw_conn`` /
-``upgrade_outbound_raw_conn``). Between the two, every byte comes from the raw
-connection, so wrapping *it* bounds the whole upgrade — security negotiation, the
-Noise handshake and the muxer negotiation — without parsing anything:
-
-* ``read_budget`` (64 KiB): a connection may deliver at most this many bytes before it
-  is upgraded; a legitimate upgrade between two of our hosts reads about 300 bytes. The
-  wrapper never asks the socket for more than what is left, so an oversized announcement
-  costs at most 64 KiB of memory, then the upgrade fails and the swarm closes the socket. Once the
-  muxer is negotiated the budget is lifted (the Noise session keeps reading through
-  the wrapper, unbounded from then on).
-* ``per_ip`` / ``total``: concurrent inbound upgrades per source address (IPv6: per
-  /64) and in all; one more is closed before a byte is read.
-* ``handshake_deadline_s``: an inbound upgrade that is not done by then is dropped
-  (slow-loris); the swarm's own ``inbound_upgrade_timeout`` (10 s) stays as a backstop.
-
-Refusals are logged as ``p2p.preauth.refused`` (``reason`` = ``per_ip_limit``,
-``total_limit``, ``deadline`` or ``oversized``; ``remote``, ``direction``), at most once
-per (reason, address) per ``LOG_WINDOW_S`` with a ``suppressed`` count, so a flood
-cannot flood the log; exact counts are in ``PreauthUpgrader.refused``.
-
-What this does not cover: multistream negotiation of *streams* on an upgraded
-connection (``BasicHost`` reads those with ``read_exactly`` too). There, yamux returns
-at most its buffered window per read and ``read_exactly`` gives up after 101 reads (a
-one-off check saw each stream reset after ~3 MiB). No seam we own reaches it; 0.8.2's
-fix should (unverified: 0.8.2 is not installable here; the version test asks whoever
-upgrades to look).
+Why: py-libp2p 0.8.1 reads a multistream-select message with ``read_exactly(<announced
+length>)``, before Noise and over it, so an unauthenticated client that announces a
+1 GiB protocol name makes the node buffer whatever it sends. Why here: ``build_host``
+gives its swarm a ``PreauthUpgrader`` (a ``TransportUpgrader`` subclass we construct,
+not a library global), which reads the raw connection through a byte budget until the
+muxer is negotiated, caps concurrent un-upgraded inbound connections per address and in
+all, and drops an upgrade that misses its deadline. The seam, the limits, the refusal
+log, the measurements and what stays uncovered (stream negotiation on an upgraded
+connection): docs/threat-model.md §Pre-authentication bounds and §Known limits.
 """
 
 from __future__ import annotations

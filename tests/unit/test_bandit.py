@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from cpm import features as F
-from cpm.bandit import LinUCB, RunningZ
-from cpm.strategies import Feedback, LinUCBStrategy, RandomStrategy
+from cpm.bandit import LinUCB
+from cpm.reward import Reward, RunningZ
+from cpm.strategies import LinUCBStrategy, RandomStrategy
 
 
 def _updates(d: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +90,24 @@ def test_beta_schedules_decay() -> None:
 
 def test_raw_reward_eq3() -> None:
     b = LinUCB(3)
-    assert math.isclose(b.raw_reward(1.0, 0.8, 50.0), 0.2 - 50 * 1e-6)  # δ = 1e-3 per MB
+    assert math.isclose(b.reward.raw(1.0, 0.8, 50.0), 0.2 - 50 * 1e-6)  # δ = 1e-3 per MB
     b2 = LinUCB(3, gamma=2.0, delta_per_kb=0.01)
-    assert math.isclose(b2.raw_reward(1.0, 0.9, 10.0), 0.2 - 0.1)
+    assert math.isclose(b2.reward.raw(1.0, 0.9, 10.0), 0.2 - 0.1)
+    assert math.isclose(b2.reward.raw(1.0, 0.9, 10.0, ok=False), -0.1)  # a failure learned nothing
+    assert Reward().raw(1.0, 0.8, 50.0) == b.reward.raw(1.0, 0.8, 50.0)  # the engine's, for baselines
+
+
+def test_failure_is_never_scored_as_a_success() -> None:
+    """A failed exchange: raw −δ·KB, z-score clipped at 0 even when −δ·KB is above the
+    running mean (earlier exchanges all harmed)."""
+    r = Reward(delta_per_kb=0.01)
+    for _ in range(3):
+        r.observe(1.0, 1.5, 10.0)  # raw −0.6 each
+    n = r.z.n
+    raw, z = r.observe(1.0, 0.2, 10.0, ok=False)  # the losses of a failure are ignored
+    assert raw == pytest.approx(-0.1) and z == 0.0 and r.z.n == n + 1
+    raw_ok, z_ok = r.observe(1.0, 1.0, 10.0)  # the same raw reward as a success: positive
+    assert raw_ok == pytest.approx(-0.1) and z_ok > 0
 
 
 def test_welford_matches_numpy_and_zscore_before_update() -> None:
@@ -102,11 +118,12 @@ def test_welford_matches_numpy_and_zscore_before_update() -> None:
     assert math.isclose(z.mean, xs.mean(), rel_tol=1e-10)
     assert math.isclose(z.var, xs.var(), rel_tol=1e-9)
     b = LinUCB(4)
-    assert b.normalize(5.0) == 0.0  # first reward: mean is itself
-    got = b.normalize(7.0)
+    assert b.reward.observe(5.0, 0.0, 0.0) == (5.0, 0.0)  # first reward: mean is itself
+    _, got = b.reward.observe(7.0, 0.0, 0.0)
     assert math.isclose(got, (7.0 - 6.0) / (1.0 + 1e-6))
     phi = np.ones(4)
-    zr = b.update_feedback(phi, 1.0, 0.5, 0.0)  # raw 0.5 is below the running mean of 6
+    _, zr = b.reward.observe(1.0, 0.5, 0.0)  # raw 0.5 is below the running mean of 6
+    b.update(phi, zr)
     assert zr < 0 and math.isclose(float(b.b @ phi), 4 * zr)
 
 
@@ -115,13 +132,13 @@ def test_state_round_trip_plain_types() -> None:
     X, r = _updates(d, 40, 5)
     b = LinUCB(d, lam=0.5, beta0=1.3, discount=0.97, tau=33)
     for x, ri in zip(X, r):
-        b.update_feedback(x, 1.0, 1.0 - 0.1 * float(ri), 2.0)
+        b.update(x, b.reward.observe(1.0, 1.0 - 0.1 * float(ri), 2.0)[1])
     state = json.loads(json.dumps(b.to_state()))  # JSON-able, no numpy objects
     c = LinUCB.from_state(state)
     Q = np.random.default_rng(6).standard_normal((10, d))
     np.testing.assert_allclose(c.ucb(Q), b.ucb(Q), rtol=1e-9)
-    assert (c.t, c.z.n, c.z.mean, c.z.m2) == (b.t, b.z.n, b.z.mean, b.z.m2)
-    assert c.normalize(0.3) == b.normalize(0.3)
+    assert (c.t, c.reward.z.n, c.reward.z.mean, c.reward.z.m2) == (b.t, b.reward.z.n, b.reward.z.mean, b.reward.z.m2)
+    assert c.reward.observe(0.3, 0.0, 0.0) == b.reward.observe(0.3, 0.0, 0.0)
 
 
 def test_rejects_bad_input() -> None:
@@ -152,6 +169,7 @@ def test_linucb_beats_random_on_pairwise_reward_world() -> None:
     totals = {}
     for strat in (LinUCBStrategy(beta0=0.5), RandomStrategy(), RandomStrategy(random_arm=True)):
         r_rng = np.random.default_rng(8)
+        scorer = getattr(strat, "reward", None) or Reward()  # as the round engine scores
         total = 0.0
         for rd in range(rounds):
             for p in strat.select(P, ids, rd, 6, r_rng):
@@ -159,7 +177,7 @@ def test_linucb_beats_random_on_pairwise_reward_world() -> None:
                 val = reward(t, s, p.arm)
                 total += val
                 noisy = val + 0.05 * float(r_rng.standard_normal())
-                strat.update(p, Feedback(loss_pre=1.0, loss_post=1.0 - noisy, kb=0.0))
+                strat.update(p, scorer.observe(1.0, 1.0 - noisy, 0.0)[1])
         totals[strat.name] = total
     assert totals["linucb"] > 1.3 * totals["random-arm"]
     assert totals["linucb"] > totals["random"]
@@ -169,7 +187,7 @@ def test_every_setting_survives_a_restart() -> None:
     """A CPM restart must bring back the bandit exactly as configured, not with defaults."""
     b = LinUCB(3, lam=0.7, beta0=2.0, beta_schedule="exp", tau=50.0, decay=0.99, discount=0.95,
                gamma=2.5, delta_per_kb=1e-5, eps=1e-4, reinvert_every=7)
-    b.update_feedback(np.ones(3), 1.0, 0.5, 3.0)
+    b.update(np.ones(3), b.reward.observe(1.0, 0.5, 3.0)[1])
     state = json.loads(json.dumps(b.to_state()))
     assert LinUCB.from_state(state).to_state() == state
 
@@ -191,7 +209,7 @@ def test_t_counts_updates_and_drives_the_exploration_schedule() -> None:
 
 
 def test_parameter_bounds() -> None:
-    LinUCB(1)  # the CPM's reward model for baselines is one-dimensional
+    LinUCB(1)
     LinUCB(2, discount=1.0)
     for bad in ({"d": 0}, {"d": 2, "lam": 0.0}, {"d": 2, "discount": 0.0}, {"d": 2, "discount": 1.5}):
         with pytest.raises(ValueError):

@@ -247,7 +247,7 @@ def test_optimum_beats_greedy_where_greedy_takes_the_best_pair_first() -> None:
 def test_dropping_lineage_is_exactly_the_layout_1_bandit() -> None:
     """``LinUCBStrategy(drop="lineage")`` (the sim's ablation) scores every candidate like
     a bandit that never had the lineage dims, after the same feedback."""
-    from cpm.strategies import Feedback, LinUCBStrategy
+    from cpm.strategies import LinUCBStrategy
 
     rng = np.random.default_rng(2)
     P = _profiles(16, 21)
@@ -257,9 +257,9 @@ def test_dropping_lineage_is_exactly_the_layout_1_bandit() -> None:
     keep = F.v1_dims(3)
     for rd in range(6):
         for p in strat.select(P, ids, rd, 8, rng):
-            fb = Feedback(1.0, 1.0 - float(rng.normal(0.01, 0.01)), 3.0)
-            strat.update(p, fb)
-            ref.update_feedback(p.context[keep], fb.loss_pre, fb.loss_post, fb.kb)
+            loss_post = 1.0 - float(rng.normal(0.01, 0.01))
+            strat.update(p, strat.reward.observe(1.0, loss_post, 3.0)[1])
+            ref.update(p.context[keep], ref.reward.observe(1.0, loss_post, 3.0)[1])
     t = np.repeat(np.arange(16), 15)
     s = np.concatenate([np.delete(np.arange(16), i) for i in range(16)])
     got = exact_pair_scores(P, t, s, strat.bandit, 3, strat.bandit.beta())

@@ -2,7 +2,8 @@
 
 The real ``cpm`` LinUCB strategy and ``SyntheticAgent``s in one process, rewards reaching
 the bandit the way harness/sim.py (and the node) deliver them: teacher ``teach`` →
-student ``learn`` → Feedback(loss_pre, loss_post, KB) → ``update``. The population's
+student ``learn`` → (loss_pre, loss_post, KB) → the bandit's ``Reward.observe`` (Eq. 3,
+z-score) → ``update``. The population's
 strongest agent — the most attractive teacher — is the poisoned one (worst case).
 
 Bounds asserted (8 agents, 60 rounds, seeds 0–7), each one checked below:
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpm.strategies import DEFAULT_ARMS, Feedback, make_strategy
+from cpm.strategies import DEFAULT_ARMS, make_strategy
 from knexad.agent_api import TeachRequest
 from knexad.synthetic import make_population, package_kb
 
@@ -55,10 +56,11 @@ def _run(seed: int, poisoned: bool) -> tuple[list[int], list[float]]:
             package = agents[t].teach(TeachRequest(f"r{r}-{i}", r, transfer, arm, agents[s].family))
             learned = agents[s].learn(package, arm)
             kb = package_kb(package)
+            raw, z = strategy.reward.observe(learned.loss_pre, learned.loss_post, kb)
             if t == best:
                 hit = 1
-                rewards.append(strategy.bandit.raw_reward(learned.loss_pre, learned.loss_post, kb))
-            strategy.update(pair, Feedback(learned.loss_pre, learned.loss_post, kb))
+                rewards.append(raw)
+            strategy.update(pair, z)
         for a in agents:
             a.end_round()
         taught.append(hit)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpm.bandit import DELTA_PER_KB
-
 from cpm.config import CpmConfig
+from cpm.reward import DELTA_PER_KB
 from cpm.rounds import Pending, RoundEngine
 from cpm.store import open_store
 from protocol.directives import verify_directive

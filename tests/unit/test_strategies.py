@@ -13,7 +13,6 @@ from cpm.bandit import LinUCB
 from cpm.strategies import (
     DEFAULT_ARMS,
     STRATEGIES,
-    Feedback,
     LinUCBStrategy,
     OracleStrategy,
     Pair,
@@ -100,9 +99,9 @@ def test_linucb_update_and_state_round_trip() -> None:
     pairs = strat.select(P, IDS, 0, 5, np.random.default_rng(0))
     assert all(p.context is not None and p.context.shape == (F.context_dim(3),) for p in pairs)
     for p in pairs:
-        strat.update(p, Feedback(1.0, 0.9, 3.0))
-    strat.update(pairs[0], 0.5)  # an already-normalised reward is accepted too
-    assert strat.bandit.t == 6
+        strat.update(p, strat.reward.observe(1.0, 0.9, 3.0)[1])
+    strat.update(pairs[0], 0.5)
+    assert strat.bandit.t == 6 and strat.reward is strat.bandit.reward and strat.reward.z.n == 5
     state = json.loads(json.dumps(strat.to_state()))
     other = make_strategy("linucb")
     other.load_state(state)
@@ -185,7 +184,8 @@ def _v1_saved_state(seed: int = 0) -> tuple[dict, LinUCB, np.ndarray]:
         t, s = rng.choice(30, 2, replace=False)
         k = int(rng.integers(3))
         x = _v1_phi(P[t], P[s], k)
-        old.update_feedback(x, 1.0, 1.0 - 0.01 * (x[78] + 0.3 * x[80] + 0.1 * k) + 0.002 * rng.standard_normal(), 3.0)
+        loss_post = 1.0 - 0.01 * (x[78] + 0.3 * x[80] + 0.1 * k) + 0.002 * rng.standard_normal()
+        old.update(x, old.reward.observe(1.0, loss_post, 3.0)[1])
     state = json.loads(json.dumps({"name": "linucb", "n_arms": 3, "topk": 8, "bandit": old.to_state()}))
     return state, old, P
 
@@ -200,7 +200,7 @@ def test_linucb_migrates_a_state_saved_with_the_105_dim_layout() -> None:
     assert any(e["event"] == "cpm.strategy.state_migrated" and e["from_d"] == 105 for e in logs)
     new = strat.bandit
     assert new.d == F.context_dim(3) == 112 and new.t == old.t == 300
-    assert (new.z.n, new.z.mean, new.z.m2) == (old.z.n, old.z.mean, old.z.m2)
+    assert (new.reward.z.n, new.reward.z.mean, new.reward.z.m2) == (old.reward.z.n, old.reward.z.mean, old.reward.z.m2)
     rng = np.random.default_rng(9)
     t = rng.integers(0, 30, 40)
     s = (t + rng.integers(1, 30, 40)) % 30
@@ -220,8 +220,9 @@ def test_linucb_migrates_a_state_saved_with_the_105_dim_layout() -> None:
     twin.load_state(state)
     p = pairs[0]
     ti, si = IDS.index(p.teacher), IDS.index(p.student)
-    strat.update(Pair(p.teacher, p.student, p.arm, 0.0, _v1_phi(P[ti], P[si], p.arm)), Feedback(1.0, 0.98, 3.0))
-    twin.update(p, Feedback(1.0, 0.98, 3.0))
+    strat.update(Pair(p.teacher, p.student, p.arm, 0.0, _v1_phi(P[ti], P[si], p.arm)),
+                 strat.reward.observe(1.0, 0.98, 3.0)[1])
+    twin.update(p, twin.reward.observe(1.0, 0.98, 3.0)[1])
     np.testing.assert_allclose(strat.bandit.A, twin.bandit.A, atol=1e-12)
     np.testing.assert_allclose(strat.bandit.b, twin.bandit.b, atol=1e-12)
     assert json.loads(json.dumps(strat.to_state()))["layout"] == F.LAYOUT
