@@ -8,7 +8,15 @@ holding the lease is killed with SIGKILL at a chosen moment of a round:
 
 * ``feedback`` — the round is matched, directives are out, feedback is not all in
   (between directives and feedback);
-* ``profiles`` — the round is open with some profiles in (before/while matching).
+* ``profiles`` — the round is open with some profiles in (before matching);
+* ``matching`` — *inside* the matching: the holder has written the round's directives
+  and its ``matched`` state in its open write transaction and not committed. A matching
+  takes milliseconds, so the replicas run with the test-only knob of ``cpm.faults``
+  (``KNEXA_FAULT_MATCH_HOLD_S`` + an arm file): the trial creates the arm file, the
+  holder's next matching takes it, logs ``cpm.match.holding`` and holds; the trial
+  kills it then. The new holder must match that round once: one ``cpm.round.matched``
+  for it across all replicas (none by the killed one), all its directives written by
+  one matching (one ``issued_at``, equal to the round's ``matched_at``).
 
 The killed replica is restarted (the next trial kills the other one's lease). Read
 from the database (its clock, ``clock_timestamp()``; the replicas' ``now_ms`` for the
@@ -23,11 +31,13 @@ round rows — same host):
 Checked after every trial (a violation fails the run): every profile and feedback a
 daemon logged as acknowledged is in the database; the strategy's reward count
 (``z.n`` in the stored bandit state) equals the feedback rows (no reward applied twice
-or lost); no agent is in two directives of one round.
+or lost); no agent is in two directives of one round; every directive a daemon
+received is in the database (none from a matching that did not commit).
 
 Usage::
 
-    python -m benchmarks.failover                 # 10 trials, 4 daemons, lease 2 s
+    python -m benchmarks.failover                 # 10 trials (feedback, profiles, matching, …), lease 2 s
+    python -m benchmarks.failover --kinds matching --trials 3
     python -m benchmarks.failover --trials 2 --json
     python -m benchmarks.failover --trials 0 --pauses 2   # SIGSTOP the holder instead
 
@@ -60,6 +70,8 @@ FAST_ENV = {  # short retries and deadlines: a failover shows within seconds
     "KNEXA_RETRY_BASE_S": "0.2", "KNEXA_RETRY_MAX_S": "1.0", "KNEXA_TIMEOUTS_DIAL_S": "4",
     "KNEXA_TIMEOUTS_REQUEST_S": "5", "KNEXA_TIMEOUTS_LONG_POLL_S": "5", "KNEXA_TIMEOUTS_EXCHANGE_STEP_S": "5",
 }
+KINDS = ("feedback", "profiles", "matching")
+MATCH_HOLD_S = 60.0  # the armed holder holds this long; the trial kills it long before
 
 
 class ClusterError(AssertionError):
@@ -115,6 +127,7 @@ class Cluster:
         self.daemons: list[Proc] = []
         self.all_procs: list[Proc] = []
         self.peer_id = ""
+        self.arm_file = workdir / "match-hold.arm"  # cpm.faults: one hold per arming
         self._starts = 0
         self._observer: Any = None
 
@@ -157,7 +170,9 @@ class Cluster:
         self._starts += 1
         name = f"cpm{i}-{self._starts}"
         p = Proc(name, [*CPM, "serve", "--home", str(self.dir / f"cpm{i}"), "--log-format", "json",
-                        "--lease", str(self.lease_s), "--ready-file", str(self.dir / f"{name}.ready")], self.dir)
+                        "--lease", str(self.lease_s), "--ready-file", str(self.dir / f"{name}.ready")], self.dir,
+                 # test-only (cpm.faults): inert until a 'matching' trial creates the arm file
+                 {"KNEXA_FAULT_MATCH_HOLD_S": str(MATCH_HOLD_S), "KNEXA_FAULT_MATCH_HOLD_FILE": str(self.arm_file)})
         self.replicas[i] = p
         self.all_procs.append(p)
         self.wait(lambda: (self.dir / f"{name}.ready").exists(), 90, f"{name} ready")
@@ -216,9 +231,49 @@ class Cluster:
         rows = self.sql("SELECT round, state FROM rounds ORDER BY round DESC LIMIT 1")
         return None if not rows else (int(rows[0][0]), str(rows[0][1]))
 
+    def replica_procs(self) -> list[Proc]:
+        """Every replica process this run started, killed ones included."""
+        return [p for p in self.all_procs if p.name.startswith("cpm")]
+
+    def hold_in_matching(self, timeout_s: float) -> tuple[int, int]:
+        """The 'matching' kill point: once a round ≥ 2 is open, arm one hold
+        (``cpm.faults``) and wait until a replica logs ``cpm.match.holding`` — it is
+        inside its matching's write transaction. Returns (replica index, round)."""
+        self.wait(lambda: (row := self.latest_round()) is not None and row[0] >= 2 and row[1] == "open",
+                  timeout_s, "an open round ≥ 2 to arm the matching hold in")
+        seen = {p.name: len(p.events("cpm.match.holding")) for p in self.replica_procs()}
+        self.arm_file.touch()
+
+        def holding() -> tuple[int, int] | None:
+            for i, p in enumerate(self.replicas):
+                events = p.events("cpm.match.holding") if p is not None else []
+                if p is not None and len(events) > seen.get(p.name, 0):
+                    return i, int(events[-1]["round"])
+            return None
+        return self.wait(holding, timeout_s, "the lease holder holding inside a matching (cpm.match.holding)")
+
+    def check_matched_once(self, round_: int, killed: Proc) -> dict[str, Any]:
+        """The round the killed holder was matching was matched after the kill, once:
+        one ``cpm.round.matched`` for it over every replica process (not by the killed
+        one, whose transaction never committed), and every directive row of the round
+        written by that one matching (one ``issued_at``, the round's ``matched_at``)."""
+        rows = self.sql("SELECT state, matched_at FROM rounds WHERE round = %s", (round_,))
+        if not rows or rows[0][1] is None:
+            raise ClusterError(f"round {round_} was not matched after the kill")
+        n, distinct, issued_at = self.sql("SELECT count(*), count(DISTINCT issued_at), min(issued_at) "
+                                          "FROM directives WHERE round = %s", (round_,))[0]
+        if int(n) == 0 or int(distinct) != 1 or int(issued_at) != int(rows[0][1]):
+            raise ClusterError(f"round {round_}: {n} directives from {distinct} matchings (issued_at {issued_at}, "
+                               f"matched_at {rows[0][1]})")
+        logged = [p.name for p in self.replica_procs() for e in p.events("cpm.round.matched")
+                  if int(e["round"]) == round_]
+        if len(logged) != 1 or logged[0] == killed.name:
+            raise ClusterError(f"round {round_} logged as matched by {logged} (killed: {killed.name})")
+        return {"matched_round": round_, "directives": int(n), "matched_by": logged[0]}
+
     def moment(self, kind: str) -> Callable[[], bool]:
         """The kill point: 'feedback' (matched, feedback pending) or 'profiles' (open,
-        some profiles in, not all)."""
+        some profiles in, not all); 'matching' is ``hold_in_matching``."""
         def ready() -> bool:
             row = self.latest_round()
             if row is None or row[0] < 2:  # round 1 holds start-up
@@ -238,8 +293,14 @@ class Cluster:
     def trial(self, kind: str, *, rounds_after: int = 2, timeout_s: float = 240.0) -> dict[str, Any]:
         """Kill -9 the lease holder at ``kind``; wait until ``rounds_after`` more rounds
         closed; restart it. Returns the measurements (seconds)."""
-        self.wait(self.moment(kind), timeout_s, f"a round at '{kind}'")
-        victim = self.holder_index()
+        held_round = None
+        if kind == "matching":
+            victim, held_round = self.hold_in_matching(timeout_s)
+            if self.holder_index() != victim:
+                raise ClusterError(f"cpm{victim} holds in a matching but does not hold the lease")
+        else:
+            self.wait(self.moment(kind), timeout_s, f"a round at '{kind}'")
+            victim = self.holder_index()
         before = self.lease()
         proc = self.replicas[victim]
         assert proc is not None and before is not None
@@ -261,12 +322,13 @@ class Cluster:
             "SELECT min(t) FROM (SELECT opened_at AS t FROM rounds UNION ALL SELECT matched_at FROM rounds "
             "UNION ALL SELECT closed_at FROM rounds) x WHERE t > %s", (after_ms,))[0][0]
         matched = self.sql("SELECT min(matched_at) FROM rounds WHERE matched_at > %s", (after_ms,))[0][0]
+        once = self.check_matched_once(held_round, proc) if held_round is not None else {}
         self.check()
         self.start_replica(victim)
         return {"kind": kind, "killed": victim, "epoch": new[1], "round": start_round[0],
                 "state": start_round[1], "takeover_s": round(acquired - expires, 3),
                 "next_transition_s": round(int(transitions) / 1000 - expires, 3),
-                "next_match_s": round(int(matched) / 1000 - expires, 3)}
+                "next_match_s": round(int(matched) / 1000 - expires, 3), **once}
 
     def pause_trial(self, *, rounds_after: int = 1, timeout_s: float = 240.0) -> dict[str, Any]:
         """SIGSTOP the lease holder between directives and feedback (a holder that hangs
@@ -308,10 +370,14 @@ class Cluster:
         for i, d in enumerate(self.daemons):
             ready = d.events("daemon.ready")
             acked.append((i, ready[0]["peer"] if ready else None, d.events("cpm.profile.accepted"),
-                          d.events("cpm.feedback.acked")))
+                          d.events("cpm.feedback.acked"), d.events("daemon.round.done")))
         profiles = {(r[0], int(r[1])) for r in self.sql("SELECT peer_id, round FROM profiles")}
         feedback = {r[0] for r in self.sql("SELECT directive_id FROM feedback")}
-        for i, peer, accepted, fb_acked in acked:
+        directives = {r[0] for r in self.sql("SELECT directive_id FROM directives")}
+        for i, peer, accepted, fb_acked, done in acked:
+            for e in done:  # a directive from a matching that never committed would show here
+                if e.get("directive") and e["directive"] not in directives:
+                    raise ClusterError(f"d{i}: received directive {e['directive']} is not stored")
             for e in accepted:
                 if (peer, int(e["round"])) not in profiles:
                     raise ClusterError(f"d{i}: acknowledged profile of round {e['round']} is not stored")
@@ -340,11 +406,15 @@ def _summary(values: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"kill points, taken in turn ({', '.join(KINDS)})")
     ap.add_argument("--daemons", type=int, default=4)
     ap.add_argument("--lease", type=float, default=2.0, help="lease_s of the replicas")
     ap.add_argument("--pauses", type=int, default=0, help="then this many SIGSTOP/SIGCONT trials of the holder")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--kinds: choose from {', '.join(KINDS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from benchmarks.pgserver import PgServer
 
@@ -358,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start_replica(1)
         cluster.start_daemons()
         for t in range(args.trials):
-            res = cluster.trial("feedback" if t % 2 == 0 else "profiles")
+            res = cluster.trial(kinds[t % len(kinds)])
             results.append(res)
             if not args.json:
                 print(json.dumps(res), flush=True)
@@ -373,13 +443,18 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     report = {"trials": results, "pauses": pauses, "lease_s": args.lease, "daemons": args.daemons, "totals": totals,
               **{k: _summary([r[k] for r in results]) for k in ("takeover_s", "next_transition_s", "next_match_s")
-                 if results}}
+                 if results},
+              "by_kind": {kind: {k: _summary([r[k] for r in results if r["kind"] == kind])
+                                 for k in ("takeover_s", "next_transition_s", "next_match_s")}
+                          for kind in kinds if any(r["kind"] == kind for r in results)}}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         for k in ("takeover_s", "next_transition_s", "next_match_s"):
             if k in report:
                 print(f"{k:18s} {report[k]}")
+        for kind, summary in report["by_kind"].items():
+            print(f"{kind:18s} {json.dumps(summary)}")
         print(f"totals             {totals}")
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from cpm.store import BatchCommitError, GroupCommit
-from protocol.errors import KnexaError
+from protocol.errors import Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -40,9 +40,9 @@ COMMIT_WINDOW_S = 0.002  # a batch waits at most this long for more requests to 
 COMMIT_MAX_BATCH = 256  # … unless this many requests already wait on it
 
 
-class CommitFailed(KnexaError):
+class CommitFailed(Unavailable):
     """The batch holding this request's effects could not be committed: nothing of it
-    is stored; the client gets ``Error{internal}`` and retries."""
+    is stored; the client gets ``Error{unavailable}`` and retries."""
 
 
 class Batch:

@@ -46,6 +46,7 @@ import numpy as np
 import structlog
 
 from cpm.config import CpmConfig
+from cpm.faults import match_fault
 from cpm.store import DirectiveRow, FeedbackRow, RoundRow, Store
 from cpm.reward import Reward
 from cpm.reputation import Reputation, TeacherRecord
@@ -310,6 +311,7 @@ class RoundEngine:
                 self.store.add_directive(d)
             self.store.set_round_matched(round_, now_ms)
             self.store.save_bandit_state_at_commit(self.config.strategy, self._state, now_ms)
+            match_fault(round_)  # test-only, a no-op unless KNEXA_FAULT_MATCH_HOLD_S (cpm.faults)
         self.counters["directives_issued"] += len(rows)
         self.epoch += 1
         log.info("cpm.round.matched", round=round_, trigger=trigger, agents=len(ids), pairs=len(rows))

@@ -51,17 +51,18 @@ import structlog
 import trio
 
 from cpm.admin import AdminHandler
+from cpm import faults
 from cpm.groupcommit import COMMIT_MAX_BATCH, COMMIT_WINDOW_S, Batch, GroupCommitter
 from cpm.config import CpmConfig
 from cpm.rounds import MAX_WAIT_MS, Pending, RoundEngine
-from cpm.store import Store, StoreUnavailable
+from cpm.store import BatchCommitError, Store, StoreUnavailable
 from p2p.host import build_host, listening_addrs, parse_listen_addrs
 from p2p.relay import RelayServiceLimits, serve_relay
 from p2p.ratelimit import PeerRateLimiter
 from p2p.streams import FramedStream, serving
 from protocol.conversation import REQUESTS
 from protocol.envelope import Identity, now_ms, open_envelope, seal
-from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, RateLimited, Unauthorized
+from protocol.errors import FrameTooLarge, KnexaError, PeerUnavailable, RateLimited, Unauthorized, Unavailable
 from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, MAX_FRAME_CPM
 from protocol.messages import (
     Ack,
@@ -205,6 +206,7 @@ class CpmService:
         listen = parse_listen_addrs(self.config.listen)
         host = build_host(self.identity.seed, dial_timeout_s=self.config.request_timeout_s,
                           max_inbound=MAX_INBOUND_CONNECTIONS)
+        faults.configure()  # test-only knobs (cpm.faults): logs cpm.fault.enabled when one is set
         if self.leader is not None:
             await self._renew_lease()
         self.engine.start(self.clock())
@@ -357,7 +359,7 @@ class CpmService:
             return True
         except KnexaError as exc:
             await self._deliver_quietly(framed, peer, answers)
-            if isinstance(exc, PeerUnavailable) and not isinstance(exc, RateLimited):
+            if isinstance(exc, PeerUnavailable) and not isinstance(exc, (RateLimited, Unavailable)):
                 log.info("cpm.peer.gone", peer=peer, type=kind, error=str(exc))
             else:
                 await self._refuse(framed, peer, kind, exc)
@@ -365,7 +367,12 @@ class CpmService:
             self._count_reject("timeout")
             log.warning("cpm.rejected", peer=peer, code="timeout", type=kind)
             await framed.reset()
-        except Exception as exc:  # server boundary: one bad request (or a locked DB) must not kill the node
+        except (StoreUnavailable, BatchCommitError) as exc:  # locked, unreachable, a failed batch: nothing applied
+            log.warning("cpm.store.unavailable", peer=peer, type=kind, error=str(exc)[:300])
+            await self._deliver_quietly(framed, peer, answers)
+            await self._refuse(framed, peer, kind, Unavailable("the CPM cannot store it now; nothing was applied: "
+                                                               "send it again after a back-off"))
+        except Exception as exc:  # server boundary: one bad request must not kill the node
             log.exception("cpm.internal_error", peer=peer, type=kind, error=repr(exc))
             await self._deliver_quietly(framed, peer, answers)
             await self._refuse(framed, peer, kind, KnexaError("internal error"))

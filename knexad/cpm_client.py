@@ -235,6 +235,10 @@ class CpmClient:
                     log.error("cpm.give_up", after_s=give_up, cpm=self.cfg.cpm)
                     self.on_exit(4)
                     return
+            except KnexaError as exc:  # `internal`, or a code this version does not know: the CPM's
+                # trouble, not ours — never a reason to stop the daemon; start the round over
+                self.state.update(last_error=f"{exc.code}: {exc}")
+                log.warning("cpm.error", error=exc.code, message=str(exc)[:300])
             await trio.sleep(self.backoff.next_delay())
 
     def _unauthorized(self, exc: KnexaError) -> None:
@@ -245,6 +249,10 @@ class CpmClient:
     def _contact(self) -> None:
         self._last_contact = time.monotonic()
         self.backoff.reset()
+        # which replica answered, for `knexad doctor` (a test double without ``active`` has one)
+        addr = self.cfg.cpm_addrs[getattr(self.rpc, "active", 0)]
+        if self.state.state.cpm_addr != addr:
+            self.state.update(cpm_addr=addr)
 
     def _advertised(self) -> tuple[str, ...]:
         """What Register carries: the overlay's choice (``network.advertise``; may be
@@ -403,9 +411,11 @@ class FeedbackSender:
     async def drain(self) -> int:
         """Send every pending item once; returns how many were acknowledged.
 
-        Network trouble aborts the pass (retried with backoff). A refusal of one item
-        (the CPM does not know the directive, or says we are not its student) is
-        permanent: that record is set aside as ``.rejected`` so it cannot block the rest.
+        Network trouble, or a refusal for the CPM's own trouble (``unavailable``,
+        ``internal``, a code we do not know), aborts the pass (retried with backoff).
+        A refusal of one item (the CPM does not know the directive, or says we are not
+        its student) is permanent: that record is set aside as ``.rejected`` so it
+        cannot block the rest.
         """
         done = 0
         for feedback in await trio.to_thread.run_sync(self.outbox.pending):
@@ -430,8 +440,9 @@ class FeedbackSender:
                 self.state.update(outbox_size=len(self.outbox))
                 await self._wake.wait()
                 continue
-            except PeerUnavailable as exc:
-                log.warning("cpm.feedback.retry", error=exc.code, message=str(exc), pending=len(self.outbox))
+            except KnexaError as exc:  # unreachable, or a refusal that is not the item's fault
+                # (`unavailable`, `internal`, an unknown code): keep it queued, send it again later
+                log.warning("cpm.feedback.retry", error=exc.code, message=str(exc)[:300], pending=len(self.outbox))
             self.state.update(outbox_size=len(self.outbox))
             with trio.move_on_after(self.backoff.next_delay()):
                 await self._wake.wait()

@@ -6,7 +6,9 @@ doctor walks the same path step by step — config, key, listen ports, CPM addre
 Noise dial, protocol negotiation, a signed ``Register``, the CPM clock, the transfer set,
 then the local machine (accelerator, memory, disk) — and prints one line per step with a
 fix, so the first broken step is obvious. Exit code: the first failing check's code
-(3 config, 4 cannot reach the CPM, 5 not admitted, 1 other); warnings exit 0.
+(3 config, 4 cannot reach the CPM, 5 not admitted, 1 other); warnings exit 0. With
+several CPM addresses (replicas) it walks the network steps at every one of them — the
+daemon may fail over to any — and says which one is in use (``check_cpm_replicas``).
 
 Side effect, on purpose: the ``Register`` it sends is the same one the daemon sends at
 start-up (it refreshes the agent's ``last_seen`` at the CPM; if the daemon is running,
@@ -101,15 +103,18 @@ def check_env(env: Mapping[str, str]) -> K.Check | None:
 
 
 def check_cpm_address(cfg: DaemonConfig) -> K.Check:
+    """Every configured address of the CPM (``cpm = [...]``: its replicas), parsed."""
     from p2p.host import parse_peer_addr
 
     try:
-        info = parse_peer_addr(cfg.cpm, "cpm")
+        infos = [parse_peer_addr(a, "cpm") for a in cfg.cpm_addrs]
     except ConfigError as exc:
         return K.fail("cpm address", str(exc), "cpm = \"/ip4/<host>/tcp/<port>/p2p/<cpm-peer-id>\"", K.EXIT_CONFIG)
-    addrs = ", ".join(str(a) for a in info.addrs)
-    detail = f"{addrs} peer {info.peer_id.to_base58()}"
-    if any(str(a).startswith(("/ip4/0.0.0.0", "/ip6/::/")) for a in info.addrs):
+    addrs = ", ".join(str(a) for info in infos for a in info.addrs)
+    detail = f"{addrs} peer {infos[0].peer_id.to_base58()}"
+    if len(infos) > 1:
+        detail = f"{len(infos)} replicas: {detail}"
+    if any(str(a).startswith(("/ip4/0.0.0.0", "/ip6/::/")) for info in infos for a in info.addrs):
         return K.warn("cpm address", detail, "0.0.0.0 is a listen address, not a destination: use the CPM's IP")
     return K.ok("cpm address", detail)
 
@@ -154,10 +159,57 @@ def _ml_family(model: str) -> str:
 # --- the CPM, over the network --------------------------------------------------------
 
 
+async def check_cpm_replicas(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_hash: str | None,
+                             listen_addrs: tuple[str, ...], in_use: str | None) -> list[K.Check]:
+    """``check_cpm`` on every configured CPM address. One address: its checks. Several
+    (replicas, docs/operations.md "High availability"): one ``cpm replica N`` line per
+    address — reachable or not, handshake and Register latency, which one the running
+    daemon uses (``in_use``, from its status file) or, not running, which one it would
+    start on (the first reachable in the configured order) — then the full checks of
+    that one. An unreachable replica is a warning while another answers (the daemon
+    fails over; redundancy is gone until it is back), a failure when none does."""
+    addrs = cfg.cpm_addrs
+    probes = []
+    for addr in addrs:
+        timing: dict[str, float] = {}
+        checks = await check_cpm(cfg, seed, family=family, transfer_hash=transfer_hash, listen_addrs=listen_addrs,
+                                 addr=addr, timing=timing)
+        probes.append((addr, checks, timing))
+    if len(addrs) == 1:
+        return probes[0][1]
+    answered = [i for i, (_a, _c, t) in enumerate(probes) if "register_ms" in t]
+    chosen = (addrs.index(in_use) if in_use in addrs and addrs.index(in_use) in answered
+              else answered[0] if answered else 0)
+    out = []
+    for i, (addr, checks, timing) in enumerate(probes):
+        name, where = f"cpm replica {i + 1}", addr.split("/p2p/")[0]
+        role = ("in use by the running daemon" if addr == in_use
+                else "a starting daemon settles here (the first to answer, in the configured order)"
+                if in_use is None and i == chosen and answered else "")
+        if i in answered:
+            detail = (f"{where}: reachable, handshake {timing['connect_ms']:.0f} ms, Register answered in "
+                      f"{timing['register_ms']:.0f} ms" + (f"; {role}" if role else "")
+                      + ("; checked in full below" if i == chosen else ""))
+            out.append(K.ok(name, detail))
+            continue
+        first = next((c for c in checks if c.status == K.FAIL), None)
+        why = first.detail if first is not None else "no answer"
+        detail = f"{where}: not reachable: {why}" + (f"; {role}, it fails over to the next" if role else "")
+        if answered:
+            out.append(K.warn(name, detail, "the daemon fails over to the other replicas; until this one is back "
+                              "it adds no redundancy: " + (first.hint if first is not None else "")))
+        else:
+            out.append(K.fail(name, detail, first.hint if first is not None else "", K.EXIT_UNREACHABLE))
+    return out + probes[chosen][1]
+
+
 async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_hash: str | None,
-                    listen_addrs: tuple[str, ...]) -> list[K.Check]:
+                    listen_addrs: tuple[str, ...], addr: str | None = None,
+                    timing: dict[str, float] | None = None) -> list[K.Check]:
     """Dial (TCP + Noise), negotiate /knexa/cpm/1.0.0, send a signed Register and judge
-    the answer: admission, clock skew, transfer set. Every step has a deadline."""
+    the answer: admission, clock skew, transfer set. Every step has a deadline. ``addr``:
+    which of the CPM's addresses (default the first); ``timing`` receives the handshake
+    (``connect_ms``) and Register round trip (``register_ms``, only if it was answered)."""
     import trio
 
     from knexad.cpm_client import AGENT_VERSION
@@ -170,7 +222,9 @@ async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_has
 
     out: list[K.Check] = []
     ident = Identity(seed)
-    info = parse_peer_addr(cfg.cpm, "cpm")
+    addr = cfg.cpm if addr is None else addr
+    timing = {} if timing is None else timing
+    info = parse_peer_addr(addr, "cpm")
     cpm_id = info.peer_id.to_base58()
     dial_s, request_s = cfg.timeouts.dial_s, cfg.timeouts.request_s
     host = build_host(seed, dial_timeout_s=dial_s)
@@ -181,12 +235,13 @@ async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_has
         return out + [K.skip(n, why) for n in rest[start:-1]] + [_unchecked_transfer(transfer_hash, "not compared")]
 
     async with host.run(parse_listen_addrs([PROBE_LISTEN])):
-        tcp_error = await _tcp_probe(cfg.cpm, dial_s)
+        tcp_error = await _tcp_probe(addr, dial_s)
         if tcp_error is not None:
-            out.append(K.fail("cpm dial", f"TCP to {cfg.cpm.split('/p2p/')[0]}: {tcp_error}",
+            out.append(K.fail("cpm dial", f"TCP to {addr.split('/p2p/')[0]}: {tcp_error}",
                               "is `knexa-cpm serve` running there and listening on that address/port? "
                               "firewall? (docs/operations.md: ports)", K.EXIT_UNREACHABLE))
             return give_up(0, "needs the CPM dial")
+        started = time.monotonic()
         try:
             with trio.fail_after(dial_s):
                 await host.connect(info)
@@ -196,6 +251,7 @@ async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_has
                               "the /p2p/ id in `cpm` is probably not the key of the node at that address: compare "
                               "with `knexa-cpm peer-id --home <cpm-home>`", K.EXIT_UNREACHABLE))
             return give_up(0, "needs the CPM dial")
+        timing["connect_ms"] = (time.monotonic() - started) * 1000
         out.append(K.ok("cpm dial", f"TCP + Noise handshake with {cpm_id} (identity verified)"))
         try:
             with trio.fail_after(dial_s):
@@ -207,7 +263,7 @@ async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_has
             return give_up(1, "needs the CPM protocol")
         framed = FramedStream(stream, MAX_FRAME_CPM)
         register = Register(org=cfg.org, family=family, listen_addrs=listen_addrs, agent_version=AGENT_VERSION)
-        sent_ms = now_ms()
+        sent_ms, started = now_ms(), time.monotonic()
         try:
             with trio.fail_after(request_s):
                 try:
@@ -220,7 +276,7 @@ async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_has
             out.append(K.fail("cpm protocol", f"no answer to Register within {request_s} s: {exc!r}"[:300],
                               "look at the CPM's log (cpm.rejected / cpm.internal_error)", K.EXIT_UNREACHABLE))
             return give_up(1, "needs an answer")
-        recv_ms = now_ms()
+        recv_ms, elapsed_s = now_ms(), time.monotonic() - started
         await framed.close()
         if raw is None:
             out.append(K.fail("cpm protocol", "the CPM closed the stream without answering",
@@ -232,6 +288,7 @@ async def check_cpm(cfg: DaemonConfig, seed: bytes, *, family: str, transfer_has
             out.append(K.fail("cpm protocol", f"answer refused: {exc.code}: {exc}",
                               "the CPM's answer is not signed by the configured CPM key", K.EXIT_RUNTIME))
             return give_up(1, "needs a valid answer")
+        timing["register_ms"] = elapsed_s * 1000  # a signed answer from this address: it is reachable
         out.append(K.ok("cpm protocol", f"{CPM_PROTOCOL} negotiated, answer signed by the CPM"))
         if isinstance(reply, Error):
             err = error_from_code(reply.code, reply.message)
@@ -369,8 +426,9 @@ def run_checks(home: Path, env: Mapping[str, str] | None = None) -> list[K.Check
         # doctor's Register does not replace them at the CPM
         listen_addrs = (tuple(state.advertised if state.advertised is not None else state.addrs)
                         if running and state else ())
-        out += trio.run(functools.partial(check_cpm, cfg, seed, family=family, transfer_hash=transfer_hash,
-                                          listen_addrs=listen_addrs))
+        in_use = (state.cpm_addr or None) if running and state else None
+        out += trio.run(functools.partial(check_cpm_replicas, cfg, seed, family=family, transfer_hash=transfer_hash,
+                                          listen_addrs=listen_addrs, in_use=in_use))
     out.append(check_network(state, running, cfg))
     out.append(K.check_metrics(cfg.metrics_port, running=running, marker="knexad_round",
                                flag="metrics_port in config.toml or KNEXA_METRICS_PORT"))

@@ -34,6 +34,7 @@ class DaemonState:
     status: str = "starting"  # starting | running | stopped
     addrs: list[str] = field(default_factory=list)
     cpm_connected: bool = False
+    cpm_addr: str = ""  # the CPM address (of several replicas: the one) the last answer came from
     round: int = -1
     role: str = "idle"  # idle | teacher | student
     last_directive: str = ""

@@ -98,6 +98,16 @@ class RateLimited(PeerUnavailable):
     code = "rate_limited"
 
 
+class Unavailable(PeerUnavailable):
+    """The remote is up but cannot serve the request now, and applied nothing of it:
+    the CPM's store is locked past its timeout by another writer (a replica, the admin
+    CLI), unreachable, or a commit failed. Transient, like ``RateLimited``: back off,
+    send it again, keep queued feedback. Why its own code: a plain ``internal`` says
+    "something broke", and a client cannot know that retrying is safe."""
+
+    code = "unavailable"
+
+
 class NotQuarantined(KnexaError):
     """Admin protocol: ``AdminRelease`` for a peer that is not a quarantined teacher
     (unknown, never quarantined, or already released); nothing changed. Neither a
@@ -131,6 +141,7 @@ ERROR_CODES: dict[str, type[KnexaError]] = {
         Unauthorized,
         PeerUnavailable,
         RateLimited,
+        Unavailable,
         NotQuarantined,
     )
 }

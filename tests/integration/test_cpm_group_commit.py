@@ -181,10 +181,38 @@ async def test_failed_commit_acks_nothing_and_the_node_recovers(tmp_path):
             nursery.start_soon(failing_disk)
             await _with_clients(svc, info, 4, body)
         first = [r[0] for r in replies.values()]
-        assert all(isinstance(r, Error) and r.code == "internal" for r in first), first
+        # transient and typed: a client may send it again (it does: the next ask is acked)
+        assert all(isinstance(r, Error) and r.code == "unavailable" for r in first), first
         assert all(isinstance(r[1], Ack) for r in replies.values())  # the retry is acked …
         assert sorted(v[1] for v in _stored(other).values()) == [2.0] * 4  # … and only it was stored
         assert svc.committer.stats["failed_batches"] >= 1
+
+
+async def test_a_store_locked_by_another_writer_answers_unavailable_and_the_retry_is_acked(tmp_path):
+    """Another writer (the admin CLI, a replica on a shared store) holds the write lock
+    past the busy timeout: the request gets ``Error{unavailable}`` — transient, nothing
+    applied, the daemon keeps its feedback queued — not ``internal``, and the node logs
+    ``cpm.store.unavailable`` without a traceback; once the lock is gone the same
+    request is acked and stored."""
+    async with running_cpm(tmp_path) as (svc, info, other):
+        replies: list[object] = []
+        locker = sqlite3.connect(tmp_path / "cpm.db", isolation_level=None, timeout=0)
+
+        async def body(_i: int, conn: Conn) -> None:
+            locker.execute("BEGIN IMMEDIATE")  # the write lock, held past the node's busy timeout
+            with capture_logs() as logs:
+                replies.append(await conn.ask(_profile(svc, 0, 1)))
+            locker.execute("ROLLBACK")
+            assert [e["type"] for e in logs if e["event"] == "cpm.store.unavailable"] == ["Profile"]
+            assert not [e for e in logs if e["event"] == "cpm.internal_error"]
+            conn.framed = None  # the error ended the stream
+            replies.append(await conn.ask(_profile(svc, 0, 2)))
+
+        await _with_clients(svc, info, 1, body)
+        locker.close()
+        assert isinstance(replies[0], Error) and replies[0].code == "unavailable", replies
+        assert isinstance(replies[1], Ack)
+        assert [v[:2] for v in _stored(other).values()] == [[0.0, 2.0]]
 
 
 async def test_one_stream_carries_many_requests_and_one_shot_streams_still_work(tmp_path):

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(120)
 FAST = {"timeouts": {"dial_s": 3.0, "request_s": 3.0}}
 
 
-def make_home(path: Path, cpm: str, **extra) -> Identity:
+def make_home(path: Path, cpm: str | list[str], **extra) -> Identity:
     path.mkdir(parents=True, exist_ok=True)
     write_config(path, from_mapping({"cpm": cpm, "org": "acme", **FAST, **extra}))
     return create_identity(path / "identity.key")
@@ -375,3 +375,73 @@ async def test_ml_member_with_another_transfer_set_fails_the_doctor(tmp_path: Pa
         result = await doctor_in_thread(tmp_path / "d")
     assert result.exit_code == 3, result.output
     assert "FAIL" in lines_of(result, "transfer set")[0]
+
+
+# --- several CPM addresses (replicas, docs/operations.md "High availability") --------
+
+
+@asynccontextmanager
+async def running_replicas(tmp_path: Path, n: int):
+    """``n`` CPM nodes with one identity key, each on its own port (and its own SQLite
+    store: the doctor only needs each to answer Register, not a shared round state)."""
+    ident = Identity.generate()
+    stores = [open_store(tmp_path / f"cpm{i}.db") for i in range(n)]
+    services = [CpmService(C.CpmConfig(request_timeout_s=3.0), ident, s) for s in stores]
+    try:
+        async with trio.open_nursery() as nursery:
+            addrs = [(await nursery.start(svc.run))[0] for svc in services]
+            yield services, stores, addrs
+            nursery.cancel_scope.cancel()
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _down(addr: str) -> str:
+    """The same CPM peer ID at a port nothing listens on (a replica that is down)."""
+    return f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{addr.rsplit('/p2p/', 1)[1]}"
+
+
+async def test_doctor_checks_every_cpm_replica_and_warns_for_a_down_one(tmp_path: Path) -> None:
+    async with running_replicas(tmp_path, 1) as (services, stores, (up,)):
+        down = _down(up)
+        ident = make_home(tmp_path / "d", [down, up])
+        services[0].config.transfer_hash = synthetic_hash(up)
+        stores[0].admit(ident.peer_id, "acme", now_ms())
+        result = await doctor_in_thread(tmp_path / "d")
+    assert result.exit_code == 0, result.output  # one replica answers: the daemon fails over to it
+    first, second = lines_of(result, "cpm replica 1"), lines_of(result, "cpm replica 2")
+    assert first[0].split()[0] == "WARN" and "not reachable" in first[0] and down.split("/p2p/")[0] in first[0]
+    assert "fails over" in first[1]
+    assert second[0].split()[0] == "ok" and "reachable" in second[0] and up.split("/p2p/")[0] in second[0]
+    assert re.search(r"Register answered in \d+ ms", second[0]) and "settles here" in second[0]
+    assert "2 replicas" in lines_of(result, "cpm address")[0]
+    for check in ("cpm dial", "cpm protocol", "admission", "transfer set"):  # the full path, on the live one
+        assert lines_of(result, check)[0].split()[0] == "ok", result.output
+
+
+async def test_doctor_shows_which_replica_the_running_daemon_uses(tmp_path: Path) -> None:
+    from knexad.state import DaemonState, StateFile
+
+    async with running_replicas(tmp_path, 2) as (services, stores, addrs):
+        ident = make_home(tmp_path / "d", addrs)
+        for svc, store in zip(services, stores):
+            svc.config.transfer_hash = synthetic_hash(addrs[0])
+            store.admit(ident.peer_id, "acme", now_ms())
+        StateFile(tmp_path / "d", DaemonState(peer_id=ident.peer_id, pid=os.getpid(), status="running",
+                                              cpm_addr=addrs[1])).save()
+        result = await doctor_in_thread(tmp_path / "d")
+        registered = [store.get_agent(ident.peer_id) for store in stores]
+    first, second = lines_of(result, "cpm replica 1")[0], lines_of(result, "cpm replica 2")[0]
+    assert first.split()[0] == "ok" and "in use" not in first and "below" not in first
+    assert second.split()[0] == "ok" and "in use by the running daemon" in second and "checked in full below" in second
+    assert all(r is not None and r.registered_at for r in registered)  # the doctor's Register reached both
+
+
+async def test_doctor_fails_with_4_when_no_cpm_replica_answers(tmp_path: Path) -> None:
+    cpm = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{FAKE_CPM_ID}"
+    make_home(tmp_path / "d", [cpm, _down(cpm)])
+    result = await doctor_in_thread(tmp_path / "d")
+    assert result.exit_code == 4, result.output
+    for name in ("cpm replica 1", "cpm replica 2", "cpm dial"):
+        assert lines_of(result, name)[0].split()[0] == "FAIL", result.output
