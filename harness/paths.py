@@ -10,7 +10,10 @@ the CPM's directives and builds ``results.json``'s ``paths`` section:
   (peer IDs, plus ``teacher_name`` / ``student_name``), ``path``, ``wire_bytes`` (both
   directions on the wire, as the student counted them), ``seconds`` (dial + transfer, the
   student's clock), ``dial_seconds`` (of ``seconds``: until the stream was open — the
-  direct try, the relay, a hole punch), ``directive``;
+  direct try, the relay, a hole punch), ``directive``, and ``teacher_path``: the path
+  the teacher recorded for the same directive (its ``side="teacher"`` line; None when it
+  has none — e.g. a teacher from before teachers recorded). The two agree unless a
+  connection changed under the exchange;
 * ``summary`` — per path: ``count``, ``share`` (of recorded exchanges), ``bytes``,
   ``seconds``, ``dial_seconds``, ``mbit_s`` (bytes · 8 / seconds / 10⁶, dial included) and
   ``transfer_mbit_s`` (bytes · 8 / (seconds − dial_seconds) / 10⁶: the open stream's
@@ -34,13 +37,14 @@ from p2p.relay import PATHS
 def collect_exchanges(homes: Mapping[str, Path], names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Every student's records, sorted by (round, student, teacher); names label peers."""
     names = names or {}
+    served = {rec["directive"]: rec["path"] for home in homes.values() for rec in read_exchanges(home, side="teacher")}
     rows = []
     for home in homes.values():
         for rec in read_exchanges(home):
             rows.append({"round": rec["round"], "teacher": rec["teacher"], "student": rec["student"],
                          "teacher_name": names.get(rec["teacher"], ""), "student_name": names.get(rec["student"], ""),
                          "path": rec["path"], "wire_bytes": rec["wire_bytes"], "seconds": rec["seconds"],
-                         "dial_seconds": rec["dial_seconds"],
+                         "dial_seconds": rec["dial_seconds"], "teacher_path": served.get(rec["directive"]),
                          "directive": rec["directive"]})
     rows.sort(key=lambda r: (r["round"], r["student_name"] or r["student"], r["teacher_name"] or r["teacher"]))
     return rows

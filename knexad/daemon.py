@@ -155,7 +155,7 @@ class Daemon:
         async with host.run(listen):
             self.server = ExchangeServer(
                 self.identity, cfg, self.worker, self.used, self.state,
-                transfer_hash=transfer_hash, private_texts=private, guard=self.guard,
+                transfer_hash=transfer_hash, private_texts=private, guard=self.guard, home=self.home, host=host,
             )
             host.set_stream_handler(EXCHANGE_PROTOCOL, self.server.handle)
             addrs = listening_addrs(host, cfg.listen)
@@ -163,6 +163,7 @@ class Daemon:
             from knexad.overlay import Overlay
 
             self.overlay = Overlay(host, cfg, self.state, addrs)
+            self.server.relay = self.overlay.node  # the teacher tells hole-punched connections apart
             self.rpc = CpmRpc(host, self.identity, cfg, self.guard)
             self.feedback = FeedbackSender(self.rpc, self.outbox, cfg, self.state)
             self.student = Student(

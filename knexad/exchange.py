@@ -19,6 +19,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
@@ -27,8 +28,10 @@ from libp2p.abc import INetStream
 from knexad.agent_api import Agent, KnowledgePackage, ProtocolArm, TeachRequest
 from knexad.agents import AgentWorker
 from knexad.config import DaemonConfig
+from knexad.exchanges import append_exchange
 from knexad.state import StateFile
 from p2p.ratelimit import PeerRateLimiter
+from p2p.relay import RelayNode, stream_path
 from p2p.streams import NET_ERRORS, PIPELINE_DEPTH, FramedStream, pipeline, serving
 from protocol.conversation import REQUESTS
 from protocol.directives import verify_directive
@@ -43,7 +46,7 @@ from protocol.errors import (
 )
 from protocol.ids import EXCHANGE_PROTOCOL
 from protocol.knowledge import encode_package, seal_chunk_frame
-from protocol.messages import Error, KnowledgeEnd
+from protocol.messages import Directive, Error, KnowledgeEnd
 from protocol.replay import ReplayGuard
 
 log = structlog.get_logger(__name__)
@@ -110,8 +113,16 @@ class ExchangeServer:
         transfer_hash: str,
         private_texts: tuple[str, ...] = (),
         guard: ReplayGuard | None = None,
+        home: Path | None = None,
+        host: Any = None,
+        relay: RelayNode | None = None,
     ) -> None:
+        """``home`` and ``host``: where to record each served package's path
+        (``knexad.exchanges``, side ``teacher``) and the host whose connection it came
+        over; ``relay`` (settable later: the daemon builds its overlay after this
+        server) tells a hole-punched connection from a plain direct one."""
         self.identity, self.cfg, self.worker, self.used, self.state = identity, cfg, worker, used, state
+        self.home, self.host, self.relay = home, host, relay
         self.transfer_hash = transfer_hash
         self.guardrail = Guardrail(private_texts)
         self.guard = guard or ReplayGuard()
@@ -199,6 +210,8 @@ class ExchangeServer:
         await framed.close()
         self.served += 1
         self.state.state.taught += 1
+        seconds = time.perf_counter() - start
+        path = stream_path(self.host, framed.stream, self.relay) if self.host is not None else ""
         log.info(
             "exchange.package.sent",
             peer=remote,
@@ -208,8 +221,22 @@ class ExchangeServer:
             chunks=chunks,
             items=len(package.items),
             dropped=dropped,
-            duration_ms=int((time.perf_counter() - start) * 1000),
+            duration_ms=int(seconds * 1000),
+            path=path,
         )
+        if self.home is not None and path:
+            await self._record(directive, remote, path, framed.bytes_in + framed.bytes_out, seconds)
+
+    async def _record(self, directive: Directive, remote: str, path: str, wire_bytes: int, seconds: float) -> None:
+        """The teacher's line in ``exchanges.jsonl``: a record, never a reason to fail."""
+        home = self.home
+        assert home is not None
+        try:
+            await trio.to_thread.run_sync(lambda: append_exchange(
+                home, directive=directive.directive_id, round_=directive.round, teacher=self.identity.peer_id,
+                student=remote, path=path, wire_bytes=wire_bytes, seconds=seconds, side="teacher"))
+        except OSError as exc:
+            log.warning("exchange.record.failed", directive=directive.directive_id, error=str(exc))
 
     async def _refuse(self, framed: FramedStream, remote: str, exc: KnexaError) -> None:
         log.warning("exchange.refused", peer=remote, error=exc.code, message=str(exc))

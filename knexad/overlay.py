@@ -14,6 +14,7 @@ from typing import Any
 import multiaddr
 import structlog
 import trio
+from libp2p.peer.peerinfo import PeerInfo
 
 from knexad.config import DaemonConfig
 from knexad.state import StateFile
@@ -21,6 +22,14 @@ from p2p.host import parse_peer_addr
 from p2p.relay import RelayNode, check_reachability, is_circuit
 
 log = structlog.get_logger(__name__)
+
+
+def cpm_relay_info(cfg: DaemonConfig) -> PeerInfo:
+    """The CPM as a relay: its one identity with *every* configured address
+    (``cpm = [...]``, the replicas), so the keeper fails over from a dead replica to the
+    next (``p2p.relay.RelayNode.reserve``) instead of retrying the first forever."""
+    infos = [parse_peer_addr(a) for a in cfg.cpm_addrs]
+    return PeerInfo(infos[0].peer_id, [a for info in infos for a in info.addrs])
 
 
 class Overlay:
@@ -31,7 +40,7 @@ class Overlay:
     def __init__(self, host: Any, cfg: DaemonConfig, state: StateFile, direct_addrs: list[str]) -> None:
         self.host, self.cfg, self.state = host, cfg, state
         self.direct = [a for a in direct_addrs if not is_circuit(a)]
-        self.cpm = parse_peer_addr(cfg.cpm)
+        self.cpm = cpm_relay_info(cfg)
         net = cfg.network
         self.node = RelayNode(
             host, self.cpm if net.relay else None, holepunch=net.holepunch, dial_s=cfg.timeouts.dial_s,

@@ -26,6 +26,7 @@ additionally E2E-boxed (tests/integration/test_relay.py observes the relay's rea
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -186,9 +187,15 @@ def connection_type(host: IHost, stream: INetStream) -> ConnectionType | None:
     return None
 
 
-def stream_path(host: IHost, stream: INetStream) -> str:
-    """``relay`` when the stream runs over a relayed connection, else ``direct``."""
-    return PATH_RELAY if connection_type(host, stream) == ConnectionType.RELAYED else PATH_DIRECT
+def stream_path(host: IHost, stream: INetStream, node: RelayNode | None = None) -> str:
+    """``relay`` when the stream runs over a relayed connection, ``holepunch`` when over a
+    direct connection that ``node``'s DCUtR made (either side's session), else ``direct``.
+    Works on both ends of an exchange: the teacher calls it on the stream it accepted."""
+    if connection_type(host, stream) == ConnectionType.RELAYED:
+        return PATH_RELAY
+    if node is not None and node.dcutr is not None and node.dcutr.made(stream.muxed_conn):
+        return PATH_HOLEPUNCH
+    return PATH_DIRECT
 
 
 async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, protocol: str, *,
@@ -202,11 +209,11 @@ async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, p
     peer = info.peer_id.to_base58()
     if node is None or not circuits:
         stream = await open_stream(host, PeerInfo(info.peer_id, direct), protocol, dial_s)
-        return stream, stream_path(host, stream)
+        return stream, stream_path(host, stream, node)
     if direct:
         try:
             stream = await open_stream(host, PeerInfo(info.peer_id, direct), protocol, min(direct_s, dial_s))
-            return stream, stream_path(host, stream)
+            return stream, stream_path(host, stream, node)
         except PeerUnavailable as exc:
             log.info("p2p.dial.direct_failed", peer=peer, error=str(exc)[:200])
     reasons = []
@@ -224,9 +231,53 @@ async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, p
         except DIAL_ERRORS as exc:
             reasons.append(f"stream over {circuit}: {type(exc).__name__}")
             continue
-        path = stream_path(host, stream)
+        path = stream_path(host, stream, node)
         return stream, (PATH_HOLEPUNCH if punched and path == PATH_DIRECT else path)
     raise PeerUnavailable(f"no path to {peer}: direct failed, relayed: {'; '.join(reasons) or 'none'}")
+
+
+# --- hole punching ----------------------------------------------------------------------
+
+
+class PunchingDCUtR(DCUtRProtocol):
+    """py-libp2p 0.8.1's DCUtR with two changes (docs/networking.md §Hole punching):
+
+    * no "unilateral upgrade" first: the library dials every non-circuit address in the
+      peerstore for up to ``dial_timeout`` (10 s) before it even sends CONNECT. Our
+      student has just tried those addresses (``open_stream_via`` step 1); behind a NAT
+      they are private LAN addresses that time out, so the punch never started within
+      its budget (measured: every punch in the first NAT run died there);
+    * it remembers which connections a punch made (``made``), so both sides of an
+      exchange can record the path ``holepunch`` — the swarm's connection type says only
+      DIRECT. Weak references: a closed connection drops out by itself.
+    """
+
+    def __init__(self, host: IHost) -> None:
+        super().__init__(host)
+        self._made: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.successes = 0
+
+    def made(self, muxed_conn: Any) -> bool:
+        return muxed_conn in self._made
+
+    def _direct_muxed(self, peer_id: ID) -> list[Any]:
+        return [c.muxed_conn for c in self.host.get_network().get_connections(peer_id)
+                if c.get_connection_type() != ConnectionType.RELAYED and getattr(c, "muxed_conn", None) is not None]
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        return await self._verify_direct_connection(peer_id)
+
+    async def _perform_hole_punch(self, peer_id: ID, addrs: list[multiaddr.Multiaddr],
+                                  as_responder: bool = False) -> bool:
+        before = {id(m) for m in self._direct_muxed(peer_id)}
+        ok = await super()._perform_hole_punch(peer_id, addrs, as_responder)
+        if ok:
+            new = [m for m in self._direct_muxed(peer_id) if id(m) not in before]
+            for muxed in new:
+                self._made.add(muxed)
+            self.successes += 1
+            log.info("p2p.dcutr.punched", peer=peer_id.to_base58(), connections=len(new), responder=as_responder)
+        return ok
 
 
 # --- the daemon's relay client -----------------------------------------------------------
@@ -235,6 +286,12 @@ async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, p
 class RelayNode:
     """A daemon's relay client: accepts relayed connections, dials through relays, runs
     DCUtR (``holepunch``), and keeps a reservation on ``relay`` (None: no reservation).
+
+    ``relay`` may list several addresses of one relay identity (the CPM's replicas share
+    a key, ``cpm = [...]``): a reservation attempt tries them in turn, starting with the
+    one that worked last, so a dead replica fails over to the next; when every address
+    fails, the keeper backs off before the next round. A reservation lives on one
+    replica only, so ``circuit_addrs`` then names the address it was made through.
 
     The keeper checks every ``check_s`` whether the connection the reservation was made
     on is still the relay's connection; a new one (relay restarted, or the CPM client
@@ -246,15 +303,16 @@ class RelayNode:
     def __init__(self, host: IHost, relay: PeerInfo | None, *, holepunch: bool = True, dial_s: float = 10.0,
                  check_s: float = 5.0, refresh_fraction: float = 0.5, retry_base_s: float = 1.0,
                  retry_max_s: float = 60.0, clock: Callable[[], float] = time.time,
-                 on_change: Callable[[RelayNode], None] | None = None) -> None:
+                 on_change: Callable[[RelayNode], None] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = trio.sleep) -> None:
         self.host, self.relay, self.dial_s = host, relay, dial_s
         self.check_s, self.refresh_fraction = check_s, refresh_fraction
         self.retry_base_s, self.retry_max_s, self.clock = retry_base_s, retry_max_s, clock
-        self.on_change = on_change
+        self.on_change, self._sleep = on_change, sleep  # sleep: injectable, tests count the back-offs
         self.protocol = CircuitV2Protocol(host, allow_hop=False)
         # STOP only: with CLIENT, 0.8.1's transport makes a reservation on every dial
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
-        self.dcutr = DCUtRProtocol(host) if holepunch else None
+        self.dcutr = PunchingDCUtR(host) if holepunch else None
         self.reserved = False
         self.reservations = 0  # successful reservations (first one and every refresh / re-reserve)
         self.failures = 0
@@ -262,18 +320,19 @@ class RelayNode:
         self._reserved_at = 0.0
         self.ttl_s = 0.0
         self._conn: Any = None
+        self._index = 0  # the relay address to try first (the last one that worked)
+        self.relay_addr: str | None = None  # the address our live reservation was made through
         self.ready = trio.Event()
 
     def circuit_addrs(self) -> list[str]:
-        """Our ``…/p2p/<relay>/p2p-circuit/p2p/<us>`` addresses (empty without a relay)."""
+        """Our ``…/p2p/<relay>/p2p-circuit/p2p/<us>`` addresses (empty without a relay):
+        through the relay address holding our reservation, or every configured one
+        before any reservation."""
         if self.relay is None:
             return []
         me, rid = self.host.get_id().to_base58(), self.relay.peer_id.to_base58()
-        out = []
-        for addr in self.relay.addrs:
-            base = str(addr).split("/p2p/", 1)[0]
-            out.append(f"{base}/p2p/{rid}/p2p-circuit/p2p/{me}")
-        return out
+        bases = [self.relay_addr] if self.relay_addr else [str(a).split("/p2p/", 1)[0] for a in self.relay.addrs]
+        return [f"{base}/p2p/{rid}/p2p-circuit/p2p/{me}" for base in bases]
 
     async def hole_punch(self, peer: ID, timeout_s: float) -> bool:
         """DCUtR over the relayed connection to ``peer``; True when a direct connection
@@ -329,30 +388,64 @@ class RelayNode:
                 else:
                     delay = min(self.retry_max_s, self.retry_base_s * (2 ** attempt))
                     attempt += 1
-                    await trio.sleep(delay)
+                    await self._sleep(delay)
                     continue
-            await trio.sleep(self.check_s)
+            await self._sleep(self.check_s)
+
+    async def _reserve_via(self, addr: multiaddr.Multiaddr) -> bool:
+        """One reservation attempt through ``addr`` (connects first unless a connection
+        to the relay's identity exists: then that one carries it).
+
+        The dial is ``dial_addr`` on that one address, not ``host.connect``: 0.8.1's
+        swarm dials at most one address per transport class of a peer (its "smart
+        address selection" keeps the first TCP address in the peerstore), so with
+        ``connect`` a dead first replica would be the only address ever tried."""
+        assert self.relay is not None
+        rid = self.relay.peer_id
+        network = self.host.get_network()
+        with trio.fail_after(self.dial_s):
+            unblock = getattr(network, "unblock_peer", None)
+            if unblock is not None:
+                unblock(rid)
+            if not network.get_connections(rid):
+                await network.dial_addr(addr, rid)
+            stream = await self.host.new_stream(rid, [HOP_PROTOCOL])
+            try:
+                return bool(await self.transport._make_reservation(stream, rid))
+            finally:
+                await stream.close()
+
+    def _conn_addr(self, conn: Any, tried: str) -> str:
+        """The configured relay address ``conn`` runs to (an existing connection may be
+        to another replica than the one tried); ``tried`` when it cannot tell."""
+        assert self.relay is not None
+        configured = {str(a).split("/p2p/", 1)[0] for a in self.relay.addrs}
+        try:
+            remote = [str(a).split("/p2p/", 1)[0] for a in conn.get_transport_addresses()]
+        except (AttributeError, *DIAL_ERRORS):
+            remote = []
+        return next((a for a in remote if a in configured), tried)
 
     async def reserve(self) -> bool:
-        """One reservation attempt on the relay (connects first if needed)."""
+        """One reservation round: each relay address once, from the last good one."""
         assert self.relay is not None
         rid = self.relay.peer_id
         was = self.reserved
+        addrs = list(self.relay.addrs)
         ok = False
-        error = ""
-        try:
-            with trio.fail_after(self.dial_s):
-                unblock = getattr(self.host.get_network(), "unblock_peer", None)
-                if unblock is not None:
-                    unblock(rid)
-                await self.host.connect(self.relay)
-                stream = await self.host.new_stream(rid, [HOP_PROTOCOL])
-                try:
-                    ok = await self.transport._make_reservation(stream, rid)
-                finally:
-                    await stream.close()
-        except DIAL_ERRORS as exc:
-            error = f"{type(exc).__name__}: {exc}"[:200]
+        errors = []
+        for step in range(len(addrs)):
+            index = (self._index + step) % len(addrs)
+            tried = str(addrs[index]).split("/p2p/", 1)[0]
+            try:
+                ok = await self._reserve_via(addrs[index])
+            except DIAL_ERRORS as exc:
+                errors.append(f"{tried}: {type(exc).__name__}: {exc}"[:200])
+                continue
+            if ok:
+                self._index = index
+                break
+            errors.append(f"{tried}: refused")
         if ok:
             self.reserved, self.reservations = True, self.reservations + 1
             self._reserved_at = self.clock()
@@ -360,13 +453,15 @@ class RelayNode:
             self.expires = float(self.transport._reservations.get(rid, time.time() + 60))
             self.ttl_s = max(1.0, self.expires - time.time())
             self._conn = self._relay_conn()
+            self.relay_addr = self._conn_addr(self._conn, str(addrs[self._index]).split("/p2p/", 1)[0])
             log.info("p2p.relay.reserved", relay=rid.to_base58(), reservations=self.reservations,
-                     ttl_s=int(self.ttl_s))
+                     ttl_s=int(self.ttl_s), addr=self.relay_addr, failed_over=len(errors))
         else:
             self.reserved = False
+            self.relay_addr = None
             self.failures += 1
             log.warning("p2p.relay.reserve_failed", relay=rid.to_base58(), failures=self.failures,
-                        error=error or "refused")
+                        error="; ".join(errors)[:600] or "refused")
         self.ready.set()
         if self.on_change is not None and (was != self.reserved or ok):
             self.on_change(self)

@@ -8,6 +8,20 @@ masquerade on the uplink and a forward policy that lets in only established/rela
 traffic — a real NAT: nobody outside can open a connection into the LAN) and one or
 more *LAN host* namespaces behind it.
 
+NAT behaviour (``nat=``, measured with DCUtR in docs/networking.md §Hole punching):
+
+* ``rfc5382`` (default) — what RFC 5382 asks of a NAT and a home router does:
+  masquerade keeps the source port when it is free (endpoint-independent mapping), and
+  an unsolicited inbound packet to the router is *dropped* (REQ-4: "MUST NOT respond to
+  an unsolicited inbound SYN"), which is what lets a TCP simultaneous open (hole punch)
+  through;
+* ``reset`` — the same mapping, but the router's own TCP stack answers an unsolicited
+  SYN with a RST, as a bare Linux box with masquerade does. The RST reaches the peer
+  through its NAT and kills its half-open punch: hole punching fails;
+* ``symmetric`` — ``masquerade fully-random``: a fresh random port per connection
+  (endpoint-dependent mapping), unsolicited packets dropped. The port a peer learnt
+  from the relay is not the one a punch would use: hole punching cannot work.
+
 Addresses: the public segment is 198.18.0.0/16 (RFC 2544's benchmarking range: never
 routed on the internet, and *not* RFC 1918, so py-libp2p's NAT code
 (``libp2p.relay.circuit_v2.nat.is_private_ip``) classifies it as public, as it would a
@@ -61,6 +75,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _RESERVED = re.compile(r"^(pub|r\d+|o\d+h\d+)$")
 _RATE = re.compile(r"\brate (\d+(?:\.\d+)?)([KMG]?)bit\b")
 _UNIT = {"": 1, "K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
+NAT_MODES = ("rfc5382", "reset", "symmetric")
 # Forward between interfaces; and where br_netfilter is loaded (it is on this machine
 # kind, and its sysctls are per namespace, default 1), keep LAN-internal *bridged*
 # frames out of the IP forward hook, whose drop policy would cut LAN hosts off from
@@ -107,7 +122,10 @@ class NatTestbed:
 
     def __init__(self, orgs: int | Sequence[str] = 2, *, hosts_per_org: int = 1,
                  public_hosts: Sequence[str] = ("cpm",), prefix: str = PREFIX, grace_s: float = 5.0,
-                 handle_signals: bool = True, sweep_first: bool = True) -> None:
+                 handle_signals: bool = True, sweep_first: bool = True, nat: str = "rfc5382") -> None:
+        if nat not in NAT_MODES:
+            raise ValueError(f"nat must be one of {NAT_MODES}, got {nat!r}")
+        self.nat = nat
         names = [f"org-{i:02d}" for i in range(orgs)] if isinstance(orgs, int) else list(orgs)
         if len(set(names)) != len(names):
             raise ValueError(f"organisation names must be unique: {names}")
@@ -176,7 +194,7 @@ class NatTestbed:
     def describe(self) -> dict[str, Any]:
         """The layout as plain data (for logs and results files)."""
         return {
-            "tag": self.tag, "public_net": PUBLIC_NET, "bridge_ns": self.pub_ns,
+            "tag": self.tag, "public_net": PUBLIC_NET, "bridge_ns": self.pub_ns, "nat": self.nat,
             "public": {h.name: {"ns": h.ns, "addr": h.addr} for h in self.public.values()},
             "orgs": [{"name": o.name, "router_ns": o.router_ns, "public_addr": o.public_addr, "lan_net": o.lan_net,
                       "hosts": [{"ns": h.ns, "addr": h.addr} for h in o.hosts]} for o in self.orgs],
@@ -241,15 +259,24 @@ class NatTestbed:
         """The router's nftables program: masquerade out of the uplink; forward only
         LAN → uplink and replies (established/related). Everything else is dropped, so
         even a neighbour on the public segment that routes 192.168.x via this router
-        cannot open a connection into the LAN."""
+        cannot open a connection into the LAN. ``nat`` (module doc) picks the port
+        mapping and whether the router itself drops (``rfc5382``, ``symmetric``) or
+        answers (``reset``: its TCP stack sends RST) an unsolicited inbound packet."""
         t = self.tag
+        masq = "masquerade fully-random" if self.nat == "symmetric" else "masquerade"
+        silent = "" if self.nat == "reset" else (
+            "  chain filter_in { type filter hook input priority filter; policy accept;\n"
+            f'    iifname "{t}-up" ct state established,related accept\n'
+            f'    iifname "{t}-up" drop\n'
+            "  }\n")
         return (
             "table ip knexa_nat {\n"
-            f'  chain nat_post {{ type nat hook postrouting priority srcnat; policy accept; oifname "{t}-up" masquerade; }}\n'
+            f'  chain nat_post {{ type nat hook postrouting priority srcnat; policy accept; oifname "{t}-up" {masq}; }}\n'
             "  chain filter_fwd { type filter hook forward priority filter; policy drop;\n"
             "    ct state established,related accept\n"
             f'    iifname "{t}-lan" oifname "{t}-up" accept\n'
             "  }\n"
+            f"{silent}"
             "}\n"
         )
 

@@ -18,6 +18,15 @@ timing. Commands:
   yamux) echoing reversed frames on ``/knexa/netns-test/1.0.0``; per stream appends
   ``{"peer", "remote"}`` to LOG;
 * ``p2p-dial MADDR`` — dials, sends one frame, prints ``{"peer", "reply"}``;
+* ``p2p-relay ADDR READY`` — a circuit relay v2 (``p2p.relay.serve_relay``) on ADDR:0;
+  writes ``{"addrs"}`` to READY;
+* ``p2p-peer ADDR RELAY_READY READY LOG [TARGET_READY]`` — a host on ADDR:0 with a
+  ``p2p.relay.RelayNode`` (reservation on the relay, DCUtR); writes ``{"id", "addrs",
+  "circuit"}`` to READY. Without TARGET_READY it serves ``/knexa/netns-test/1.0.0`` and
+  appends ``{"side": "teacher", "path"}`` per stream to LOG (the path as
+  ``p2p.relay.stream_path`` reads it on the accepting side); with it, it opens that
+  protocol to the target the way a student does (``open_stream_via``: direct, relay,
+  DCUtR) and appends ``{"side": "student", "path"}`` to LOG;
 * ``own-testbed READY`` — builds a ``NatTestbed``, starts two sleepers inside (one
   without ``PDEATHSIG``, so it outlives a SIGKILLed owner), writes
   ``{"tag", "namespaces", "pids"}`` and waits to be signalled.
@@ -165,6 +174,72 @@ def p2p_dial(maddr: str) -> None:
     trio.run(main)
 
 
+def p2p_relay(addr: str, ready: str) -> None:
+    import multiaddr
+    import trio
+
+    from p2p.host import build_host, full_addrs
+    from p2p.relay import RelayServiceLimits, serve_relay
+
+    async def main() -> None:
+        host = build_host(os.urandom(32))
+        async with host.run([multiaddr.Multiaddr(f"/ip4/{addr}/tcp/0")]):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_relay, host, RelayServiceLimits())
+                _write_json(ready, {"addrs": full_addrs(host)})
+                await trio.sleep_forever()
+
+    trio.run(main)
+
+
+def p2p_peer(addr: str, relay_ready: str, ready: str, log: str, target_ready: str | None) -> None:
+    import multiaddr
+    import trio
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from p2p.host import build_host, parse_peer_addr
+    from p2p.relay import RelayNode, open_stream_via, stream_path
+
+    async def main() -> None:
+        host = build_host(os.urandom(32))
+        relay = parse_peer_addr(json.loads(Path(relay_ready).read_text())["addrs"][0])
+        async with host.run([multiaddr.Multiaddr(f"/ip4/{addr}/tcp/0")]):
+            node = RelayNode(host, relay)
+
+            async def handler(stream) -> None:
+                _append_json(log, {"side": "teacher", "path": stream_path(host, stream, node)})
+                await stream.write(await stream.read(4))
+                await stream.close()
+
+            host.set_stream_handler(PROTO, handler)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run)
+                # the relay must have told us our NAT's public address (identify) before a
+                # punch can predict it: wait for that observation
+                manager = host._observed_addr_manager
+                with trio.move_on_after(30):
+                    while manager is not None and not manager.addrs(min_observers=1):
+                        await trio.sleep(0.1)
+                _write_json(ready, {"id": host.get_id().to_base58(), "circuit": node.circuit_addrs(),
+                                    "addrs": [str(a).split("/p2p/", 1)[0] for a in host.get_addrs()]})
+                if target_ready is None:
+                    await trio.sleep_forever()
+                while not os.path.exists(target_ready):
+                    await trio.sleep(0.1)
+                target = json.loads(Path(target_ready).read_text())
+                info = PeerInfo(ID.from_base58(target["id"]),
+                                [multiaddr.Multiaddr(a) for a in target["addrs"] + target["circuit"]])
+                stream, path = await open_stream_via(host, node, info, PROTO, direct_s=1.0, dial_s=10.0)
+                await stream.write(b"ping")
+                await stream.read(4)
+                await stream.close()
+                _append_json(log, {"side": "student", "path": path})
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def own_testbed(ready: str) -> None:
     from harness.netlab import NatTestbed
 
@@ -197,6 +272,10 @@ def main(argv: list[str]) -> None:
         p2p_listen(*args)
     elif cmd == "p2p-dial":
         p2p_dial(args[0])
+    elif cmd == "p2p-relay":
+        p2p_relay(*args)
+    elif cmd == "p2p-peer":
+        p2p_peer(args[0], args[1], args[2], args[3], args[4] if len(args) > 4 else None)
     elif cmd == "own-testbed":
         own_testbed(args[0])
     else:

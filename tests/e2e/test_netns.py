@@ -145,7 +145,9 @@ def _has(tool: str) -> bool:
     return shutil.which(tool) is not None
 
 
-def test_flush_nat_drops_the_mapping_of_a_live_connection(tb: NatTestbed, tmp_path: Path) -> None:
+def _flush_under_a_live_connection(tb: NatTestbed, tmp_path: Path) -> list[str]:
+    """A LAN host holds a TCP connection to the public segment; the NAT's mappings are
+    flushed; the public side then writes on it. Returns the writes' outcomes."""
     listable = _has("conntrack") or Path("/proc/net/nf_conntrack").exists()
     ready, held = tmp_path / "push.ready", tmp_path / "held.ready"
     server = tb.run(tb.public_ns("cpm"), [*TOOLS, "tcp-push", tb.public_addr("cpm"), str(ready)], cwd=REPO,
@@ -161,9 +163,25 @@ def test_flush_nat_drops_the_mapping_of_a_live_connection(tb: NatTestbed, tmp_pa
     if listable:
         assert _tracked(tb, port) == []
     assert client.poll() is None  # the endpoints did not notice: only the NAT forgot
-    # the public side's next writes on the old mapping reach the router itself: reset
     out, _ = server.communicate("go\n", timeout=60)
-    outcomes = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_flush_nat_drops_the_mapping_of_a_live_connection(tb: NatTestbed, tmp_path: Path) -> None:
+    """Default NAT (``rfc5382``): the public side's writes on the forgotten mapping reach
+    the router, which drops them silently — no reset comes back; the connection is dead
+    without either end being told (what a daemon's keepalive and timeouts must catch)."""
+    if not (_has("conntrack") or Path("/proc/net/nf_conntrack").exists()):
+        pytest.skip("no conntrack listing (conntrack CLI or /proc/net/nf_conntrack): the mapping cannot be checked")
+    outcomes = _flush_under_a_live_connection(tb, tmp_path)
+    assert outcomes and set(outcomes) == {"ok"}, outcomes
+
+
+def test_flush_nat_of_a_resetting_router_resets_the_public_side(netns_ok: None, tmp_path: Path) -> None:
+    """``nat="reset"`` (a bare Linux router): the same writes reach the router's own TCP
+    stack, which answers RST."""
+    with NatTestbed(orgs=1, nat="reset") as bed:
+        outcomes = _flush_under_a_live_connection(bed, tmp_path)
     assert outcomes[-1] in ("ConnectionResetError", "BrokenPipeError"), outcomes
 
 
@@ -244,3 +262,30 @@ def test_interrupted_owner_tears_everything_down(netns_ok: None, tmp_path: Path,
     assert rc == (130 if sig == signal.SIGINT else -signal.SIGTERM), (tmp_path / "owner.err").read_text()
     assert _leftovers(info["tag"]) == ([], [])  # no sweep needed
     assert not any(process_alive(p) for p in info["pids"])
+
+
+@pytest.mark.parametrize(("nat", "expected"), [("rfc5382", "holepunch"), ("reset", "relay"), ("symmetric", "relay")])
+def test_hole_punch_through_the_nats_depends_on_how_they_behave(netns_ok: None, tmp_path: Path, nat: str,
+                                                                expected: str) -> None:
+    """Two peers, each behind its own NAT, a relay on the public segment; the student
+    opens a stream as the daemon does (direct → relay → DCUtR) and both sides record
+    the path of the connection the stream runs on. Through RFC 5382 NATs the punch
+    succeeds (TCP simultaneous open from both listen ports); a router that answers an
+    unsolicited SYN with RST, or maps each connection to a random port, leaves only the
+    relay (docs/networking.md §Hole punching has the packet traces)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with NatTestbed(orgs=2, public_hosts=("relay",), nat=nat) as bed:
+        relay_ready, log_path = tmp_path / "relay.ready", tmp_path / "paths.log"
+        relay = bed.run(bed.public_ns("relay"), [*TOOLS, "p2p-relay", bed.public_addr("relay"), str(relay_ready)],
+                        cwd=REPO, env=env)
+        _wait_file(relay_ready, relay, timeout=120)
+        teacher_ready, student_ready = tmp_path / "teacher.ready", tmp_path / "student.ready"
+        teacher = bed.run(bed.lan_ns(1), [*TOOLS, "p2p-peer", bed.lan_addr(1), str(relay_ready), str(teacher_ready),
+                                          str(log_path)], cwd=REPO, env=env)
+        _wait_file(teacher_ready, teacher, timeout=120)
+        student = bed.run(bed.lan_ns(0), [*TOOLS, "p2p-peer", bed.lan_addr(0), str(relay_ready), str(student_ready),
+                                          str(log_path), str(teacher_ready)], cwd=REPO, env=env)
+        assert student.wait(timeout=180) == 0
+        seen = {e["side"]: e["path"] for e in _lines(log_path)}
+    log.info("test.netns.holepunch", nat=nat, paths=seen)
+    assert seen == {"student": expected, "teacher": expected}

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from knexad.agent_api import ProtocolArm, TeachRequest
 from knexad.agents import AgentWorker
 from knexad.exchange import ExchangeServer, UsedDirectives
+from knexad.exchanges import read_exchanges
 from protocol.envelope import now_ms, parse_envelope, seal
 from p2p.ratelimit import PeerRateLimiter
 from protocol.errors import Expired, RateLimited, Replay
@@ -77,6 +78,30 @@ async def test_status_and_log_record_each_served_exchange(net: Net) -> None:
     s = net.state.state
     assert (net.server.served, s.taught, s.role, s.last_directive) == (2, 2, "teacher", directive.directive_id)
     assert s.peers[student].bytes_in > 0 and s.peers[student].bytes_out > 0
+
+
+async def test_the_teacher_records_each_served_package_and_its_path(net: Net) -> None:
+    """The teacher side of ``exchanges.jsonl`` (issue 17): one ``side="teacher"`` line
+    per package served, its path read off the connection the request came over (here
+    loopback: direct); a refused request leaves no line."""
+    home = net.tmp / "teacher-home"
+    home.mkdir()
+    net.server.home, net.server.host = home, net.teacher_host
+    student = net.student_id.peer_id
+    raw, directive = make_directive(net.cpm, net.teacher_id.peer_id, student)
+    with capture_logs() as logs:
+        result = await net.fetch(raw, directive)
+    expired_raw, expired = make_directive(net.cpm, net.teacher_id.peer_id, student, expires_in_ms=-1000)
+    with pytest.raises(Expired):
+        await net.fetch(expired_raw, expired)
+    (rec,) = read_exchanges(home, side="teacher")
+    assert {k: rec[k] for k in ("directive", "round", "teacher", "student", "path", "side")} == {
+        "directive": directive.directive_id, "round": directive.round, "teacher": net.teacher_id.peer_id,
+        "student": student, "path": "direct", "side": "teacher"}
+    assert rec["wire_bytes"] > result.plaintext_bytes and rec["seconds"] >= 0 and rec["dial_seconds"] == 0
+    assert read_exchanges(home) == []  # the student's table (the default side) is not polluted
+    (sent,) = [e for e in logs if e["event"] == "exchange.package.sent"]
+    assert sent["path"] == "direct"
 
 
 async def test_a_refusal_is_recorded_for_the_operator(net: Net) -> None:

@@ -134,6 +134,13 @@ async def test_holepunch_upgrades_relayed_connection() -> None:
         # the punch has its own short budget, not the 15 s dial deadline (the relayed
         # stream is usable while it runs)
         assert budgets == [HOLEPUNCH_S] and HOLEPUNCH_S < 15
+        # the next exchange (the directive also lists a direct address: here a closed
+        # port) reuses the punched connection at step 1 — still a hole-punched path, on
+        # both ends (the harness run showed reused punches reported as "direct")
+        again = PeerInfo(private.get_id(), [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{closed_port()}"), *info.addrs])
+        stream, path = await open_stream_via(dialer, client, again, PROTO, direct_s=3, dial_s=15)
+        assert await _round_trip(stream) == b"echo:hello"
+        assert path == PATH_HOLEPUNCH and budgets == [HOLEPUNCH_S]  # no second punch
         nursery.cancel_scope.cancel()
 
 
@@ -175,6 +182,52 @@ async def test_keeper_re_reserves_after_relay_restart() -> None:
             assert path == PATH_RELAY and await _round_trip(stream) == b"echo:hello"
             r2.cancel_scope.cancel()
         outer.cancel_scope.cancel()
+
+
+async def test_keeper_fails_over_to_the_next_relay_address_with_backoff() -> None:
+    """``cpm = [dead, live]`` (replicas share the relay's key): the keeper's reservation
+    round tries the dead address, then the live one; the circuit address it advertises
+    names the live one, and a dialer reaches the private host through it. With only
+    dead addresses every round fails and the keeper backs off between rounds
+    (``retry_base_s`` doubling, counted on the failures, not timed)."""
+    relay, private, dialer = build_host(os.urandom(32)), build_host(os.urandom(32)), build_host(os.urandom(32))
+    async with relay.run(LISTEN), private.run(LISTEN), dialer.run(LISTEN), trio.open_nursery() as nursery:
+        await nursery.start(serve_relay, relay, LIMITS)
+        live = parse_peer_addr(full_addrs(relay)[0])
+        dead = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{closed_port()}")
+        keeper = RelayNode(private, PeerInfo(live.peer_id, [dead, *live.addrs]), holepunch=False, dial_s=5,
+                           check_s=0.05)
+        await nursery.start(keeper.run)
+        assert (keeper.reserved, keeper.reservations, keeper.failures) == (True, 1, 0)
+        live_base = str(live.addrs[0])
+        assert keeper.relay_addr == live_base
+        assert keeper.circuit_addrs() == [f"{live_base}/p2p/{live.peer_id}/p2p-circuit/p2p/{private.get_id()}"]
+        private.set_stream_handler(PROTO, echo)
+        client = RelayNode(dialer, None, holepunch=False)
+        await nursery.start(client.run)
+        info = PeerInfo(private.get_id(), [multiaddr.Multiaddr(a) for a in keeper.circuit_addrs()])
+        stream, path = await open_stream_via(dialer, client, info, PROTO, direct_s=2, dial_s=10)
+        assert path == PATH_RELAY and await _round_trip(stream) == b"echo:hello"
+
+        slept: list[float] = []
+
+        async def record_sleep(seconds: float) -> None:
+            slept.append(seconds)
+            await trio.lowlevel.checkpoint()
+
+        lonely = build_host(os.urandom(32))
+        dead2 = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{closed_port()}")
+        async with lonely.run(LISTEN), trio.open_nursery() as inner:
+            stuck = RelayNode(lonely, PeerInfo(live.peer_id, [dead, dead2]), holepunch=False, dial_s=5,
+                              retry_base_s=1.0, retry_max_s=4.0, sleep=record_sleep)
+            inner.start_soon(stuck.keep)
+            with trio.fail_after(60):  # hang guard only
+                while stuck.failures < 4:
+                    await trio.sleep(0.01)
+            inner.cancel_scope.cancel()
+        assert not stuck.reserved and stuck.relay_addr is None
+        assert slept[:3] == [1.0, 2.0, 4.0]  # one back-off per failed round (both addresses), doubling, capped
+        nursery.cancel_scope.cancel()
 
 
 async def test_keeper_refreshes_before_expiry() -> None:

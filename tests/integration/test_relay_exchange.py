@@ -22,6 +22,7 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 
 from knexad.agents import AgentWorker
 from knexad.exchange import ExchangeServer, UsedDirectives
+from knexad.exchanges import read_exchanges
 from knexad.state import StateFile
 from knexad.student import fetch_package
 from p2p.host import build_host, full_addrs, parse_peer_addr
@@ -48,16 +49,17 @@ async def test_exchange_through_relay_is_ciphertext_at_the_relay(tmp_path: Path)
     cpm, teacher_id, student_id = Identity.generate(), Identity.generate(), Identity.generate()
     cfg = make_config(cpm)
     agent = CountingAgent()
-    server = ExchangeServer(teacher_id, cfg, AgentWorker(agent), UsedDirectives(tmp_path / "used.log"),
-                            StateFile(tmp_path), transfer_hash=TRANSFER_HASH)
     seen = bytearray()
     relay = build_host(os.urandom(32))
     teacher, student = build_host(teacher_id.seed), build_host(student_id.seed)
+    server = ExchangeServer(teacher_id, cfg, AgentWorker(agent), UsedDirectives(tmp_path / "used.log"),
+                            StateFile(tmp_path), transfer_hash=TRANSFER_HASH, home=tmp_path, host=teacher)
     async with relay.run(LISTEN), teacher.run(LISTEN), student.run(LISTEN), trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: serve_relay(relay, RelayServiceLimits(), task_status=task_status,
                                                             protocol_factory=tapping_relay(seen)))
         keeper = RelayNode(teacher, parse_peer_addr(full_addrs(relay)[0]), holepunch=False)
         await nursery.start(keeper.run)
+        server.relay = keeper
         teacher.set_stream_handler(EXCHANGE_PROTOCOL, server.handle)
         client = RelayNode(student, None, holepunch=False)
         await nursery.start(client.run)
@@ -69,6 +71,8 @@ async def test_exchange_through_relay_is_ciphertext_at_the_relay(tmp_path: Path)
         nursery.cancel_scope.cancel()
 
     assert result.path == PATH_RELAY
+    # the teacher read the same path off the connection the request came over
+    assert [r["path"] for r in read_exchanges(tmp_path, side="teacher")] == [PATH_RELAY]
     assert all(MARKER in item.completion for item in result.package.items)  # the student got plaintext
     assert len(seen) > result.plaintext_bytes  # the whole package crossed the tap
     assert b"/noise" in seen  # control: the tap sees the circuit's cleartext negotiation

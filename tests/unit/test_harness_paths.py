@@ -29,6 +29,10 @@ def _homes(tmp_path: Path) -> dict[str, Path]:
                     wire_bytes=1_000_000, seconds=0.5, now_ms=3)
     append_exchange(a, directive="d5", round_=2, teacher="peerB", student="peerA", path="direct",
                     wire_bytes=2_000_000, seconds=0.25, now_ms=4)
+    # the teachers' own lines: A served d1 and d3, B served d5 (not a fourth exchange)
+    for home, did, path in ((a, "d1", "relay"), (a, "d3", "holepunch"), (b, "d5", "direct")):
+        append_exchange(home, directive=did, round_=1, teacher="t", student="s", path=path, wire_bytes=1,
+                        seconds=1.0, side="teacher")
     return {"peerA": a, "peerB": b}
 
 
@@ -55,6 +59,20 @@ def test_table_has_one_row_per_exchange_with_path_bytes_and_seconds(tmp_path: Pa
             for r in rows] == [(1, "node-00", "node-01", "relay", 4_000_000, 2.0),
                                (2, "node-01", "node-00", "direct", 2_000_000, 0.25),
                                (2, "node-00", "node-01", "holepunch", 1_000_000, 0.5)]
+    assert [r["teacher_path"] for r in rows] == [r["path"] for r in rows]  # both sides saw the same path
+
+
+def test_a_teacher_record_is_kept_apart_and_a_foreign_side_is_skipped(tmp_path: Path) -> None:
+    home = _homes(tmp_path)["peerA"]
+    assert [r["directive"] for r in read_exchanges(home, side="teacher")] == ["d1", "d3"]
+    with open(home / EXCHANGES_FILE, "a", encoding="utf-8") as fh:
+        fh.write('{"side": "relay", "directive": "dz", "round": 1, "teacher": "t", "student": "s", "path": "relay",'
+                 ' "wire_bytes": 1, "seconds": 1.0}\n')
+    assert [r["directive"] for r in read_exchanges(home)] == ["d5"]
+    assert [r["directive"] for r in read_exchanges(home, side="teacher")] == ["d1", "d3"]
+    with pytest.raises(ValueError):
+        append_exchange(home, directive="d9", round_=1, teacher="t", student="s", path="direct", wire_bytes=1,
+                        seconds=1.0, side="cpm")
 
 
 def test_summary_counts_shares_bytes_seconds_and_throughput_per_path(tmp_path: Path) -> None:
