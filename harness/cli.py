@@ -33,6 +33,7 @@ import click
 
 from knexad.config import AGENT_BUDGETS as BUDGETS  # a light module: no torch, no libp2p
 from cpm.strategies import NODE_STRATEGIES as STRATEGIES  # what a real CPM runs
+from harness.netlab.testbed import NAT_MODES  # stdlib only
 from p2p.process import run_cli, version_option
 
 TINY = ("tiny-qwen2", "tiny-gpt2", "tiny-neox", "tiny-bloom")
@@ -152,7 +153,7 @@ def _config(**kw) -> object:
         on_crash=kw["on_crash"], per_process=kw["per_process"], round_timer_s=kw["round_timer"],
         ready_timeout_s=kw["ready_timeout"], timeout_s=kw["timeout"], grace_s=kw["grace"],
         progress=not kw["no_progress"], budget=kw["budget"],
-        topology=kw.get("topology", "loopback"), **_uplinks(kw),
+        topology=kw.get("topology", "loopback"), nat=kw.get("nat") or "rfc5382", **_uplinks(kw),
     )
 
 
@@ -190,6 +191,10 @@ def main(log_format: str) -> None:
 @click.option("--uplink-mbit", multiple=True, metavar="[NAME=]N",
               help="--topology nat: cap every organisation's upload at N Mbit/s (tc tbf); NAME=N caps one "
                    "node's (node-01=10) or organisation's (org-01=10) only. Repeatable.")
+@click.option("--nat", type=click.Choice(NAT_MODES), default=None,
+              help="--topology nat: how the NAT routers behave [default: rfc5382: keep the port, drop unsolicited "
+                   "inbound — hole punching works]; reset: answer unsolicited SYNs with RST; symmetric: a new port "
+                   "per connection (both: exchanges fall back to the relay). docs/networking.md §Hole punching.")
 def up_command(**kw) -> None:
     """Run a CPM + N daemons as real processes for R rounds; write results into OUT."""
     from harness.federation import run_up
@@ -223,6 +228,8 @@ def _check_topology(kw: dict) -> None:
     if kw["topology"] != "nat":
         if kw["uplink_mbit"]:
             raise click.UsageError("--uplink-mbit needs --topology nat")
+        if kw.get("nat"):
+            raise click.UsageError("--nat needs --topology nat")
         return
     if kw["per_process"] != 1:
         raise click.UsageError("--topology nat runs one daemon per organisation namespace: use --per-process 1")

@@ -88,6 +88,7 @@ class UpConfig:
     topology: str = "loopback"  # loopback | nat (harness.topology, docs/harness.md §Topology nat)
     uplink_mbit: float | None = None  # nat: every organisation's upload cap
     uplink_caps: dict[str, float] = field(default_factory=dict)  # nat: org → upload cap (wins over uplink_mbit)
+    nat: str = "rfc5382"  # nat: the routers' behaviour (harness.netlab.NAT_MODES)
 
     def model_for(self, index: int) -> str:
         if self.agent == "synthetic":
@@ -214,7 +215,8 @@ class Federation:
             for i in range(cfg.nodes)
         ]
         self.cpm_addr = ""
-        self.net = topology_for(cfg.topology, [n.org for n in self.nodes], cfg.uplink_mbit, cfg.uplink_caps)
+        self.net = topology_for(cfg.topology, [n.org for n in self.nodes], cfg.uplink_mbit, cfg.uplink_caps,
+                                cfg.nat)
         self.crashed: list[dict[str, Any]] = []
         self.started_at = time.time()
 

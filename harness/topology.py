@@ -58,11 +58,12 @@ class Nat(Loopback):
     name = "nat"
 
     def __init__(self, orgs: Sequence[str], uplink_mbit: float | None = None,
-                 uplink_caps: Mapping[str, float] | None = None) -> None:
+                 uplink_caps: Mapping[str, float] | None = None, *, nat: str = "rfc5382") -> None:
         from harness.netlab import NatTestbed
 
-        # the harness turns SIGINT/SIGTERM into exceptions and closes us in `finally`
-        self.testbed = NatTestbed(list(orgs), public_hosts=("cpm",), handle_signals=False)
+        # the harness turns SIGINT/SIGTERM into exceptions and closes us in `finally`;
+        # nat: how the routers behave (harness.netlab.testbed, docs/networking.md §Hole punching)
+        self.testbed = NatTestbed(list(orgs), public_hosts=("cpm",), handle_signals=False, nat=nat)
         self.uplink_mbit = uplink_mbit
         self.caps = uplink_table(orgs, uplink_mbit, uplink_caps)
 
@@ -132,9 +133,9 @@ def uplink_table(orgs: Sequence[str], every: float | None, caps: Mapping[str, fl
 
 
 def topology_for(name: str, orgs: Sequence[str], uplink_mbit: float | None = None,
-                 uplink_caps: Mapping[str, float] | None = None) -> Loopback:
+                 uplink_caps: Mapping[str, float] | None = None, nat: str = "rfc5382") -> Loopback:
     if name == "loopback":
         return Loopback()
     if name == "nat":
-        return Nat(orgs, uplink_mbit, uplink_caps)
+        return Nat(orgs, uplink_mbit, uplink_caps, nat=nat)
     raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")

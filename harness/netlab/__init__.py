@@ -9,7 +9,7 @@ and starts processes — so any test or tool can use it. docs/harness.md §Topol
 
 from harness.netlab.cleanup import PREFIX, sweep
 from harness.netlab.system import NetlabError, netns_available, ns_argv
-from harness.netlab.testbed import PUBLIC_NET, LanHost, NatTestbed, Org, PublicHost
+from harness.netlab.testbed import NAT_MODES, PUBLIC_NET, LanHost, NatTestbed, Org, PublicHost
 
-__all__ = ["PREFIX", "PUBLIC_NET", "LanHost", "NatTestbed", "NetlabError", "Org", "PublicHost",
+__all__ = ["NAT_MODES", "PREFIX", "PUBLIC_NET", "LanHost", "NatTestbed", "NetlabError", "Org", "PublicHost",
            "netns_available", "ns_argv", "sweep"]

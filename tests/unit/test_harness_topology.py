@@ -47,3 +47,22 @@ def test_an_unknown_node_is_a_usage_error(tmp_path: Path, monkeypatch) -> None:
                                                "node-05=10", "--out", "x"])
     assert result.exit_code == 2 and "node-05" in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_nat_mode_reaches_the_testbed_and_needs_the_nat_topology(tmp_path: Path, monkeypatch) -> None:
+    """``--nat`` picks the routers' behaviour (docs/networking.md §Hole punching); it is
+    carried into the run's config and the testbed, and refused without ``--topology nat``."""
+    from harness.cli import _config
+    from harness.topology import topology_for
+
+    kw = {"nodes": 2, "rounds": 1, "out": tmp_path / "o", "agent": "synthetic", "models": "tiny-qwen2",
+          "keep_homes": False, "on_crash": "continue", "per_process": 1, "round_timer": 30.0, "ready_timeout": None, "timeout": None,
+          "grace": None, "no_progress": True, "budget": "fast", "topology": "nat", "uplink_mbit": ()}
+    assert _config(**kw).nat == "rfc5382"  # the default: hole punching works
+    cfg = _config(**kw, nat="symmetric")
+    assert cfg.nat == "symmetric"
+    assert topology_for("nat", ["org-00", "org-01"], nat=cfg.nat).testbed.nat == "symmetric"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(harness_main, ["up", "--nat", "reset", "--nodes", "2", "--out", "x"])
+    assert result.exit_code == 2 and "--nat needs --topology nat" in result.output, result.output
+    assert not (tmp_path / "x").exists()
