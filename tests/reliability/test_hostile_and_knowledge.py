@@ -58,5 +58,6 @@ async def test_guardrail_through_exchange(tmp_path: Path) -> None:
 def test_poisoned_teacher_dropped_by_bandit() -> None:
     PS.test_poisoned_teacher_earns_negative_reward_and_is_dropped()
     record("knowledge", "poisoned teacher: negative reward, LinUCB drops it",
-           detail=f"rounds 40-59: <= {PS.MAX_TAIL_RATE:.0%} of rounds over 8 seeds (control >= "
-                  f"{PS.MIN_CONTROL_TAIL_RATE:.0%}); 8 agents")
+           detail=f"rounds {PS.TAIL.start}-{PS.TAIL.stop - 1}: <= {PS.MAX_TAIL_RATE:.0%} of rounds over "
+                  f"{len(PS.SEEDS)} seeds, <= {PS.MAX_TAIL_PER_SEED} in any (the unpoisoned control: >= "
+                  f"{PS.MIN_CONTROL_TAIL_PER_SEED} in every seed); 8 agents")
