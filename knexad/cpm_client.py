@@ -411,13 +411,16 @@ class FeedbackSender:
     async def drain(self) -> int:
         """Send every pending item once; returns how many were acknowledged.
 
-        Network trouble, or a refusal for the CPM's own trouble (``unavailable``,
-        ``internal``, a code we do not know), aborts the pass (retried with backoff).
-        A refusal of one item (the CPM does not know the directive, or says we are not
-        its student) is permanent: that record is set aside as ``.rejected`` so it
-        cannot block the rest.
+        Network trouble or ``unavailable`` (the CPM cannot store anything now) aborts
+        the pass (retried with backoff). ``internal`` or a code we do not know may be
+        about this one item (a CPM bug it triggers): it stays queued, the rest are
+        still sent, and the pass then raises it so the caller backs off before the
+        next one. A refusal of one item (the CPM does not know the directive, or says
+        we are not its student) is permanent: that record is set aside as
+        ``.rejected`` so it cannot block the rest.
         """
         done = 0
+        kept: KnexaError | None = None
         for feedback in await trio.to_thread.run_sync(self.outbox.pending):
             try:
                 await self.send_one(feedback)
@@ -427,7 +430,14 @@ class FeedbackSender:
                 log.error("cpm.feedback.rejected", directive=feedback.directive_id, error=exc.code, message=str(exc))
                 await trio.to_thread.run_sync(self.outbox.reject, feedback.directive_id)
                 continue
+            except KnexaError as exc:
+                log.warning("cpm.feedback.kept", directive=feedback.directive_id, error=exc.code,
+                            message=str(exc)[:300])
+                kept = exc
+                continue
             done += 1
+        if kept is not None:
+            raise kept
         return done
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -91,3 +91,35 @@ async def test_cpm_client_retries_a_refused_register_and_never_exits(tmp_path: P
     assert [type(m).__name__ for m in rpc.sent] == ["Register"] * 3
     assert exits == []
     assert [e["error"] for e in logs if e["event"] in ("cpm.error", "cpm.unreachable")] == [code, code]
+
+
+class PoisonRpc(RefusingRpc):
+    """Answers ``internal`` for one directive every time (a CPM bug it triggers)."""
+
+    def __init__(self, poison: str) -> None:
+        super().__init__([])
+        self.poison = poison
+
+    async def call(self, message, timeout_s=None, **_kw):
+        if isinstance(message, Feedback) and message.directive_id == self.poison:
+            self.sent.append(message)
+            raise error_from_code("internal", "a bug this record triggers")
+        return await super().call(message, timeout_s)
+
+
+async def test_one_record_refused_internal_does_not_block_the_others(tmp_path: Path) -> None:
+    """``internal`` may be about one record: it stays queued (never rejected, never
+    lost), the records behind it are still sent in the same pass, and the pass raises
+    so the sender backs off before trying the stuck one again."""
+    outbox = Outbox(tmp_path / "outbox")
+    for i in (1, 2, 3):
+        outbox.put(feedback(i))
+    first = outbox.pending()[0].directive_id
+    rpc = PoisonRpc(first)
+    sender = FeedbackSender(rpc, outbox, DaemonConfig(cpm=CPM, retry=FAST), StateFile(tmp_path))
+    with pytest.raises(KnexaError) as info:
+        await sender.drain()
+    assert info.value.code == "internal"
+    assert [fb.directive_id for fb in outbox.pending()] == [first]  # only the stuck one is left
+    assert len([m for m in rpc.sent if isinstance(m, Feedback)]) == 3
+    assert list((tmp_path / "outbox").glob("*.rejected")) == []
