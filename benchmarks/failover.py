@@ -178,6 +178,14 @@ class Cluster:
         self.wait(lambda: (self.dir / f"{name}.ready").exists(), 90, f"{name} ready")
         return p
 
+    def start(self) -> None:
+        """The whole cluster: homes, both replicas (replica 0 first: it takes the lease),
+        then the daemons."""
+        self.setup()
+        self.start_replica(0)
+        self.start_replica(1)
+        self.start_daemons()
+
     def start_daemons(self) -> None:
         for i in range(self.n):
             p = Proc(f"d{i}", [*KNEXAD, "run", "--home", str(self.dir / f"d{i}"), "--log-format", "json"],
@@ -423,10 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(work, server.create_database("failover"), n_daemons=args.daemons, lease_s=args.lease)
     results: list[dict[str, Any]] = []
     try:
-        cluster.setup()
-        cluster.start_replica(0)
-        cluster.start_replica(1)
-        cluster.start_daemons()
+        cluster.start()
         for t in range(args.trials):
             res = cluster.trial(kinds[t % len(kinds)])
             results.append(res)

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.failover import CPM, REPO, Proc
-from benchmarks.ingest import _client, _cpu_s, client_seed
+from benchmarks.ingest import client_seed
 
 CONFIGS = ("sqlite", "pg1", "pg2")
 REPLICAS = {"sqlite": 1, "pg1": 1, "pg2": 2}
@@ -81,69 +81,11 @@ def proc_cpu_s(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu_s(postmaster: int) -> float:
-    """The PostgreSQL server's CPU so far: the postmaster's own, that of its children
-    which it already reaped (cutime + cstime: a backend that exited meanwhile still
-    counts) and that of its live children (backends, WAL writer, checkpointer…)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    f = _stat(postmaster)
-    total = sum(int(x) for x in f[11:15])
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == postmaster:
-            continue
-        try:
-            c = _stat(int(entry))
-        except (OSError, IndexError):
-            continue
-        if int(c[1]) == postmaster:
-            total += int(c[11]) + int(c[12])
-    return total / tick
-
-
 def machine_busy_s() -> float:
     """CPU seconds all cores spent not idle so far (/proc/stat): with our processes'
     own CPU, what the other jobs on this shared machine took meanwhile."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
-# ------------------------------------------------------------------------ driver (clients)
-
-
-async def _drive(args: argparse.Namespace) -> dict[str, Any]:
-    """``benchmarks.ingest``'s clients; client ``i`` talks to ``addrs[i % len(addrs)]``."""
-    import trio
-
-    addrs = args.cpm.split(",")
-    state: dict[str, Any] = {"clients": args.clients, "target": args.profiles, "ready": 0, "sent": 0,
-                             "acked": 0, "last_acked": {}, "t_end": 0.0,
-                             "all_ready": trio.Event(), "go": trio.Event()}
-    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    async with trio.open_nursery() as nursery:
-        for i in range(args.clients):
-            nursery.start_soon(_client, i, addrs[i % len(addrs)], args.transfer_hash, state, False, False,
-                               args.pipeline)
-        await state["all_ready"].wait()
-        print("ready", flush=True)
-        await stdin.receive_some(16)  # the parent samples every process's CPU, then says go
-        cpu0, state["t_start"] = _cpu_s(), time.time()
-        state["go"].set()
-    await stdin.aclose()
-    return {"acked": state["acked"], "t_start": state["t_start"], "t_end": state["t_end"],
-            "client_cpu_s": _cpu_s() - cpu0, "last_acked": {str(k): v for k, v in state["last_acked"].items()}}
-
-
-def driver_main(args: argparse.Namespace) -> int:
-    import logging
-
-    import structlog
-    import trio
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    logging.getLogger("libp2p").addHandler(logging.NullHandler())
-    logging.getLogger("libp2p").propagate = False
-    print(json.dumps(trio.run(_drive, args)), flush=True)
-    return 0
 
 
 # ------------------------------------------------------------------------ the CPM processes
@@ -326,7 +268,8 @@ def trial(config: str, work: Path, server: Any, profiles: int, clients: int, pip
     sampler: LockSampler | None = None
     try:
         addrs = node.start()
-        cmd = [sys.executable, "-m", "benchmarks.ha_ingest", "--driver", "--profiles", str(profiles),
+        # benchmarks.ingest's driver: client i on addrs[i % len(addrs)]
+        cmd = [sys.executable, "-m", "benchmarks.ingest", "--driver", "--profiles", str(profiles),
                "--clients", str(clients), "--pipeline", str(pipeline), "--transfer-hash", transfer_hash,
                "--cpm", ",".join(addrs)]
         drv = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -340,7 +283,7 @@ def trial(config: str, work: Path, server: Any, profiles: int, clients: int, pip
                 sampler = LockSampler(url).__enter__()
             pids = node.pids()
             cpu0 = [proc_cpu_s(p) for p in pids]
-            pg0 = server_cpu_s(server.pid) if server is not None else 0.0
+            pg0 = server.cpu_s() if server is not None else 0.0
             own0 = proc_cpu_s(sampler.backend_pid) if sampler else 0.0
             busy0 = machine_busy_s()
             drv.stdin.write(b"go\n")  # type: ignore[union-attr]
@@ -350,7 +293,7 @@ def trial(config: str, work: Path, server: Any, profiles: int, clients: int, pip
             busy = machine_busy_s() - busy0
             cpu = [proc_cpu_s(p) - c for p, c in zip(pids, cpu0)]
             own = proc_cpu_s(sampler.backend_pid) - own0 if sampler else 0.0
-            pg = (server_cpu_s(server.pid) - pg0 - own) if server is not None else 0.0
+            pg = (server.cpu_s() - pg0 - own) if server is not None else 0.0
         finally:
             if drv.poll() is None:
                 drv.kill()
@@ -487,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--quick", action="store_true", help="4 clients, 60 profiles, 1 round (the test)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--cpm", help=argparse.SUPPRESS)
-    ap.add_argument("--transfer-hash", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.driver:
-        return driver_main(args)
     if args.quick:
         args.clients, args.profiles, args.rounds = 4, 60, 1
     configs = tuple(c for c in args.configs.split(",") if c)

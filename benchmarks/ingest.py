@@ -131,15 +131,18 @@ async def _client(i: int, cpm_addr: str, transfer_hash: str, state: dict[str, An
 
 
 async def _drive(args: argparse.Namespace) -> dict[str, Any]:
+    """The clients. ``--cpm`` may list several addresses, comma-separated (replicas of
+    one CPM, ``benchmarks.ha_ingest``): client ``i`` talks to ``addrs[i % len(addrs)]``."""
     import trio
 
+    addrs = args.cpm.split(",")
     state: dict[str, Any] = {"clients": args.clients, "target": args.profiles, "ready": 0, "sent": 0,
                              "acked": 0, "last_acked": {}, "t_end": 0.0,
                              "all_ready": trio.Event(), "go": trio.Event()}
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     async with trio.open_nursery() as nursery:
         for i in range(args.clients):
-            nursery.start_soon(_client, i, args.cpm, args.transfer_hash, state, args.new_stream, args.echo,
+            nursery.start_soon(_client, i, addrs[i % len(addrs)], args.transfer_hash, state, args.new_stream, args.echo,
                                args.pipeline)
         await state["all_ready"].wait()
         print("ready", flush=True)

@@ -165,9 +165,10 @@ class PgServer:
             return ""
 
     def cpu_s(self) -> float:
-        """CPU seconds of the server's processes so far (postmaster and its children:
-        backends, WAL writer, checkpointer) — what the database costs, next to the
-        client's own CPU. Linux /proc; exited backends are not counted."""
+        """CPU seconds of the server's processes so far — what the database costs, next
+        to the client's own CPU. Linux /proc: the postmaster's own and that of its
+        children it already reaped (cutime + cstime: a backend that exited meanwhile
+        still counts), plus its live children (backends, WAL writer, checkpointer)."""
         if self.pid is None:
             return 0.0
         tick = os.sysconf("SC_CLK_TCK")
@@ -178,8 +179,10 @@ class PgServer:
             except OSError:
                 continue
             pid = int(stat.split("/")[2])
-            if pid == self.pid or int(fields[1]) == self.pid:  # fields[1]: ppid
-                total += int(fields[11]) + int(fields[12])  # utime + stime
+            if pid == self.pid:
+                total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+            elif int(fields[1]) == self.pid:  # fields[1]: ppid
+                total += int(fields[11]) + int(fields[12])
         return total / tick
 
     def _run(self, argv: list[str], timeout_s: float, check: bool = True) -> subprocess.CompletedProcess[str]:

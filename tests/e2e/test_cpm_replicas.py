@@ -27,10 +27,7 @@ pytestmark = pytest.mark.timeout(420)
 def test_kill9_of_the_lease_holder_mid_round_loses_nothing(tmp_path: Path, pg_server: PgTestServer) -> None:
     cluster = Cluster(tmp_path, pg_server.new_database("ha"), n_daemons=4, lease_s=2.0)
     try:
-        cluster.setup()
-        cluster.start_replica(0)
-        cluster.start_replica(1)
-        cluster.start_daemons()
+        cluster.start()
         result = cluster.trial("feedback", rounds_after=1, timeout_s=300)
         assert result["epoch"] >= 2  # a new holder, a new term
         assert result["takeover_s"] >= 0  # never before the old lease expired (the database's clock)
@@ -52,10 +49,7 @@ def test_kill9_inside_matching_leaves_the_round_to_be_matched_once_by_the_new_ho
     directive of the round from one matching, one reward per feedback row."""
     cluster = Cluster(tmp_path, pg_server.new_database("ha_match"), n_daemons=4, lease_s=2.0)
     try:
-        cluster.setup()
-        cluster.start_replica(0)
-        cluster.start_replica(1)
-        cluster.start_daemons()
+        cluster.start()
         result = cluster.trial("matching", rounds_after=1, timeout_s=300)
         r = result["matched_round"]
         assert result["state"] == "open"  # the killed matching never committed
@@ -97,10 +91,7 @@ def test_a_paused_lease_holder_is_replaced_and_steps_down_when_it_resumes(tmp_pa
     resumed, finds its term gone and serves as a follower — no round matched twice."""
     cluster = Cluster(tmp_path, pg_server.new_database("ha_pause"), n_daemons=4, lease_s=2.0)
     try:
-        cluster.setup()
-        cluster.start_replica(0)
-        cluster.start_replica(1)
-        cluster.start_daemons()
+        cluster.start()
         result = cluster.pause_trial(rounds_after=1, timeout_s=300)
         assert result["lost"] in ("expired", "fenced")
     finally:
