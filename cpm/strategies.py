@@ -30,6 +30,11 @@ Variants (``VARIANTS``; ``make_strategy`` knows them, the CPM's config does not 
                       often hurts, so it made Random-P2P look worse than random pairing is.
 * ``oracle-greedy`` — greedy (best pair first) on the true expected reward: a myopic
                       ½-approximation of ``oracle``, kept for comparison.
+* ``linucb-default-arm`` — LinUCB over *partners* only: every pair gets the default arm,
+                      as random and heuristic do, so it differs from random only in who
+                      is paired. Why: with 4 pairs a round the bandit sees 48 rewards in
+                      12 rounds, and learning three protocols beside the partners spends
+                      many of them on arms that teach less (docs/results.md §6).
 """
 
 from __future__ import annotations
@@ -138,18 +143,31 @@ class LinUCBStrategy:
     name = "linucb"
     centralized = False
 
-    def __init__(self, n_arms: int = len(DEFAULT_ARMS), *, topk: int = 8, exact_below: int = 48,
-                 drop: str | tuple[str, ...] | list[str] = (), **bandit_kw: Any) -> None:
+    def __init__(self, n_arms: int = len(DEFAULT_ARMS), *, arm: int | None = None, topk: int = 8,
+                 exact_below: int = 48, drop: str | tuple[str, ...] | list[str] = (), **bandit_kw: Any) -> None:
         self.n_arms = n_arms
+        self._fix_arm(arm)
         self.topk = topk
         self.exact_below = exact_below
-        self.bandit = LinUCB(F.context_dim(n_arms), **bandit_kw)
+        self.bandit = LinUCB(F.context_dim(self._scored_arms), **bandit_kw)
         self._set_drop(drop)
+
+    def _fix_arm(self, arm: int | None) -> None:
+        """``arm`` set: every pair gets that arm, and the bandit learns partners only — its
+        φ has one arm block (d = context_dim(1)), so no reward is spent on telling arms apart."""
+        if arm is not None and not 0 <= int(arm) < self.n_arms:
+            raise ConfigError("strategy_params.arm", f"linucb arm {arm} is not one of the {self.n_arms} arms the CPM offers")
+        self.fixed_arm = None if arm is None else int(arm)
+        self._scored_arms = self.n_arms if arm is None else 1
+        if self.fixed_arm is None:
+            self.name = "linucb"
+        else:
+            self.name = "linucb-default-arm" if self.fixed_arm == DEFAULT_ARM_INDEX else f"linucb-arm{self.fixed_arm}"
 
     def _set_drop(self, drop: str | tuple[str, ...] | list[str]) -> None:
         names = [d.strip() for d in (drop.split("+") if isinstance(drop, str) else drop) if d.strip()]
         self.drop = tuple(sorted(set(names)))
-        dims = [_feature_dims(g, self.n_arms) for g in self.drop]
+        dims = [_feature_dims(g, self._scored_arms) for g in self.drop]
         self._dropped = np.unique(np.concatenate(dims)) if dims else np.zeros(0, dtype=np.int64)
         self._mask_bandit()
 
@@ -165,12 +183,13 @@ class LinUCBStrategy:
         P = _check(profiles, agent_ids)
         k = _cap(k_pairs, P.shape[0])
         if P.shape[0] <= self.exact_below:
-            m = exact_match(P, self.bandit, self.n_arms, k)
+            m = exact_match(P, self.bandit, self._scored_arms, k)
         else:
-            m = fast_match(P, self.bandit, self.n_arms, k, topk=self.topk, exact_below=self.exact_below)
-        X = F.batch_context(P, m.teacher, m.student, m.arm, self.n_arms)
+            m = fast_match(P, self.bandit, self._scored_arms, k, topk=self.topk, exact_below=self.exact_below)
+        X = F.batch_context(P, m.teacher, m.student, m.arm, self._scored_arms)
+        arms = m.arm if self.fixed_arm is None else np.full(len(m.arm), self.fixed_arm)
         return [Pair(agent_ids[t], agent_ids[s], int(a), float(sc), X[i])
-                for i, (t, s, a, sc) in enumerate(zip(m.teacher, m.student, m.arm, m.score))]
+                for i, (t, s, a, sc) in enumerate(zip(m.teacher, m.student, arms, m.score))]
 
     @property
     def reward(self) -> Reward:
@@ -181,10 +200,11 @@ class LinUCBStrategy:
         if pair.context is None:
             raise ValueError("linucb needs the pair context it selected")
         context = np.asarray(pair.context, dtype=float).reshape(-1)
-        if context.shape[0] == F.v1_context_dim(self.n_arms) != self.bandit.d:
+        if context.shape[0] == F.v1_context_dim(self._scored_arms) != self.bandit.d:
             # a directive issued before an upgrade (its context is stored with it): φ is
             # rebuilt exactly from the two profiles it carries, for the arm it chose
-            context = F.pair_context(context[F.OFF_T : F.OFF_S], context[F.OFF_S : F.OFF_ABS], pair.arm, self.n_arms)
+            arm = pair.arm if self.fixed_arm is None else 0
+            context = F.pair_context(context[F.OFF_T : F.OFF_S], context[F.OFF_S : F.OFF_ABS], arm, self._scored_arms)
             log.info("cpm.strategy.context_upgraded", teacher=pair.teacher, student=pair.student)
         if self._dropped.size:
             context = context.copy()
@@ -197,6 +217,8 @@ class LinUCBStrategy:
                  "bandit": self.bandit.to_state()}
         if self.drop:
             state["drop"] = list(self.drop)
+        if self.fixed_arm is not None:
+            state["arm"] = self.fixed_arm
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -204,21 +226,31 @@ class LinUCBStrategy:
         e.g. 105) is migrated exactly (``LinUCB.embed``: what it learnt is kept, the
         lineage dims start at the prior). Anything else raises ``StrategyStateError``."""
         n_arms = int(state["n_arms"])
+        saved_arm = state.get("arm")
+        if saved_arm != self.fixed_arm:
+            log.error("cpm.strategy.state_refused", reason="arm", saved_arm=saved_arm, arm=self.fixed_arm)
+            def what(arm: Any) -> str:
+                return "every arm" if arm is None else f"arm {arm} only"
+            raise StrategyStateError(f"saved LinUCB state learnt {what(saved_arm)}, but this strategy "
+                                     f"({self.name}) scores {what(self.fixed_arm)}: keep the saved strategy "
+                                     "or start this one afresh")
+        scored = n_arms if saved_arm is None else 1
         bandit = LinUCB.from_state(state["bandit"])
         layout = int(state.get("layout", 0))  # 0: saved before layouts were numbered
-        want = F.context_dim(n_arms)
+        want = F.context_dim(scored)
         if layout in (0, F.LAYOUT) and bandit.d == want:
             pass
-        elif layout in (0, 1) and bandit.d == F.v1_context_dim(n_arms):
-            bandit = bandit.embed(F.v1_dims(n_arms), want)
+        elif layout in (0, 1) and bandit.d == F.v1_context_dim(scored):
+            bandit = bandit.embed(F.v1_dims(scored), want)
             log.warning("cpm.strategy.state_migrated", from_layout=1, to_layout=F.LAYOUT, from_d=state["bandit"]["d"],
                         to_d=want, updates=bandit.t)
         else:
             log.error("cpm.strategy.state_refused", layout=layout, d=bandit.d, expected_d=want, n_arms=n_arms)
             raise StrategyStateError(f"saved LinUCB state has layout {layout} and d={bandit.d}; this version "
                                      f"reads layout {F.LAYOUT} (d={want}) and migrates layout 1 "
-                                     f"(d={F.v1_context_dim(n_arms)}) for {n_arms} arms")
+                                     f"(d={F.v1_context_dim(scored)}) for {scored} arms")
         self.n_arms = n_arms
+        self._fix_arm(saved_arm)
         self.topk = int(state["topk"])
         self.bandit = bandit
         self._set_drop(list(state.get("drop", [])))
@@ -391,6 +423,7 @@ STRATEGIES: dict[str, Callable[..., Any]] = {
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-arm": ("random", {"random_arm": True}),
     "oracle-greedy": ("oracle", {"solver": "greedy"}),
+    "linucb-default-arm": ("linucb", {"arm": DEFAULT_ARM_INDEX}),
 }
 
 

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 from cpm import features as F
 from cpm.bandit import LinUCB
 from cpm.strategies import (
+    DEFAULT_ARM_INDEX,
     DEFAULT_ARMS,
     STRATEGIES,
     LinUCBStrategy,
@@ -110,6 +111,54 @@ def test_linucb_update_and_state_round_trip() -> None:
     assert [(p.teacher, p.student, p.arm) for p in again] == [(p.teacher, p.student, p.arm) for p in first]
     with pytest.raises(ValueError):
         strat.update(Pair("a", "b", 0, 0.0, None), 0.1)
+
+
+def test_linucb_default_arm_learns_partners_only() -> None:
+    """The variant gives every pair the default arm and learns in a one-arm φ (d = 92):
+    the same partners as a 3-arm LinUCB would rank by that arm's block alone, no reward
+    spent on other arms. Its state says so, and a 3-arm state is refused, not reused."""
+    strat = make_strategy("linucb-default-arm")
+    assert strat.name == "linucb-default-arm" and strat.bandit.d == F.context_dim(1) < F.context_dim(3)
+    P = _profiles(10, 5)
+    for r in range(3):
+        pairs = strat.select(P, IDS, r, 5, np.random.default_rng(r))
+        assert len(pairs) == 5 and {p.arm for p in pairs} == {DEFAULT_ARM_INDEX}
+        assert all(p.context.shape == (F.context_dim(1),) for p in pairs)
+        for p in pairs:
+            strat.update(p, 1.0 if p.teacher == IDS[0] else -0.5)
+    assert strat.bandit.t == 15
+    state = json.loads(json.dumps(strat.to_state()))
+    assert state["arm"] == DEFAULT_ARM_INDEX
+    twin = make_strategy("linucb-default-arm")
+    twin.load_state(state)
+    assert [(p.teacher, p.student, p.arm) for p in twin.select(P, IDS, 3, 5, np.random.default_rng(3))] == \
+        [(p.teacher, p.student, p.arm) for p in strat.select(P, IDS, 3, 5, np.random.default_rng(3))]
+    with capture_logs() as logs, pytest.raises(StrategyStateError, match="every arm"):
+        make_strategy("linucb").load_state(state)
+    assert any(e["event"] == "cpm.strategy.state_refused" and e["reason"] == "arm" for e in logs)
+    with pytest.raises(StrategyStateError, match="arm 1 only"):
+        make_strategy("linucb-default-arm").load_state(make_strategy("linucb").to_state())
+    with pytest.raises(ConfigError, match="arm 3"):
+        LinUCBStrategy(n_arms=3, arm=3)
+
+
+def test_linucb_default_arm_prefers_the_teacher_it_was_rewarded_for() -> None:
+    """The one-arm bandit learns who teaches: after rewards that pay only pairs whose
+    teacher has the higher pass@1 slot, it pairs that way far more often than chance."""
+    strat = make_strategy("linucb-default-arm", beta0=0.1)
+    rng = np.random.default_rng(0)
+    for r in range(40):
+        P = _profiles(10, 100 + r)
+        for p in strat.select(P, IDS, r, 5, rng):
+            t, s = IDS.index(p.teacher), IDS.index(p.student)
+            strat.update(p, 1.0 if P[t, F.PASS1] > P[s, F.PASS1] else -1.0)
+    right = total = 0
+    for r in range(40, 60):
+        P = _profiles(10, 100 + r)
+        for p in strat.select(P, IDS, r, 5, rng):
+            right += P[IDS.index(p.teacher), F.PASS1] > P[IDS.index(p.student), F.PASS1]
+            total += 1
+    assert right / total >= 0.9
 
 
 def test_fedid_central_kd_is_centralized_interactive_and_rotates() -> None:
