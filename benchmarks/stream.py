@@ -1,15 +1,25 @@
 """Knowledge-package throughput: our exchange framing vs a bare py-libp2p stream vs raw TCP.
 
-All three move the same bytes in one run, so the ratios are meaningful on a noisy box:
+All move the same bytes in one run, so the ratios are meaningful on a noisy box:
 
 * ``raw_tcp``   — trio TCP socket on 127.0.0.1 (context: the OS ceiling);
 * ``bare``      — one py-libp2p stream (Noise + yamux), 1 MiB writes, no framing;
-* ``knexa``     — the exchange's own chunk stream (``knexad.exchange.send_knowledge`` /
-  ``receive_knowledge``, the code a daemon runs): the package split into 1 MiB chunks,
-  each an E2E box (``protocol.e2e``) inside a ``KnowledgeChunk`` envelope signed by the
-  teacher, varint-framed over the same kind of stream, then a ``KnowledgeEnd``; the
-  student verifies every envelope, opens every box and checks size and SHA-256 of the
-  whole. Only the request/directive step and the package codec are left out.
+* ``knexa_1.0`` / ``knexa_1.1`` — the exchange's own chunk stream in each wire version
+  (``--wire``; ``knexad.exchange.send_knowledge`` / ``receive_knowledge``, the code a
+  daemon runs): the package split into 1 MiB chunks, each an E2E box
+  (``protocol.e2e``), varint-framed over the same kind of stream, then the signed
+  trailer. 1.0.0: each box inside a ``KnowledgeChunk`` envelope signed by the teacher
+  (SHA-256 of its body), a ``KnowledgeEnd`` with the SHA-256 of the whole; the student
+  verifies every envelope, opens every box, checks size and SHA-256. 1.1.0: each box an
+  unsigned ``KnowledgeBox`` record, a ``KnowledgeTrailer`` signed over the digest of the
+  boxes' tags; the student opens every box and checks size and the tag digest. Only the
+  request/directive step and the package codec are left out. ``knexa`` (and
+  ``ratio_knexa_vs_bare``, which ``benchmarks.run_all`` checks) is the version two
+  current daemons negotiate, 1.1.0, when it was measured.
+
+Each repeat runs raw TCP, then bare and every wire version in a rotated order, so
+drift and order effects hit all of them alike; ``load_avg`` is the 1-minute load
+average at the start and the end of the run (the machine is shared).
 
 Both libp2p modes write 1 MiB (plus framing) per ``stream.write`` and use the same
 host configuration and py-libp2p defaults (yamux window, Noise), so the ratio is our
@@ -18,8 +28,8 @@ protocol's overhead and nothing else.
 Also times connection setup (dial + Noise + yamux + first stream) with our host config.
 ``--interference`` also times ``bare`` while two threads do a knexa transfer's crypto at
 its measured chunk rate (no stream): that is the most pipelining can reach here.
-Usage: ``python -m benchmarks.stream [--mib 64] [--repeats 2] [--yamux-frame-kib N]
-[--interference] [--json]``.
+Usage: ``python -m benchmarks.stream [--mib 64] [--repeats 2] [--wire 1.0,1.1]
+[--yamux-frame-kib N] [--interference] [--json]``.
 """
 
 from __future__ import annotations
@@ -45,12 +55,14 @@ from knexad.student import receive_knowledge
 from p2p.host import build_host, full_addrs, parse_peer_addr
 from p2p.streams import FramedStream
 from protocol import E2EBox, FrameDecoder, Identity, ReplayGuard, open_envelope
-from protocol.ids import CHUNK_BYTES, MAX_FRAME_EXCHANGE
+from protocol.ids import CHUNK_BYTES, EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1, MAX_FRAME_EXCHANGE
 from protocol.knowledge import seal_chunk_frame
 
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 PROTO = "/knexa/bench/1.0.0"
 STEP_S = 30.0  # per-frame deadline, as a daemon's exchange_step_s
+WIRES = {"1.0": EXCHANGE_PROTOCOL, "1.1": EXCHANGE_PROTOCOL_1_1}  # --wire name → exchange protocol
+DAEMON_WIRE = "1.1"  # what two current daemons negotiate: the ``knexa`` figure
 
 
 async def _raw_tcp(payload: bytes) -> float:
@@ -81,7 +93,8 @@ async def _raw_tcp(payload: bytes) -> float:
 
 
 async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
-    """Returns (transfer seconds, connect seconds)."""
+    """Returns (transfer seconds, connect seconds). ``mode``: ``bare`` or ``knexa_<wire>``."""
+    wire = None if mode == "bare" else WIRES[mode.removeprefix("knexa_")]
     teacher_id, student_id = Identity.generate(), Identity.generate()
     teacher, student = build_host(teacher_id.seed), build_host(student_id.seed)
     done = trio.Event()
@@ -103,7 +116,7 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
             try:  # raises unless chunk order, size and SHA-256 all check out
                 plain, _ = await receive_knowledge(
                     fs, student_id, teacher_id.peer_id, "bench", ReplayGuard(),
-                    max_package_bytes=len(payload), step_s=STEP_S, first_wait_s=STEP_S,
+                    max_package_bytes=len(payload), step_s=STEP_S, first_wait_s=STEP_S, protocol=wire,
                 )
                 result["ok"] = len(plain) == len(payload)
             finally:
@@ -125,13 +138,13 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
             fs = FramedStream(stream, MAX_FRAME_EXCHANGE)
             await send_knowledge(
                 fs, teacher_id, student_id.peer_id, "bench", payload,
-                chunk_bytes=CHUNK_BYTES, step_s=STEP_S, items=0, dropped=0,
+                chunk_bytes=CHUNK_BYTES, step_s=STEP_S, items=0, dropped=0, protocol=wire,
             )
         await done.wait()
         elapsed = time.perf_counter() - start
         await stream.close()
-    if mode == "knexa" and not result.get("ok"):
-        raise RuntimeError("knexa transfer failed integrity check")
+    if wire is not None and not result.get("ok"):
+        raise RuntimeError(f"{mode} transfer failed integrity check")
     return elapsed, connect_s
 
 
@@ -150,7 +163,7 @@ def _yamux_frame(kib: int | None) -> Iterator[int]:
 
 
 class _CryptoLoad:
-    """The exchange's per-chunk work (teacher: seal + package hash; student: verify,
+    """The 1.0.0 exchange's per-chunk work (teacher: seal + package hash; student: verify,
     open, append, package hash) in two threads at ``chunks_per_s``, without a stream.
 
     Run beside the bare transfer it answers "how fast can py-libp2p's event loop go
@@ -199,34 +212,47 @@ class _CryptoLoad:
 
 
 def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
-        interference: bool = False) -> dict[str, object]:
+        interference: bool = False, wires: tuple[str, ...] = ("1.0", "1.1")) -> dict[str, object]:
+    unknown = [w for w in wires if w not in WIRES]
+    if unknown or not wires:
+        raise ValueError(f"--wire takes a comma-separated subset of {sorted(WIRES)}, got {list(wires)}")
     payload = os.urandom(mib * 1024 * 1024)
-    times: dict[str, list[float]] = {"raw_tcp": [], "bare": [], "knexa": []}
+    modes = ["bare", *(f"knexa_{w}" for w in wires)]
+    times: dict[str, list[float]] = {"raw_tcp": [], **{m: [] for m in modes}}
     connects: list[float] = []
+    load_start = os.getloadavg()[0]
     with _yamux_frame(yamux_frame_kib) as frame_bytes:
-        for _ in range(repeats):  # interleave so drift hits all three alike
+        for r in range(repeats):  # interleave, rotating the order, so drift hits all alike
             times["raw_tcp"].append(trio.run(_raw_tcp, payload))
-            for mode in ("bare", "knexa"):
+            for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
                 elapsed, connect_s = trio.run(_libp2p, payload, mode)
                 times[mode].append(elapsed)
                 connects.append(connect_s)
-        if interference:  # bare again, with the crypto of a knexa transfer beside it
-            rate = len(payload) / min(times["knexa"]) / CHUNK_BYTES
+        if interference:  # bare again, with the crypto of a 1.0.0 transfer beside it
+            rate = len(payload) / min(min(times[f"knexa_{w}"]) for w in wires) / CHUNK_BYTES
             times["bare_beside_crypto"] = []
             for _ in range(repeats):
                 with _CryptoLoad(rate):
                     times["bare_beside_crypto"].append(trio.run(_libp2p, payload, "bare")[0])
     best = {k: min(v) for k, v in times.items()}
     mbps = {k: len(payload) / v / 1e6 for k, v in best.items()}
-    out = {
+    main_wire = DAEMON_WIRE if DAEMON_WIRE in wires else wires[0]
+    mbps["knexa"] = mbps[f"knexa_{main_wire}"]
+    out: dict[str, object] = {
         "bytes": len(payload),
         "MB_per_s": {k: round(v, 1) for k, v in mbps.items()},
+        "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "knexa_wire": main_wire,
         "ratio_knexa_vs_bare": round(mbps["knexa"] / mbps["bare"], 3),
+        **{f"ratio_knexa_{w}_vs_bare": round(mbps[f"knexa_{w}"] / mbps["bare"], 3) for w in wires},
         "ratio_bare_vs_raw_tcp": round(mbps["bare"] / mbps["raw_tcp"], 4),
         "connect_ms_median": round(statistics.median(connects) * 1000, 1),
         "yamux_frame_bytes": frame_bytes,
+        "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "targets": {"ratio_knexa_vs_bare": ">= 0.8", "connect_ms_median": "<= 20"},
     }
+    if "1.0" in wires and "1.1" in wires:
+        out["ratio_knexa_1.1_vs_1.0"] = round(mbps["knexa_1.1"] / mbps["knexa_1.0"], 3)
     if interference:
         out["ratio_bare_beside_crypto_vs_bare"] = round(mbps["bare_beside_crypto"] / mbps["bare"], 3)
     return out
@@ -236,13 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--wire", default="1.0,1.1",
+                        help="exchange versions to time, comma-separated (1.0, 1.1; default both)")
     parser.add_argument("--yamux-frame-kib", type=int, default=None,
-                        help="largest yamux frame for both libp2p modes (default: py-libp2p's 64)")
+                        help="largest yamux frame for all libp2p modes (default: py-libp2p's 64)")
     parser.add_argument("--interference", action="store_true",
-                        help="also time bare while the exchange's crypto runs beside it in threads")
+                        help="also time bare while the 1.0 exchange's crypto runs beside it in threads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference)
+    wires = tuple(w.strip() for w in args.wire.split(",") if w.strip())
+    try:
+        out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference, wires)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.json:
         print(json.dumps(out))
     else:

@@ -36,7 +36,7 @@ from knexad.state import DaemonState, StateFile
 from p2p.files import atomic_write
 from protocol.envelope import Identity
 from protocol.errors import ConfigError, KnexaError
-from protocol.ids import EXCHANGE_PROTOCOL
+from protocol.ids import EXCHANGE_PROTOCOLS
 from protocol.messages import Directive
 from protocol.replay import ReplayGuard
 
@@ -157,7 +157,8 @@ class Daemon:
                 self.identity, cfg, self.worker, self.used, self.state,
                 transfer_hash=transfer_hash, private_texts=private, guard=self.guard, home=self.home, host=host,
             )
-            host.set_stream_handler(EXCHANGE_PROTOCOL, self.server.handle)
+            for protocol in EXCHANGE_PROTOCOLS:  # 1.1.0 and 1.0.0: handle reads which one was picked
+                host.set_stream_handler(protocol, self.server.handle)
             addrs = listening_addrs(host, cfg.listen)
             self.state.update(status="running", addrs=addrs)
             from knexad.overlay import Overlay

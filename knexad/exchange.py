@@ -1,4 +1,7 @@
-"""The teacher's side of ``/knexa/exchange/1.0.0`` (the student's is ``knexad.student``).
+"""The teacher's side of ``/knexa/exchange/1.1.0`` and ``1.0.0`` (the student's is
+``knexad.student``). The daemon registers ``handle`` for both IDs; the version
+multistream-select picked is the stream's protocol, and only the chunk frames and the
+trailer differ between them (docs/protocol.md §6).
 
 ``ExchangeServer.handle``, a libp2p stream handler, checks the request in
 the order docs/protocol.md §6 prescribes — envelope signed by the Noise remote, directive
@@ -33,6 +36,7 @@ from knexad.state import StateFile
 from p2p.ratelimit import PeerRateLimiter
 from p2p.relay import RelayNode, stream_path
 from p2p.streams import NET_ERRORS, PIPELINE_DEPTH, FramedStream, pipeline, serving
+from protocol.boxes import TagDigest, seal_box_frame
 from protocol.conversation import REQUESTS
 from protocol.directives import verify_directive
 from protocol.e2e import E2EBox
@@ -44,9 +48,9 @@ from protocol.errors import (
     RateLimited,
     Replay,
 )
-from protocol.ids import EXCHANGE_PROTOCOL
+from protocol.ids import EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1, EXCHANGE_PROTOCOLS
 from protocol.knowledge import encode_package, seal_chunk_frame
-from protocol.messages import Directive, Error, KnowledgeEnd
+from protocol.messages import Directive, Error, KnowledgeEnd, KnowledgeTrailer
 from protocol.replay import ReplayGuard
 
 log = structlog.get_logger(__name__)
@@ -130,16 +134,18 @@ class ExchangeServer:
         self.served = 0
 
     async def handle(self, stream: INetStream) -> None:
-        """Stream handler; never raises (a failure costs this stream only)."""
+        """Stream handler for every ID in ``EXCHANGE_PROTOCOLS``; never raises (a
+        failure costs this stream only)."""
+        protocol = negotiated(stream)
         async with serving(stream, self.cfg.limits.max_frame) as framed:  # ends the stream on every path
-            await self._handle(framed)
+            await self._handle(framed, protocol)
 
-    async def _handle(self, framed: FramedStream) -> None:
+    async def _handle(self, framed: FramedStream, protocol: str) -> None:
         remote = framed.remote_peer
         start = time.perf_counter()
         try:
             self.limiter.check(remote)  # before reading the KnowledgeRequest
-            await self._serve(framed, remote, start)
+            await self._serve(framed, remote, start, protocol)
         except RateLimited as exc:  # a PeerUnavailable, but the peer is there: answer it
             await self._refuse(framed, remote, exc)
         except PeerUnavailable as exc:
@@ -160,13 +166,13 @@ class ExchangeServer:
             self.state.count_bytes(remote, bytes_in=framed.bytes_in, bytes_out=framed.bytes_out)
             self.state.save()
 
-    async def _serve(self, framed: FramedStream, remote: str, start: float) -> None:
+    async def _serve(self, framed: FramedStream, remote: str, start: float, protocol: str) -> None:
         step = self.cfg.timeouts.exchange_step_s
         with trio.fail_after(step):
             frame = await framed.read_frame()
         if frame is None:
             raise MalformedFrame("stream closed before a KnowledgeRequest")
-        env, request = open_envelope(frame, expected_sender=remote, allowed=REQUESTS[EXCHANGE_PROTOCOL])
+        env, request = open_envelope(frame, expected_sender=remote, allowed=REQUESTS[protocol])
         self.guard.check(env, now_ms())
         _, directive = verify_directive(
             request.directive,
@@ -177,7 +183,8 @@ class ExchangeServer:
             transfer_hash=self.transfer_hash,
         )
         await trio.to_thread.run_sync(self.used.claim, directive.directive_id)
-        log.info("exchange.request.accepted", peer=remote, directive=directive.directive_id, round=directive.round)
+        log.info("exchange.request.accepted", peer=remote, directive=directive.directive_id, round=directive.round,
+                 protocol=protocol)
         self.state.update(role="teacher", last_directive=directive.directive_id)
 
         teach = TeachRequest(
@@ -206,6 +213,7 @@ class ExchangeServer:
             step_s=step,
             items=len(package.items),
             dropped=dropped,
+            protocol=protocol,
         )
         await framed.close()
         self.served += 1
@@ -223,6 +231,7 @@ class ExchangeServer:
             dropped=dropped,
             duration_ms=int(seconds * 1000),
             path=path,
+            protocol=protocol,
         )
         if self.home is not None and path:
             await self._record(directive, remote, path, framed.bytes_in + framed.bytes_out, seconds)
@@ -248,6 +257,15 @@ class ExchangeServer:
                 pass
 
 
+def negotiated(stream: object) -> str:
+    """The exchange version of a served stream: the ID multistream-select agreed on
+    (py-libp2p sets it before calling the handler). A stream without one — a test
+    double — speaks 1.0.0, the version every peer has."""
+    get = getattr(stream, "get_protocol", None)
+    protocol = get() if get is not None else None
+    return protocol if protocol in EXCHANGE_PROTOCOLS else EXCHANGE_PROTOCOL
+
+
 async def send_knowledge(
     framed: FramedStream,
     identity: Identity,
@@ -259,16 +277,29 @@ async def send_knowledge(
     step_s: float,
     items: int,
     dropped: int,
+    protocol: str = EXCHANGE_PROTOCOL,
 ) -> int:
-    """Teacher: write ``data`` as sealed ``KnowledgeChunk`` frames, then the
-    ``KnowledgeEnd`` trailer; every write has ``step_s``. Returns the chunk count."""
+    """Teacher: write ``data`` as sealed chunk frames, then the signed trailer; every
+    write has ``step_s``. Returns the chunk count.
+
+    ``protocol`` picks the frames: 1.0.0 — ``KnowledgeChunk`` envelopes, each signed
+    over the SHA-256 of its body, and a ``KnowledgeEnd`` with the SHA-256 of the whole
+    plaintext; 1.1.0 — unsigned ``KnowledgeBox`` records and a ``KnowledgeTrailer``
+    signed over the digest of their tags (no hash pass over the payload). Either way
+    chunk i+1 is sealed in a worker thread while chunk i is written."""
     box = E2EBox(identity, student)
     view = memoryview(data)
     count = max(1, -(-len(data) // chunk_bytes))  # an empty package is one empty chunk
+    v11 = protocol == EXCHANGE_PROTOCOL_1_1
     whole = hashlib.sha256()
+    tags = TagDigest()
 
     def build(index: int) -> bytes:  # worker thread; calls are sequential, in order
         piece = view[index * chunk_bytes : (index + 1) * chunk_bytes]
+        if v11:
+            frame, tag = seal_box_frame(box, directive_id, index, piece, framed.max_frame)
+            tags.add(tag)
+            return frame
         whole.update(piece)
         return seal_chunk_frame(identity, box, directive_id, index, piece, framed.max_frame)
 
@@ -296,7 +327,11 @@ async def send_knowledge(
                     raise frame
                 with trio.fail_after(step_s):
                     await framed.write_encoded(frame)
-    end = KnowledgeEnd(directive_id, count, len(data), whole.digest(), items, dropped)
+    end: KnowledgeEnd | KnowledgeTrailer
+    if v11:
+        end = KnowledgeTrailer(directive_id, count, len(data), tags.digest(), items, dropped)
+    else:
+        end = KnowledgeEnd(directive_id, count, len(data), whole.digest(), items, dropped)
     with trio.fail_after(step_s):
         await framed.write_frame(seal(end, identity))
     return count

@@ -1,14 +1,16 @@
-"""The student's side of ``/knexa/exchange/1.0.0``: dial the teacher, present the
-directive, receive and check the package, learn, queue Feedback.
+"""The student's side of ``/knexa/exchange/1.1.0`` (or ``1.0.0``): dial the teacher,
+present the directive, receive and check the package, learn, queue Feedback.
 
 Mirrors ``knexad.exchange.ExchangeServer`` (the teacher's side). ``fetch_package``
-verifies every envelope came from the teacher, opens the boxes in order and checks the
-trailer (chunk count, size, SHA-256) before decoding; every step has a deadline, and a
-vanished or slow teacher is a ``PeerUnavailable`` for this pair only (docs/protocol.md
-§6). Each directive is acted on at most
-once, durably: a CPM that restarts before it has our Feedback re-serves the round's
-open directive, and learning from it again would double-count one directive's
-knowledge and send the CPM a second Feedback for it (docs/knexad.md, "exactly once").
+offers 1.1.0 first and 1.0.0 second (one multistream-select exchange; an older teacher
+answers ``na`` to the first), opens the boxes in order and checks the signed trailer —
+1.0.0: every chunk envelope signed by the teacher, the plaintext's size and SHA-256;
+1.1.0: the trailer's digest of the boxes' tags and the size — before decoding. Every
+step has a deadline, and a vanished or slow teacher is a ``PeerUnavailable`` for this
+pair only (docs/protocol.md §6). Each directive is acted on at most once, durably: a
+CPM that restarts before it has our Feedback re-serves the round's open directive, and
+learning from it again would double-count one directive's knowledge and send the CPM a
+second Feedback for it (docs/knexad.md, "exactly once").
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from knexad.agent_api import KnowledgePackage, ProtocolArm
 from knexad.agents import AgentWorker
 from knexad.config import CHECKPOINT_DIR, DaemonConfig
 from knexad.cpm_client import CpmRpc, FeedbackSender
-from knexad.exchange import UsedDirectives
+from knexad.exchange import UsedDirectives, negotiated
 from knexad.exchanges import append_exchange
 from knexad.state import StateFile
 from p2p.relay import PATH_DIRECT, PATH_RELAY, RelayNode, open_stream_via
 from p2p.streams import NET_ERRORS, PIPELINE_DEPTH, FramedStream, pipeline, stream_failures
-from protocol.conversation import replies_to
+from protocol.boxes import TagDigest, box_tag, parse_record
+from protocol.conversation import exchange_replies
 from protocol.e2e import E2EBox
 from protocol.envelope import Envelope, Identity, now_ms, open_envelope, seal
 from protocol.errors import (
@@ -45,9 +48,18 @@ from protocol.errors import (
     TruncatedFrame,
     error_from_code,
 )
-from protocol.ids import EXCHANGE_PROTOCOL
+from protocol.ids import EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1, EXCHANGE_PROTOCOLS
 from protocol.knowledge import decode_package
-from protocol.messages import Directive, Error, Feedback, KnowledgeChunk, KnowledgeEnd, KnowledgeRequest
+from protocol.messages import (
+    Directive,
+    Error,
+    Feedback,
+    KnowledgeBox,
+    KnowledgeChunk,
+    KnowledgeEnd,
+    KnowledgeRequest,
+    KnowledgeTrailer,
+)
 from protocol.replay import ReplayGuard
 
 log = structlog.get_logger(__name__)
@@ -109,7 +121,7 @@ class Student:
                 "exchange.package.received",
                 peer=d.teacher, directive=d.directive_id, round=d.round, bytes=result.plaintext_bytes,
                 items=len(result.package.items), dropped=result.dropped, duration_ms=result.duration_ms,
-                path=result.path, wire_bytes=result.wire_bytes_in + result.wire_bytes_out,
+                path=result.path, wire_bytes=result.wire_bytes_in + result.wire_bytes_out, protocol=result.protocol,
             )
             arm = ProtocolArm(d.alpha, d.temperature, d.n_samples)
             learned = await self.worker.call(
@@ -150,6 +162,7 @@ class FetchResult:
     duration_ms: int
     path: str = PATH_DIRECT  # direct | holepunch | relay (p2p.relay)
     dial_ms: int = 0  # of duration_ms: until the stream was open (direct try, relay, hole punch)
+    protocol: str = EXCHANGE_PROTOCOL  # the exchange version the teacher agreed to
 
 
 async def fetch_package(
@@ -174,14 +187,16 @@ async def fetch_package(
     if teacher_id != directive.teacher:
         raise MalformedFrame("dialled peer is not the directive's teacher")
     start = time.perf_counter()
-    stream, path = await open_stream_via(host, relay, teacher, EXCHANGE_PROTOCOL,
+    stream, path = await open_stream_via(host, relay, teacher, EXCHANGE_PROTOCOLS,
                                          direct_s=cfg.network.direct_dial_s, dial_s=cfg.timeouts.dial_s)
     dial_ms = int((time.perf_counter() - start) * 1000)
+    protocol = negotiated(stream)
     framed = FramedStream(stream, cfg.limits.max_frame)
     try:
         async with stream_failures(framed, too_slow=f"teacher {teacher_id} too slow (step > {cfg.timeouts.exchange_step_s} s)",
                                    broke=f"exchange with {teacher_id} broke"):
-            result = await _receive(framed, identity, cfg, directive_raw, directive, teacher_id, guard, start)
+            result = await _receive(framed, identity, cfg, directive_raw, directive, teacher_id, guard, start,
+                                    protocol)
         await framed.close()
     finally:
         if path == PATH_RELAY:
@@ -190,7 +205,7 @@ async def fetch_package(
                     await host.disconnect(teacher.peer_id)
                 except NET_ERRORS:
                     pass
-    return replace(result, path=path, dial_ms=dial_ms)
+    return replace(result, path=path, dial_ms=dial_ms, protocol=protocol)
 
 
 async def _read_frame(framed: FramedStream, peer: str) -> bytes | None:
@@ -211,6 +226,7 @@ async def _receive(
     teacher_id: str,
     guard: ReplayGuard,
     start: float,
+    protocol: str,
 ) -> FetchResult:
     step = cfg.timeouts.exchange_step_s
     did = directive.directive_id
@@ -225,6 +241,7 @@ async def _receive(
         max_package_bytes=cfg.limits.max_package_bytes,
         step_s=step,
         first_wait_s=step + cfg.timeouts.teach_s,  # the teacher may spend teach_s generating
+        protocol=protocol,
     )
     package = decode_package(plain)
     if len(package.items) != end.items:
@@ -239,7 +256,57 @@ async def _receive(
     )
 
 
+class _Opener:
+    """The per-frame work of ``receive_knowledge`` that runs off the event loop: parse,
+    verify, open the box, append. Calls are sequential and in chunk order (one worker
+    thread at a time). The replay guard is not touched here (it may be shared with the
+    event loop): the caller checks it."""
 
+    def __init__(self, identity: Identity, teacher: str, directive_id: str, protocol: str) -> None:
+        self.box = E2EBox(identity, teacher)
+        self.teacher, self.directive_id = teacher, directive_id
+        self.v11 = protocol == EXCHANGE_PROTOCOL_1_1
+        self.allowed = exchange_replies(protocol)  # 1.0.0: chunks, KnowledgeEnd, Error; 1.1.0: trailer, Error
+        self.plain = bytearray()
+        self.whole = hashlib.sha256()  # 1.0.0: the plaintext, as KnowledgeEnd.sha256
+        self.tags = TagDigest()  # 1.1.0: the boxes' tags, as KnowledgeTrailer.macs_sha256
+        self.last_size = 0
+
+    def open(self, frame: bytes, index: int) -> tuple[Envelope | None, Any, DecryptionFailed | None]:
+        if self.v11:
+            record = parse_record(frame, index)  # None: not a record, so it must be an envelope
+            if record is not None:
+                return None, record, self._open_box(record.index, record.box, index)
+        env, msg = open_envelope(frame, expected_sender=self.teacher, allowed=self.allowed)
+        if isinstance(msg, KnowledgeChunk) and msg.directive_id == self.directive_id:
+            return env, msg, self._open_box(msg.index, msg.box, index)
+        return env, msg, None
+
+    def _open_box(self, got: int, box: bytes, index: int) -> DecryptionFailed | None:
+        if got != index:
+            return None  # the caller reports the order
+        try:
+            payload = self.box.open_chunk_view(self.directive_id, index, box)
+        except DecryptionFailed as exc:
+            return exc
+        self.plain.extend(payload)
+        self.last_size = len(payload)
+        if self.v11:
+            self.tags.add(box_tag(box))
+        else:
+            self.whole.update(payload)
+        return None
+
+    def check_trailer(self, end: KnowledgeEnd | KnowledgeTrailer, chunks: int) -> None:
+        if end.chunks != chunks or end.total_bytes != len(self.plain):
+            raise ProtocolError(
+                f"trailer mismatch: {end.chunks} chunks / {end.total_bytes} B announced, "
+                f"{chunks} / {len(self.plain)} received"
+            )
+        if isinstance(end, KnowledgeEnd) and end.sha256 != self.whole.digest():
+            raise ProtocolError("package SHA-256 does not match the trailer")
+        if isinstance(end, KnowledgeTrailer) and end.macs_sha256 != self.tags.digest():
+            raise ProtocolError("SHA-256 of the box tags does not match the trailer")
 
 
 async def receive_knowledge(
@@ -252,29 +319,20 @@ async def receive_knowledge(
     max_package_bytes: int,
     step_s: float,
     first_wait_s: float,
-) -> tuple[bytearray, KnowledgeEnd]:
-    """Student: read chunks until ``KnowledgeEnd``; returns the plaintext and trailer
-    after checking chunk order, size and SHA-256. Checks run in the order
+    protocol: str = EXCHANGE_PROTOCOL,
+) -> tuple[bytearray, KnowledgeEnd | KnowledgeTrailer]:
+    """Student: read chunks until the trailer; returns the plaintext and trailer after
+    checking chunk order, size and the trailer's digest. Checks run in the order
     docs/protocol.md gives: signature (teacher), replay guard, ``Error``, directive,
-    index, box; any failure raises its typed error."""
-    box = E2EBox(identity, teacher)
-    plain = bytearray()
-    whole = hashlib.sha256()
-    allowed = replies_to(KnowledgeRequest)  # chunks, the trailer, or Error
+    index, box; any failure raises its typed error.
 
-    def open_frame(frame: bytes, index: int) -> tuple[Envelope, Any, DecryptionFailed | None]:
-        # worker thread; calls are sequential, in chunk order. The replay guard is not
-        # touched here (it may be shared with the event loop): the caller checks it.
-        env, msg = open_envelope(frame, expected_sender=teacher, allowed=allowed)
-        if isinstance(msg, KnowledgeChunk) and msg.directive_id == directive_id and msg.index == index:
-            try:
-                payload = box.open_chunk_view(directive_id, index, msg.box)
-            except DecryptionFailed as exc:
-                return env, msg, exc
-            plain.extend(payload)
-            whole.update(payload)
-        return env, msg, None
-
+    ``protocol`` is the negotiated exchange version: 1.0.0 reads ``KnowledgeChunk``
+    envelopes and ``KnowledgeEnd``; 1.1.0 reads ``KnowledgeBox`` records (no
+    signature, no replay guard: the box binds directive and index) and a signed
+    ``KnowledgeTrailer``. Both refuse a chunk after an empty one (only an empty package
+    is an empty chunk), so a teacher cannot keep the stream going forever without
+    sending bytes. Frames of the other version are refused."""
+    opener = _Opener(identity, teacher, directive_id, protocol)
     send, recv = trio.open_memory_channel[bytes | Exception | None](PIPELINE_DEPTH)
 
     async def read_frames() -> None:
@@ -298,39 +356,39 @@ async def receive_knowledge(
                     return
 
     index = 0
-    end: KnowledgeEnd | None = None
+    empty_before = False  # the last chunk opened was empty
+    trailer = KnowledgeTrailer.__name__ if opener.v11 else KnowledgeEnd.__name__
+    end: KnowledgeEnd | KnowledgeTrailer | None = None
     async with pipeline() as nursery:
         nursery.start_soon(read_frames)
         async with recv:
             async for frame in recv:
                 if frame is None:
-                    raise PeerUnavailable(f"teacher {teacher} closed the stream before KnowledgeEnd")
+                    raise PeerUnavailable(f"teacher {teacher} closed the stream before {trailer}")
                 if isinstance(frame, Exception):
                     raise frame
-                env, msg, failure = await trio.to_thread.run_sync(open_frame, frame, index)
-                guard.check(env, now_ms())
+                env, msg, failure = await trio.to_thread.run_sync(opener.open, frame, index)
+                if env is not None:
+                    guard.check(env, now_ms())
                 if isinstance(msg, Error):
                     raise error_from_code(msg.code, msg.message)
-                if msg.directive_id != directive_id:
+                if not isinstance(msg, KnowledgeBox) and msg.directive_id != directive_id:
                     raise MalformedFrame(f"frame for directive {msg.directive_id}, expected {directive_id}")
-                if isinstance(msg, KnowledgeEnd):
+                if isinstance(msg, (KnowledgeEnd, KnowledgeTrailer)):
                     end = msg
                     nursery.cancel_scope.cancel()  # stop the reader; nothing follows the trailer
                     break
                 if msg.index != index:
                     raise MalformedFrame(f"chunk {msg.index} out of order (expected {index})")
+                if empty_before:
+                    raise MalformedFrame(f"chunk {index} after an empty chunk")
                 if failure is not None:
                     raise failure
-                if len(plain) > max_package_bytes:
+                if len(opener.plain) > max_package_bytes:
                     raise MalformedFrame(f"package exceeds limits.max_package_bytes ({max_package_bytes})")
+                empty_before = opener.last_size == 0
                 index += 1
     if end is None:  # pragma: no cover — the loop only ends by raising or at the trailer
-        raise PeerUnavailable(f"teacher {teacher} stopped before KnowledgeEnd")
-    if end.chunks != index or end.total_bytes != len(plain):
-        raise ProtocolError(
-            f"trailer mismatch: {end.chunks} chunks / {end.total_bytes} B announced, "
-            f"{index} / {len(plain)} received"
-        )
-    if end.sha256 != whole.digest():
-        raise ProtocolError("package SHA-256 does not match the trailer")
-    return plain, end
+        raise PeerUnavailable(f"teacher {teacher} stopped before {trailer}")
+    opener.check_trailer(end, index)
+    return opener.plain, end

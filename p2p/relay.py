@@ -49,7 +49,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p.rpc import open_stream
+from p2p.rpc import open_stream, protocol_list
 from p2p.streams import NET_ERRORS
 from protocol.errors import PeerUnavailable
 
@@ -198,7 +198,7 @@ def stream_path(host: IHost, stream: INetStream, node: RelayNode | None = None) 
     return PATH_DIRECT
 
 
-async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, protocol: str, *,
+async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, protocol: str | Sequence[str], *,
                           direct_s: float, dial_s: float, holepunch_s: float = HOLEPUNCH_S) -> tuple[INetStream, str]:
     """Open ``protocol`` to ``info``: direct addresses first under ``direct_s``, then each
     ``/p2p-circuit`` address (relayed connection under ``dial_s``, then DCUtR when ``node``
@@ -227,7 +227,7 @@ async def open_stream_via(host: IHost, node: RelayNode | None, info: PeerInfo, p
         punched = await node.hole_punch(info.peer_id, min(holepunch_s, dial_s))
         try:
             with trio.fail_after(dial_s):
-                stream = await host.new_stream(info.peer_id, [protocol])
+                stream = await host.new_stream(info.peer_id, protocol_list(protocol))
         except DIAL_ERRORS as exc:
             reasons.append(f"stream over {circuit}: {type(exc).__name__}")
             continue

@@ -12,6 +12,9 @@ requests on one stream and group-commits them (docs/architecture.md §Request/re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.peerinfo import PeerInfo
@@ -20,8 +23,17 @@ from p2p.streams import NET_ERRORS, FramedStream, stream_failures
 from protocol.errors import PeerUnavailable
 
 
-async def open_stream(host: IHost, info: PeerInfo, protocol: str, dial_s: float) -> INetStream:
-    """Connect (if needed) and open a stream, under one deadline; failures → PeerUnavailable."""
+def protocol_list(protocol: str | Sequence[str]) -> list[Any]:
+    """One protocol ID or several (in order of preference), as ``new_stream`` takes them."""
+    return [protocol] if isinstance(protocol, str) else list(protocol)
+
+
+async def open_stream(host: IHost, info: PeerInfo, protocol: str | Sequence[str], dial_s: float) -> INetStream:
+    """Connect (if needed) and open a stream, under one deadline; failures → PeerUnavailable.
+
+    ``protocol`` may be several IDs in order of preference (the exchange's versions):
+    multistream-select tries each until the peer accepts one, and the stream's
+    ``get_protocol()`` says which."""
     peer = info.peer_id.to_base58()
     # py-libp2p refuses to dial a peer for 60 s after all its addresses failed (a
     # "negative cache"); our own backoff paces retries, and a restarted CPM must be
@@ -32,7 +44,7 @@ async def open_stream(host: IHost, info: PeerInfo, protocol: str, dial_s: float)
     try:
         with trio.fail_after(dial_s):
             await host.connect(info)
-            return await host.new_stream(info.peer_id, [protocol])
+            return await host.new_stream(info.peer_id, protocol_list(protocol))
     except trio.TooSlowError:
         reason = f"dial {peer} timed out after {dial_s} s"
     except NET_ERRORS as exc:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .envelope import Envelope, open_envelope
 from .errors import error_from_code
-from .ids import ADMIN_PROTOCOL, CPM_PROTOCOL, EXCHANGE_PROTOCOL
+from .ids import ADMIN_PROTOCOL, CPM_PROTOCOL, EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1
 from .messages import (
     Ack,
     AdminAdmit,
@@ -24,9 +24,11 @@ from .messages import (
     DirectiveRequest,
     Error,
     Feedback,
+    KnowledgeBox,
     KnowledgeChunk,
     KnowledgeEnd,
     KnowledgeRequest,
+    KnowledgeTrailer,
     NoDirective,
     PeerAddrs,
     PeerLookup,
@@ -46,8 +48,9 @@ REPLIES: dict[type, tuple[type, ...]] = {
     AdminRevoke: (Ack,),
     AdminRelease: (Ack,),
     AdminQuery: (AdminResult,),
-    # a stream of chunks, then the trailer (protocol.knowledge)
-    KnowledgeRequest: (KnowledgeChunk, KnowledgeEnd),
+    # a stream of chunks, then the trailer; which ones depends on the exchange version
+    # (EXCHANGE_REPLIES): this entry is their union
+    KnowledgeRequest: (KnowledgeChunk, KnowledgeEnd, KnowledgeTrailer),
 }
 
 # protocol → the requests a server accepts on it
@@ -55,12 +58,30 @@ REQUESTS: dict[str, tuple[type, ...]] = {
     CPM_PROTOCOL: (Register, Profile, DirectiveRequest, PeerLookup, Feedback),
     ADMIN_PROTOCOL: (AdminAdmit, AdminRevoke, AdminRelease, AdminQuery),
     EXCHANGE_PROTOCOL: (KnowledgeRequest,),
+    EXCHANGE_PROTOCOL_1_1: (KnowledgeRequest,),
+}
+
+# exchange protocol → the signed envelopes that answer a KnowledgeRequest on it
+# (besides Error), and the unsigned records it carries (protocol.boxes). A message of
+# the other version is refused (UnknownMessage / MalformedFrame), never mixed in.
+EXCHANGE_REPLIES: dict[str, tuple[type, ...]] = {
+    EXCHANGE_PROTOCOL: (KnowledgeChunk, KnowledgeEnd),
+    EXCHANGE_PROTOCOL_1_1: (KnowledgeTrailer,),
+}
+EXCHANGE_RECORDS: dict[str, tuple[type, ...]] = {
+    EXCHANGE_PROTOCOL: (),
+    EXCHANGE_PROTOCOL_1_1: (KnowledgeBox,),
 }
 
 
 def replies_to(request_type: type) -> tuple[type, ...]:
     """What may answer a request of ``request_type``, ``Error`` included."""
     return (*REPLIES[request_type], Error)
+
+
+def exchange_replies(protocol: str) -> tuple[type, ...]:
+    """The envelopes that may answer a KnowledgeRequest on ``protocol``, ``Error`` included."""
+    return (*EXCHANGE_REPLIES[protocol], Error)
 
 
 def open_reply(raw: bytes, request: Any, *, expected_sender: str) -> tuple[Envelope, Any]:

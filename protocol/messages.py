@@ -157,6 +157,35 @@ class KnowledgeEnd:
     dropped: int
 
 
+# --- /knexa/exchange/1.1.0 -----------------------------------------------------------
+# KnowledgeRequest and Error as in 1.0.0; the chunks become unsigned KnowledgeBox records
+# and the trailer a KnowledgeTrailer (docs/protocol.md §6, "Exchange 1.1.0").
+
+
+@dataclass(frozen=True, slots=True)
+class KnowledgeBox:
+    """One E2E box of the packed KnowledgePackage, as an unsigned record (not an
+    envelope): the box's own Poly1305 tag authenticates it, its plaintext binds the
+    directive and ``index`` (protocol.e2e), and the signed ``KnowledgeTrailer`` commits
+    to every tag. Wire form: ``protocol.boxes``."""
+
+    index: int
+    box: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KnowledgeTrailer:
+    """Teacher's signed trailer in 1.1.0: chunk count, plaintext size, the SHA-256 of
+    the boxes' 16-byte Poly1305 tags concatenated in order, and guardrail drops."""
+
+    directive_id: str
+    chunks: int
+    total_bytes: int
+    macs_sha256: bytes
+    items: int
+    dropped: int
+
+
 # --- /knexa/admin/1.0.0 --------------------------------------------------------------
 
 
@@ -209,6 +238,7 @@ MESSAGE_TYPES: dict[str, type] = {
         KnowledgeRequest,
         KnowledgeChunk,
         KnowledgeEnd,
+        KnowledgeTrailer,
         AdminAdmit,
         AdminRevoke,
         AdminRelease,
@@ -216,3 +246,7 @@ MESSAGE_TYPES: dict[str, type] = {
         AdminResult,
     )
 }
+
+# Unsigned records: frames that are not envelopes, each only where its protocol allows
+# it (protocol.conversation.EXCHANGE_RECORDS). Never decodable as an envelope body.
+RECORD_TYPES: dict[str, type] = {cls.__name__: cls for cls in (KnowledgeBox,)}

@@ -77,7 +77,7 @@ DESCRIPTIONS: dict[str, str] = {
     "knexad.agent.n_agents": "Population size the partition is drawn for; every daemon of a federation uses the same value.",
     "knexad.agent.seed": "Seed of the population partition (and of the synthetic agents); the same on every daemon of a federation, or their transfer sets differ.",
     "knexad.limits.max_frame": "Largest exchange frame accepted, checked on the length prefix before reading (64 KiB … 4 MiB). The CPM protocol always uses 256 KiB.",
-    "knexad.limits.chunk_bytes": "Plaintext bytes per encrypted `KnowledgeChunk` (≤ max_frame − 4 KiB).",
+    "knexad.limits.chunk_bytes": "Plaintext bytes per encrypted chunk (`KnowledgeBox`, or `KnowledgeChunk` in exchange 1.0.0; ≤ max_frame − 4 KiB).",
     "knexad.limits.max_package_bytes": "The student refuses larger knowledge packages; the teacher refuses to send them.",
     "knexad.retry.base_s": "First reconnect delay; doubles per failure: `min(max_s, base_s·2ⁿ)·(1 − jitter·U[0,1))`.",
     "knexad.retry.max_s": "Cap of the reconnect delay.",

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from protocol.ids import EXCHANGE_PROTOCOL_1_1
 from tests.e2e.procs import CPM, FAST_ENV, KNEXAD, REPO, Proc
 
 SYNTHETIC_MARKERS = (b"# syn c=", b"transform_")  # text only a SyntheticAgent package holds
@@ -170,7 +171,9 @@ def test_one_full_round_then_clean_shutdown(tmp_path: Path, spawn) -> None:
     assert student["peers"][row["teacher"]]["bytes_in"] > row["kb"] * 1024 * 0.9
     assert teacher["peers"][row["student"]]["bytes_out"] > 0
     assert student["last_feedback"]["directive"] == row["directive_id"] and student["last_feedback"]["ok"]
-    assert daemons[s].events("exchange.package.received") and daemons[t].events("exchange.package.sent")
+    received = daemons[s].events("exchange.package.received")
+    assert received and daemons[t].events("exchange.package.sent")
+    assert received[0]["protocol"] == EXCHANGE_PROTOCOL_1_1  # both daemons serve and offer 1.1.0
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
     assert f'knexad_taught_total {float(t == 0)}' in metrics and "knexad_exchange_bytes" in metrics

@@ -90,6 +90,9 @@ class RecordingStream:
         self._sink = sink
         self.muxed_conn = stream.muxed_conn
 
+    def get_protocol(self):
+        return self._stream.get_protocol()  # the exchange version the teacher serves
+
     async def read(self, n: int | None = None) -> bytes:
         return await self._stream.read(n)
 

@@ -1,4 +1,6 @@
-"""The pipelined chunk stream (``send_knowledge`` / ``receive_knowledge``) over real hosts.
+"""The pipelined chunk stream (``send_knowledge`` / ``receive_knowledge``) over real hosts,
+in both exchange versions where the behaviour is shared (the 1.0.0 hostile-frame table
+is here; 1.1.0's is tests/integration/test_knowledge_stream_v11.py).
 
 Both sides overlap crypto in worker threads with the stream, so these tests pin down
 what must not change with it: a hostile or broken teacher still costs the student the
@@ -36,9 +38,11 @@ from protocol import (
     Replay,
     ReplayGuard,
     Unauthorized,
+    UnknownMessage,
     encode_frame,
     seal,
 )
+from protocol.ids import EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1
 from protocol.knowledge import digest, seal_chunk_frame
 from tests.assertions import raises_exactly
 
@@ -48,6 +52,7 @@ MAX = 4 * 1024 * 1024
 DID = "directive-1"
 CHUNK = 4096
 TEACHER, STUDENT, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
+WIRES = pytest.mark.parametrize("wire", [EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1], ids=["1.0", "1.1"])
 
 Teacher = Callable[[FramedStream], Awaitable[None]]
 
@@ -59,9 +64,11 @@ async def pair():
         yield t, s
 
 
-async def student_receives(teacher: Teacher, *, max_package: int = MAX, step_s: float = 5.0) -> bytearray:
-    """Run ``teacher`` on the teacher host's end of a stream; the student receives.
-    What ``receive_knowledge`` raises is re-raised outside the hosts' nurseries, as is."""
+async def student_receives(teacher: Teacher, *, max_package: int = MAX, step_s: float = 5.0,
+                           protocol: str = EXCHANGE_PROTOCOL, guard: ReplayGuard | None = None) -> bytearray:
+    """Run ``teacher`` on the teacher host's end of a stream; the student receives with
+    ``protocol``'s rules. What ``receive_knowledge`` raises is re-raised outside the
+    hosts' nurseries, as is."""
     raised: list[BaseException] = []
     plain = bytearray()
     async with pair() as (t, s):
@@ -80,8 +87,8 @@ async def student_receives(teacher: Teacher, *, max_package: int = MAX, step_s: 
         with trio.fail_after(20):  # hang guard only
             try:
                 plain, _ = await receive_knowledge(
-                    framed, STUDENT, TEACHER.peer_id, DID, ReplayGuard(),
-                    max_package_bytes=max_package, step_s=step_s, first_wait_s=step_s,
+                    framed, STUDENT, TEACHER.peer_id, DID, guard or ReplayGuard(),
+                    max_package_bytes=max_package, step_s=step_s, first_wait_s=step_s, protocol=protocol,
                 )
             except Exception as exc:  # noqa: BLE001 — handed to the test unchanged
                 raised.append(exc)
@@ -107,23 +114,38 @@ def scripted(*frames: bytes) -> Teacher:
     return run
 
 
-async def test_many_chunks_arrive_whole_and_in_order() -> None:
+@WIRES
+async def test_many_chunks_arrive_whole_and_in_order(wire: str) -> None:
     data = os.urandom(CHUNK * 9 + 17)
 
     async def teacher(framed: FramedStream) -> None:
         count = await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, data,
-                                     chunk_bytes=CHUNK, step_s=5.0, items=0, dropped=0)
+                                     chunk_bytes=CHUNK, step_s=5.0, items=0, dropped=0, protocol=wire)
         assert count == 10
 
-    assert await student_receives(teacher) == data
+    assert await student_receives(teacher, protocol=wire) == data
 
 
-async def test_empty_package_is_one_empty_chunk() -> None:
+@WIRES
+async def test_empty_package_is_one_empty_chunk(wire: str) -> None:
     async def teacher(framed: FramedStream) -> None:
         await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, b"", chunk_bytes=CHUNK, step_s=5.0,
-                             items=0, dropped=0)
+                             items=0, dropped=0, protocol=wire)
 
-    assert await student_receives(teacher) == b""
+    assert await student_receives(teacher, protocol=wire) == b""
+
+
+@pytest.mark.parametrize("sent, read", [(EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1),
+                                        (EXCHANGE_PROTOCOL_1_1, EXCHANGE_PROTOCOL)], ids=["1.0-as-1.1", "1.1-as-1.0"])
+async def test_a_stream_of_the_other_version_is_refused(sent: str, read: str) -> None:
+    """Versions never mix: 1.0.0 chunk envelopes are not allowed on 1.1.0, and a 1.1.0
+    record is not an envelope on 1.0.0."""
+    async def teacher(framed: FramedStream) -> None:
+        await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, A, chunk_bytes=CHUNK, step_s=5.0,
+                             items=0, dropped=0, protocol=sent)
+
+    with raises_exactly(UnknownMessage if read == EXCHANGE_PROTOCOL_1_1 else MalformedFrame):
+        await student_receives(teacher, protocol=read)
 
 
 A, B = b"a" * 100, b"b" * 100
@@ -140,6 +162,8 @@ A, B = b"a" * 100, b"b" * 100
                      Unauthorized, None, id="error-frame-mid-stream"),
         pytest.param(lambda: [chunk(0, A, did="other")], MalformedFrame, "expected", id="other-directive"),
         pytest.param(lambda: [chunk(1, A)], MalformedFrame, "out of order", id="out-of-order"),
+        pytest.param(lambda: [chunk(0, b""), chunk(1, A)], MalformedFrame, "after an empty chunk",
+                     id="chunk-after-empty-chunk"),
         pytest.param(lambda: [chunk(0, A, bound_did="other")], DecryptionFailed, None,
                      id="box-bound-to-other-directive"),
         pytest.param(lambda: [chunk(0, A), chunk(1, B), trailer(3, A + B)], ProtocolError, "trailer",
@@ -174,30 +198,32 @@ async def test_tampered_box_is_refused() -> None:
         await student_receives(scripted(bad))
 
 
-async def test_package_over_the_limit_is_refused() -> None:
+@WIRES
+async def test_package_over_the_limit_is_refused(wire: str) -> None:
     data = os.urandom(CHUNK * 4)
 
     async def teacher(framed: FramedStream) -> None:
         await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, data, chunk_bytes=CHUNK, step_s=5.0,
-                             items=0, dropped=0)
+                             items=0, dropped=0, protocol=wire)
 
     with raises_exactly(MalformedFrame, match="max_package_bytes"):
-        await student_receives(teacher, max_package=CHUNK * 2)
+        await student_receives(teacher, max_package=CHUNK * 2, protocol=wire)
 
 
-async def test_sealing_error_reaches_the_teacher_as_its_typed_error() -> None:
+@WIRES
+async def test_sealing_error_reaches_the_teacher_as_its_typed_error(wire: str) -> None:
     raised: list[BaseException] = []
 
     async def teacher(framed: FramedStream) -> None:
         framed.max_frame = 4000  # a sealed 4096-byte chunk cannot fit in a frame
         try:
             await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, os.urandom(3 * 4096), chunk_bytes=4096,
-                                 step_s=5.0, items=0, dropped=0)
+                                 step_s=5.0, items=0, dropped=0, protocol=wire)
         except Exception as exc:  # noqa: BLE001 — the test inspects exactly what escaped
             raised.append(exc)
 
     with raises_exactly(PeerUnavailable):  # nothing was sent: the student sees the stream end
-        await student_receives(teacher)
+        await student_receives(teacher, protocol=wire)
     assert len(raised) == 1 and isinstance(raised[0], FrameTooLarge), raised
 
 
@@ -210,7 +236,8 @@ async def test_stalling_teacher_hits_the_step_deadline() -> None:
         await student_receives(teacher, step_s=0.5)
 
 
-async def test_student_vanishing_costs_the_teacher_peer_unavailable() -> None:
+@WIRES
+async def test_student_vanishing_costs_the_teacher_peer_unavailable(wire: str) -> None:
     data = os.urandom(8 * 1024 * 1024)
     outcome: list[BaseException] = []
     started = trio.Event()
@@ -229,7 +256,7 @@ async def test_student_vanishing_costs_the_teacher_peer_unavailable() -> None:
         with trio.fail_after(20):
             try:
                 await send_knowledge(framed, TEACHER, STUDENT.peer_id, DID, data, chunk_bytes=1 << 20,
-                                     step_s=2.0, items=0, dropped=0)
+                                     step_s=2.0, items=0, dropped=0, protocol=wire)
             except Exception as exc:  # noqa: BLE001 — the test inspects exactly what escaped
                 outcome.append(exc)
     assert started.is_set()

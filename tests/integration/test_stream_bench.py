@@ -1,7 +1,7 @@
 """benchmarks/stream.py runs end to end on a small payload and reports every figure.
 
-The knexa mode drives the daemon's own ``send_knowledge``/``receive_knowledge`` and
-raises if the student's size or SHA-256 check fails, so a finished run is also an
+The knexa modes drive the daemon's own ``send_knowledge``/``receive_knowledge`` in
+each wire version and raise if the student's size or digest check fails, so a finished run is also an
 integrity check of the pipelined path over real hosts; the yamux frame override must
 not leak out of the run, and the interference mode (bare beside the crypto threads)
 must start and stop its threads.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from libp2p.stream_muxer.yamux import yamux
 
 from benchmarks import stream
@@ -18,12 +19,24 @@ from benchmarks import stream
 
 def test_small_run_reports_all_modes_and_restores_yamux() -> None:
     before, threads = yamux.MAX_MESSAGE_SIZE, threading.active_count()
-    out = stream.run(mib=2, repeats=1, yamux_frame_kib=128, interference=True)
+    out = stream.run(mib=2, repeats=2, yamux_frame_kib=128, interference=True)
     assert out["bytes"] == 2 * 1024 * 1024
     assert out["yamux_frame_bytes"] == 128 * 1024
-    assert set(out["MB_per_s"]) == {"raw_tcp", "bare", "knexa", "bare_beside_crypto"}
+    assert set(out["MB_per_s"]) == {"raw_tcp", "bare", "knexa", "knexa_1.0", "knexa_1.1", "bare_beside_crypto"}
+    assert all(len(v) == 2 for v in out["seconds"].values())  # every mode timed in every repeat
     assert 0 < out["ratio_bare_beside_crypto_vs_bare"]
     assert all(v > 0 for v in out["MB_per_s"].values())
-    assert 0 < out["ratio_knexa_vs_bare"] and out["connect_ms_median"] > 0
+    assert out["knexa_wire"] == "1.1" and out["MB_per_s"]["knexa"] == out["MB_per_s"]["knexa_1.1"]
+    assert out["ratio_knexa_vs_bare"] == out["ratio_knexa_1.1_vs_bare"] > 0
+    assert out["ratio_knexa_1.0_vs_bare"] > 0 and out["ratio_knexa_1.1_vs_1.0"] > 0
+    assert out["connect_ms_median"] > 0 and len(out["load_avg"]) == 2
     assert yamux.MAX_MESSAGE_SIZE == before
     assert threading.active_count() <= threads + 2  # trio's idle thread cache may remain
+
+
+def test_one_wire_and_a_bad_wire_name() -> None:
+    out = stream.run(mib=1, repeats=1, wires=("1.0",))
+    assert set(out["MB_per_s"]) == {"raw_tcp", "bare", "knexa", "knexa_1.0"} and out["knexa_wire"] == "1.0"
+    assert "ratio_knexa_1.1_vs_1.0" not in out
+    with pytest.raises(ValueError, match="--wire"):
+        stream.run(mib=1, repeats=1, wires=("2.0",))

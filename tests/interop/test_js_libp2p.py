@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, EXCHANGE_PROTOCOL
+from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, EXCHANGE_PROTOCOLS
 from tests.e2e.test_daemon_round import Federation, read_ready, spawn, wait_for  # noqa: F401 — spawn is a fixture
 
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -121,7 +121,7 @@ def test_js_libp2p_peer_against_knexad(tmp_path: Path, spawn, node_bin: str) -> 
     ready = wait_for(lambda: read_ready(tmp_path / "d0.ready"), 60, "knexad ready file", (fed.cpm, daemon))
     addr = ready["addrs"][0]
     for _ in range(RUNS):
-        summary = probe_and_check(node_bin, addr, [EXCHANGE_PROTOCOL])
+        summary = probe_and_check(node_bin, addr, list(EXCHANGE_PROTOCOLS))  # 1.1.0 and 1.0.0
     plaintext_refused(node_bin, addr)
     assert daemon.popen.poll() is None, "knexad died"
     refused = daemon.events("exchange.refused") + daemon.events("exchange.failed")

@@ -49,6 +49,8 @@ def sample_messages() -> dict[str, object]:
         m.KnowledgeRequest(directive=b"\x81\xa1v\x01"),
         m.KnowledgeChunk(directive_id="r7-3", index=0, box=bytes(range(48))),
         m.KnowledgeEnd(directive_id="r7-3", chunks=1, total_bytes=8, sha256=bytes(32), items=4, dropped=1),
+        m.KnowledgeTrailer(directive_id="r7-3", chunks=1, total_bytes=8, macs_sha256=bytes(range(32)), items=4,
+                           dropped=1),
         m.AdminAdmit(peer_id=PEER_B, org="globex"),
         m.AdminRevoke(peer_id=PEER_B),
         m.AdminRelease(peer_id=PEER_A),
@@ -56,3 +58,23 @@ def sample_messages() -> dict[str, object]:
         m.AdminResult(rows=((("peer_id", PEER_A), ("admitted", True), ("reward", 0.5), ("note", None)),)),
     ]
     return {type(s).__name__: s for s in samples}
+
+
+def sample_records() -> dict[str, object]:
+    """Unsigned records (exchange 1.1.0): their vectors are the record bytes, no envelope."""
+    samples = [m.KnowledgeBox(index=0, box=bytes(range(48)))]
+    return {type(s).__name__: s for s in samples}
+
+
+# The exchange 1.1.0 stream vector (tests/vectors/exchange_1_1_0.*): what a teacher with
+# SIGNER_SEED writes to the student with STUDENT_SEED for STREAM_PAYLOAD, chunked by
+# STREAM_CHUNK, box i sealed with nonce bytes([200 + i]) * 24, the trailer with TS_MS/NONCE.
+STUDENT_SEED = bytes(range(32, 64))
+STREAM_DIRECTIVE = "r7-3"
+STREAM_PAYLOAD = b"knexa exchange 1.1.0 stream vector, three boxes."
+STREAM_CHUNK = 20
+STREAM_ITEMS, STREAM_DROPPED = 1, 0
+
+
+def stream_box_nonce(index: int) -> bytes:
+    return bytes([200 + index]) * 24

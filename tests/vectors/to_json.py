@@ -27,3 +27,12 @@ def envelope_json(blob: bytes) -> dict[str, Any]:
         "sig": env.sig.hex(),
         "body": {f.name: _jsonable(getattr(msg, f.name)) for f in dataclasses.fields(msg)},
     }
+
+
+def record_json(blob: bytes) -> dict[str, Any]:
+    """An unsigned record (exchange 1.1.0) → its fields; no envelope around it."""
+    from protocol.boxes import decode_record
+
+    record = decode_record(blob)
+    return {"type": type(record).__name__,
+            **{f.name: _jsonable(getattr(record, f.name)) for f in dataclasses.fields(record)}}
