@@ -54,11 +54,12 @@ def _timed(P: np.ndarray, bandit: LinUCB, **kw: Any) -> tuple[float, float, Any]
     return time.perf_counter() - w0, time.process_time() - c0, res
 
 
-def first_pass_shortlist(P: np.ndarray, bandit: LinUCB, ann: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+def first_pass_shortlist(P: np.ndarray, bandit: LinUCB, ann: tuple[int, int] | None,
+                         topk: int = TOPK) -> tuple[np.ndarray, np.ndarray]:
     """The (t, s) pairs fast_match's first pass scores exactly (``ann``: clustered stage 1)."""
     scorer = _PairScorer(P, bandit, N_ARMS, bandit.beta())
     (La, R, Wt, Ws, u, v), wq = prefilter_factors(P, scorer, bandit.theta, N_ARMS)
-    return shortlist(La, R, Wt, Ws, wq, u, v, TOPK, 4, 64, ann)
+    return shortlist(La, R, Wt, Ws, wq, u, v, topk, 4, 64, ann)
 
 
 def recall(P: np.ndarray, bandit: LinUCB, t: np.ndarray, s: np.ndarray, sample: int,
@@ -92,18 +93,32 @@ def recall(P: np.ndarray, bandit: LinUCB, t: np.ndarray, s: np.ndarray, sample: 
     return out
 
 
-def run(agents: list[int], repeat: int = 1, recall_sample: int = 500, recall_ann: bool = True) -> dict[str, Any]:
+def run(agents: list[int], repeat: int = 1, recall_sample: int = 500, recall_ann: bool = True,
+        other_topk: tuple[int, ...] = ()) -> dict[str, Any]:
+    """``other_topk``: also time (and, at the smallest N, recall) fast_match with these
+    ``topk`` values, alternating with the node's ``TOPK`` in every repeat — the cost and
+    the recall of a larger shortlist, side by side (``topk_variants`` in the output)."""
     bandit = trained_bandit()
     fast_match(population(64), bandit, N_ARMS, 32)  # warm-up: imports, BLAS, threadpoolctl
-    rows = []
+    rows, variants = [], []
     for n in agents:
         P = population(n)
         walls, cpus = [], []
+        other: dict[int, list[float]] = {k: [] for k in other_topk}
         load0 = os.getloadavg()[0]
         for _ in range(max(1, repeat)):
             w, c, res = _timed(P, bandit)
             walls.append(w)
             cpus.append(c)
+            for k in other_topk:
+                _, ck, rk = _timed(P, bandit, topk=k)
+                other[k].append(ck)
+                if len(other[k]) == 1:
+                    variants.append({"agents": n, "topk": k, "total_score": rk.total()})
+        for v in variants:
+            if v["agents"] == n:
+                v["cpu_s"] = float(np.median(other[v["topk"]]))
+                v["cpu_over_node_topk"] = v["cpu_s"] / float(np.median(cpus))
         load1 = os.getloadavg()[0]
         tracemalloc.start()
         fast_match(P, bandit, N_ARMS, n // 2)
@@ -115,7 +130,7 @@ def run(agents: list[int], repeat: int = 1, recall_sample: int = 500, recall_ann
                      "coverage_pairs": int(res.stats["coverage_pairs"]), "peak_traced_mb": peak / 2**20,
                      "load_avg_1min": [load0, load1]})
     small, big = rows[0], rows[-1]
-    out: dict[str, Any] = {"arms": N_ARMS, "topk": TOPK, "results": rows,
+    out: dict[str, Any] = {"arms": N_ARMS, "topk": TOPK, "results": rows, "topk_variants": variants,
                            "ratio_cpu_big_over_small": big["cpu_s"] / small["cpu_s"],
                            "ratio_wall_big_over_small": big["wall_s"] / small["wall_s"],
                            "size_ratio": big["agents"] / small["agents"],
@@ -130,6 +145,10 @@ def run(agents: list[int], repeat: int = 1, recall_sample: int = 500, recall_ann
         for name, ann in modes:
             t, s = first_pass_shortlist(P, bandit, ann)
             out["recall"][name] = {"shortlisted_pairs": int(t.size), **recall(P, bandit, t, s, recall_sample)}
+        for k in other_topk:
+            t, s = first_pass_shortlist(P, bandit, None, k)
+            out["recall"][f"full, topk {k}"] = {"shortlisted_pairs": int(t.size),
+                                                **recall(P, bandit, t, s, recall_sample)}
     return out
 
 
@@ -139,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--recall-sample", type=int, default=500, help="agents sampled for recall (0: all, -1: skip)")
     ap.add_argument("--no-recall-ann", action="store_true", help="skip the clustered stage 1's recall")
+    ap.add_argument("--topk", default="", help=f"comma-separated topk values timed beside the node's {TOPK}")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -149,7 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--agents must be integers")
     if not agents or any(n < 64 for n in agents):
         ap.error("--agents must be ≥ 64")
-    out = run(agents, a.repeat, a.recall_sample, not a.no_recall_ann)
+    try:
+        other_topk = tuple(int(x) for x in a.topk.split(",") if x.strip())
+    except ValueError:
+        ap.error("--topk must be integers")
+    if any(k < 1 for k in other_topk):
+        ap.error("--topk must be ≥ 1")
+    out = run(agents, a.repeat, a.recall_sample, not a.no_recall_ann, other_topk)
     if a.json:
         print(json.dumps(out))
         return 0
@@ -161,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"t({big})/t({small}): CPU ×{out['ratio_cpu_big_over_small']:.2f}, "
           f"wall ×{out['ratio_wall_big_over_small']:.2f} for ×{out['size_ratio']:.0f} agents "
           f"(target ≤ {TARGET_SCALE})")
+    for v in out["topk_variants"]:
+        print(f"N={v['agents']:>7}, topk {v['topk']}: {v['cpu_s']:.2f} s CPU = ×{v['cpu_over_node_topk']:.3f} "
+              f"the topk {TOPK} time in the same repeats; greedy total {v['total_score']:.1f} vs "
+              f"{next(r['total_score'] for r in out['results'] if r['agents'] == v['agents']):.1f}")
     for name, r in out.get("recall", {}).items():
         for k in RECALL_K:
             print(f"recall@{k} ({name} stage 1, N={out['results'][0]['agents']}, {r['sample']} agents sampled): "

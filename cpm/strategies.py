@@ -224,7 +224,10 @@ class LinUCBStrategy:
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore a saved state; one saved with the pre-lineage layout 1 (d = 81 + 8K,
         e.g. 105) is migrated exactly (``LinUCB.embed``: what it learnt is kept, the
-        lineage dims start at the prior). Anything else raises ``StrategyStateError``."""
+        lineage dims start at the prior). Anything else raises ``StrategyStateError``.
+        ``topk`` is saved for the record but not restored: it is how hard the matcher
+        looks, not what the bandit learnt, so ``[strategy_params] topk`` applies on the
+        next start (it used to be overwritten by the saved value, silently)."""
         n_arms = int(state["n_arms"])
         saved_arm = state.get("arm")
         if saved_arm != self.fixed_arm:
@@ -251,7 +254,8 @@ class LinUCBStrategy:
                                      f"(d={F.v1_context_dim(scored)}) for {scored} arms")
         self.n_arms = n_arms
         self._fix_arm(saved_arm)
-        self.topk = int(state["topk"])
+        if int(state["topk"]) != self.topk:  # a matching knob, not learnt state: the configured one wins
+            log.info("cpm.strategy.topk_changed", saved=int(state["topk"]), configured=self.topk)
         self.bandit = bandit
         self._set_drop(list(state.get("drop", [])))
 

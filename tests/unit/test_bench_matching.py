@@ -45,3 +45,14 @@ def test_run_all_ratios_carry_targets_and_directions() -> None:
     assert by_name["stream knexa/bare"]["value"] is None  # failed benchmark: not measured
     quick = {r["name"]: r for r in run_all.ratios({**doc, "quick": True})}
     assert quick["matching cpu t(100000)/t(10000)"]["target"] is None  # no target on quick sizes
+
+
+def test_other_topk_is_timed_beside_the_node_topk_and_recalls_at_least_as_much() -> None:
+    """``--topk 12``: the variant is timed in the same repeats, and its larger shortlist
+    holds every pair the node's holds, so its recall cannot be lower."""
+    out = ms.run([300], repeat=1, recall_sample=10, recall_ann=False, other_topk=(12,))
+    (variant,) = out["topk_variants"]
+    assert variant["agents"] == 300 and variant["topk"] == 12 and variant["cpu_over_node_topk"] > 0
+    node, wide = out["recall"]["full"], out["recall"]["full, topk 12"]
+    assert wide["shortlisted_pairs"] > node["shortlisted_pairs"]
+    assert all(wide[role][k] >= node[role][k] for role in ("student", "teacher") for k in ms.RECALL_K)

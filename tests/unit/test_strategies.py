@@ -161,6 +161,18 @@ def test_linucb_default_arm_prefers_the_teacher_it_was_rewarded_for() -> None:
     assert right / total >= 0.9
 
 
+def test_configured_topk_survives_a_restart_on_a_saved_state() -> None:
+    """An operator who sets ``[strategy_params] topk`` on a CPM with saved state gets it:
+    the saved topk is a record, the configured one matches."""
+    saved = json.loads(json.dumps(make_strategy("linucb").to_state()))
+    assert saved["topk"] == 8
+    strat = make_strategy("linucb", topk=12)
+    with capture_logs() as logs:
+        strat.load_state(saved)
+    assert strat.topk == 12 and strat.to_state()["topk"] == 12
+    assert any(e["event"] == "cpm.strategy.topk_changed" and e["saved"] == 8 for e in logs)
+
+
 def test_fedid_central_kd_is_centralized_interactive_and_rotates() -> None:
     P = _profiles(5, 4)
     ids = IDS[:5]
