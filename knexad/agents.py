@@ -59,7 +59,7 @@ def build_agent(cfg: DaemonConfig) -> Agent:
 
     return MLAgent(model=a.model, agent_index=a.index, n_agents=a.n_agents, seed=a.seed,
                    steps=steps_for_budget(a.budget), verify_knowledge=a.verify_knowledge,
-                   reward_measure=a.reward_measure)
+                   reward_measure=a.reward_measure, replay_knowledge=a.replay_knowledge)
 
 
 def end_round(agent: Agent) -> None:

@@ -69,6 +69,7 @@ class AgentSection:
     budget: str = "standard"  # ML agent's local LoRA / KD steps: fast 100/60, standard 200/150, thorough 400/300.
     verify_knowledge: bool = True  # Execution-verified distillation: a teacher sends, and a student trains on, only completions that pass their transfer task's public tests in its own sandbox.
     reward_measure: str = "val_pass"  # What an ML student reports as validation loss before/after KD (Eq. 3): val_pass = error rate 1 − pass@1 on its validation split (sandboxed), val_loss = token cross-entropy.
+    replay_knowledge: bool = False  # Idle rounds (teacher, unpaired) train their local steps with the items accepted in earlier KD rounds as Eq. 2's L_KD term, so what was taught is rehearsed, not overwritten (same steps; off: private data only, as measured in docs/results.md §6).
     local_when_idle: bool = True  # In a round without distillation (teacher, unpaired, failed exchange) train a KD round's steps on private data: a gain over LocalOnly is then knowledge, not extra steps.
 
 
@@ -266,6 +267,7 @@ def _validate_sections(cfg: DaemonConfig) -> None:
     expect_bool("agent.local_when_idle", a.local_when_idle)
     expect_bool("agent.verify_knowledge", a.verify_knowledge)
     expect_str("agent.reward_measure", a.reward_measure, AGENT_REWARD_MEASURES)
+    expect_bool("agent.replay_knowledge", a.replay_knowledge)
     expect_int("limits.max_frame", lim.max_frame, 64 * 1024, MAX_FRAME_EXCHANGE)
     # a sealed chunk = plaintext + msgpack wrapper + 40 B box + envelope: keep headroom
     expect_int("limits.chunk_bytes", lim.chunk_bytes, 1024, lim.max_frame - 4096)

@@ -60,6 +60,9 @@ class StepsConfig:
 # (Pearson 0.51–0.76 vs 0.45–0.56, benchmarks/reward_alignment.py), and the cross-entropy
 # scores the gentle arm as high as the default one although its students gained less.
 REWARD_MEASURES: tuple[str, ...] = ("val_pass", "val_loss")
+# Items kept for replay (``replay_knowledge``): about two full packages (a package is at
+# most the 128-prompt transfer set); the oldest go first.
+KEEP_MAX = 256
 
 BUDGETS: dict[str, StepsConfig] = {
     "fast": StepsConfig(local=100, kd=60),  # make demo, benchmarks/round.py
@@ -97,6 +100,7 @@ class _State:
     prev_metrics: list[float] | None = None
     per_category: list[float] = field(default_factory=list)
     kd_gain: float = 0.0
+    kept: list[list[str]] = field(default_factory=list)  # [prompt, completion] accepted, oldest first
 
 
 class MLAgent:
@@ -105,7 +109,8 @@ class MLAgent:
     def __init__(self, model: str = "tiny-qwen2", agent_index: int = 0, n_agents: int = 1,
                  alpha: float = tasks.BUILTIN_ALPHA, seed: int = 0, steps: StepsConfig | None = None,
                  data: DataConfig | None = None, device: torch.device | None = None,
-                 verify_knowledge: bool = True, reward_measure: str = "val_pass") -> None:
+                 verify_knowledge: bool = True, reward_measure: str = "val_pass",
+                 replay_knowledge: bool = False) -> None:
         if not 0 <= agent_index < n_agents:
             raise ValueError(f"agent_index {agent_index} outside 0..{n_agents - 1}")
         if reward_measure not in REWARD_MEASURES:
@@ -128,6 +133,7 @@ class MLAgent:
         # completions that pass them in its own sandbox (docs/agent.md)
         self.verify_knowledge = verify_knowledge
         self.reward_measure = reward_measure
+        self.replay_knowledge = replay_knowledge
         self.own_categories = self.split.own_categories()
         self._lock = threading.RLock()
         self._lm: zoo.LoadedModel | None = None
@@ -254,6 +260,8 @@ class MLAgent:
             round_ = int(package.meta.get("round", self._state.round))
             parsed = [it for it in package.items if self.accept_item(it)]
             accepted = self._passing(parsed) if self.verify_knowledge else parsed
+            if self.replay_knowledge:
+                self._keep(accepted)
             error_pre = self._val_error() if self.reward_measure == "val_pass" else None
             kd = [distill.encode_pair(lm.tokenizer, it.prompt, it.completion) for it in accepted]
             # a KD round's steps even when nothing was accepted (they are then local steps):
@@ -292,13 +300,24 @@ class MLAgent:
         ok = check_programs([t.prompt + c + "\n" + t.test for t, c in zip(val, outs, strict=True)])
         return 1.0 - sum(ok) / len(ok) if ok else 1.0
 
+    def _keep(self, accepted: list[KnowledgeItem]) -> None:
+        """Remember accepted items for ``local_round``'s replay: newest last, a repeated
+        (prompt, completion) moved to the end, at most ``KEEP_MAX`` (the oldest go)."""
+        new = [[it.prompt, it.completion] for it in accepted]
+        kept = [pc for pc in self._state.kept if pc not in new] + new
+        self._state.kept = kept[-KEEP_MAX:]
+
     def local_round(self, steps: int | None = None) -> LearnResult:
-        """A LocalOnly round: the same number of steps as a KD round, private data only.
-        The fair twin of ``learn`` for baselines (same compute, no peer)."""
+        """A LocalOnly round: the same number of steps as a KD round, on private data —
+        and, with ``replay_knowledge``, on the items this agent accepted in earlier KD
+        rounds as the L_KD term (Eq. 2, the default arm's α): the same compute, but the
+        steps rehearse what it was taught instead of overwriting it (docs/agent.md)."""
         with self._lock:
             lm = self._ensure_trained()
+            kd = ([distill.encode_pair(lm.tokenizer, p, c) for p, c in self._state.kept]
+                  if self.replay_knowledge else [])
             result = distill.distill(
-                lm.model, self._opt, local=self._train_ex, kd=[], val=self._val_ex,
+                lm.model, self._opt, local=self._train_ex, kd=kd, val=self._val_ex,
                 arm=ProtocolArm(), round_=self._state.round, total_rounds=self.steps.total_rounds,
                 steps=self.steps.kd if steps is None else steps, batch_size=self.steps.batch_size,
                 pad_id=lm.pad_id, device=lm.device, seed=self._agent_seed * 13 + self._state.round)
@@ -406,7 +425,8 @@ class MLAgent:
                                  step=int(saved["step"]), metrics=saved.get("metrics"),
                                  prev_metrics=saved.get("prev_metrics"),
                                  per_category=list(saved.get("per_category", [])),
-                                 kd_gain=float(saved.get("kd_gain", 0.0)))
+                                 kd_gain=float(saved.get("kd_gain", 0.0)),
+                                 kept=[[str(p), str(c)] for p, c in saved.get("kept", [])])
             return True
 
 

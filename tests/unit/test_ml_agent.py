@@ -302,6 +302,39 @@ def test_local_round_is_the_fair_local_only_twin(quick_cache) -> None:
     assert agent._state.step == STEPS.local + 2
 
 
+def test_replay_keeps_accepted_items_and_rehearses_them_in_local_rounds(quick_cache, monkeypatch, tmp_path) -> None:
+    """``replay_knowledge``: the verified items a student accepted become the L_KD term of
+    its later local rounds (same steps), survive a checkpoint, and are bounded; off, a
+    local round trains on private data only and nothing is kept."""
+    from knexad.agent import distill, ml_agent
+
+    seen: list[int] = []
+    real = distill.distill
+    monkeypatch.setattr(distill, "distill", lambda *a, **kw: seen.append(len(kw["kd"])) or real(*a, **kw))
+    student = _agent(0)
+    student.replay_knowledge = True
+    t0, t1 = student.transfer[:2]
+    items = (KnowledgeItem("0", t0.prompt, t0.solution, t0.category),
+             KnowledgeItem("1", t1.prompt, "    return None\n", t1.category))  # fails its tests
+    assert student.learn(KnowledgePackage("tiny-gpt2", items, {"round": 1}), ProtocolArm()).items_used == 1
+    assert student._state.kept == [[t0.prompt, t0.solution]]
+    seen.clear()
+    res = student.local_round()
+    assert seen == [1] and res.steps == STEPS.kd and res.items_used == 0
+    student.save(tmp_path / "ck")
+    again = _agent(0)
+    assert again.load(tmp_path / "ck") and again._state.kept == [[t0.prompt, t0.solution]]
+
+    student._keep([KnowledgeItem(str(i), f"p{i}", "c", 0) for i in range(ml_agent.KEEP_MAX + 5)])
+    assert len(student._state.kept) == ml_agent.KEEP_MAX and student._state.kept[-1] == [f"p{ml_agent.KEEP_MAX + 4}", "c"]
+
+    plain = _agent(0)
+    plain.learn(KnowledgePackage("tiny-gpt2", items, {"round": 1}), ProtocolArm())
+    seen.clear()
+    plain.local_round()
+    assert plain._state.kept == [] and seen == [0]
+
+
 def test_bad_agent_index_rejected() -> None:
     with pytest.raises(ValueError):
         MLAgent("tiny-qwen2", 2, 2)
