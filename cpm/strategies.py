@@ -22,7 +22,8 @@ feedback, whatever the strategy.
 * ``oracle``     — the exact per-round optimum on a true expected-reward function
                    (maximum-weight matching, ``cpm/optimum.py``; simulation only).
 
-Variants (``VARIANTS``; ``make_strategy`` knows them, the CPM's config does not list them):
+Variants (``VARIANTS``; ``make_strategy`` and a CPM's ``strategy`` take them, the default
+benchmark tables leave them out):
 
 * ``random-arm``    — random pairs *and* a random arm, the strongest (harmful) one
                       included. Why separate: a random arm mixes "random partners" with
@@ -134,6 +135,10 @@ def _feature_dims(group: str, n_arms: int) -> np.ndarray:
 FEATURE_GROUPS = ("lineage",)
 
 
+def _arm_scope(arm: int | None) -> str:
+    return "every arm" if arm is None else f"arm {arm} only"
+
+
 class LinUCBStrategy:
     """LinUCB + greedy matching. ``drop`` removes feature groups (``FEATURE_GROUPS``) for
     ablations, exactly: their dims are zeroed in every context the bandit learns from and
@@ -232,11 +237,9 @@ class LinUCBStrategy:
         saved_arm = state.get("arm")
         if saved_arm != self.fixed_arm:
             log.error("cpm.strategy.state_refused", reason="arm", saved_arm=saved_arm, arm=self.fixed_arm)
-            def what(arm: Any) -> str:
-                return "every arm" if arm is None else f"arm {arm} only"
-            raise StrategyStateError(f"saved LinUCB state learnt {what(saved_arm)}, but this strategy "
-                                     f"({self.name}) scores {what(self.fixed_arm)}: keep the saved strategy "
-                                     "or start this one afresh")
+            raise StrategyStateError(f"saved LinUCB state learnt {_arm_scope(saved_arm)}, but this strategy "
+                                     f"({self.name}) scores {_arm_scope(self.fixed_arm)}: keep the saved "
+                                     "strategy or start this one afresh")
         scored = n_arms if saved_arm is None else 1
         bandit = LinUCB.from_state(state["bandit"])
         layout = int(state.get("layout", 0))  # 0: saved before layouts were numbered
