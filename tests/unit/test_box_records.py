@@ -13,23 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import E2EBox, FrameDecoder, Identity, MalformedFrame, encode_frame
+from protocol import E2EBox, MalformedFrame, encode_frame
 from protocol.boxes import BOX_OVERHEAD, box_tag, decode_record, encode_record, parse_record, seal_box_frame
 from protocol.messages import KnowledgeBox
+from tests.unit.test_knowledge_frame import MAX, STUDENT, TEACHER
+from tests.unit.test_knowledge_frame import _decode_one as _payload
 
-MAX = 4 * 1024 * 1024
-TEACHER = Identity(bytes(range(32)))
-STUDENT = Identity(bytes(range(32, 64)))
 # payload sizes around msgpack's bin8/bin16/bin32 and the varint's 2/3-byte boundaries
 SIZES = [0, 1, 200, 215, 216, 16_000, 65_535 - 80, 65_535, 65_536, 70_000, 1 << 20]
-
-
-def _payload(frame: bytes) -> bytes:
-    dec = FrameDecoder(MAX)
-    dec.feed(frame)
-    body = dec.next_frame()
-    assert body is not None and dec.at_boundary
-    return body
 
 
 @pytest.mark.parametrize("size", SIZES)
