@@ -11,7 +11,8 @@ draw over the 12 task categories; one held-out test set for all). The run itself
   ``OUT/cells/<strategy>-s<seed>/`` (the run's results.json, rounds.csv, plots, logs)
   and its ``cell.json`` marks it done: the same command run again skips it, so the
   table can be built in pieces (Ctrl-C, a later ``--strategies`` or ``--seeds`` subset)
-  and a failed cell is simply run again;
+  and a failed cell is simply run again; a cell of another setting (nodes, rounds,
+  models, budget, or a ``KNEXA_*`` override the daemons inherit) is refused, not mixed in;
 * **report and tuning seeds** — ``--seeds`` are the report seeds (default 0–4): the
   published table comes only from them. ``--tuning-seeds`` (default 100–102) are the
   seeds on which knobs (budget, arm schedule, the bandit's β/λ) may be chosen; they run
@@ -39,12 +40,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,6 +91,8 @@ class Plan:
     paired: tuple[str, str] | None = ("linucb", "random")
     grace_s: float | None = None
     progress: bool = True
+    daemon_env: tuple[tuple[str, str], ...] = ()  # KNEXA_* overrides every daemon inherits
+
 
     @property
     def root(self) -> Path:
@@ -106,8 +110,11 @@ class Plan:
 
     def fingerprint(self) -> dict[str, Any]:
         cfg = self.up_config()
-        return {"agent": self.agent, "nodes": self.nodes, "rounds": self.rounds, "budget": self.budget,
-                "node_models": [cfg.model_for(i) for i in range(self.nodes)], "alpha": dirichlet_alpha(self.agent)}
+        fp = {"agent": self.agent, "nodes": self.nodes, "rounds": self.rounds, "budget": self.budget,
+              "node_models": [cfg.model_for(i) for i in range(self.nodes)], "alpha": dirichlet_alpha(self.agent)}
+        if self.daemon_env:  # absent when none, so cells measured before this key still resume
+            fp["daemon_env"] = dict(self.daemon_env)
+        return fp
 
     def config(self) -> dict[str, Any]:
         return {**self.fingerprint(), "strategies": list(self.strategies), "seeds": list(self.run_seeds),
@@ -126,6 +133,18 @@ def dirichlet_alpha(agent: str) -> float:
     from knexad.agent.tasks import BUILTIN_ALPHA
 
     return BUILTIN_ALPHA
+
+
+def daemon_env_overrides(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The ``KNEXA_*`` variables in this process's environment, sorted. The harness hands
+    its environment to every daemon, and a daemon reads ``KNEXA_<SECTION>_<KEY>`` as a
+    config override (``KNEXA_AGENT_REPLAY_KNOWLEDGE=true`` is another experiment), so they
+    belong to what a cell measured. Only the netlab's run directory is left out: it says
+    where markers go, not how an agent learns."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith("KNEXA_") and k not in _NOT_DAEMON_ENV))
+
+
+_NOT_DAEMON_ENV = frozenset({"KNEXA_NETLAB_RUN_DIR"})
 
 
 def cell_dir(plan: Plan, strategy: str, seed: int) -> Path:
@@ -156,7 +175,8 @@ def check_resumable(plan: Plan) -> None:
     for path in sorted((plan.root / "cells").glob("*/")):
         cell = read_cell(path)
         if cell is not None and cell["fingerprint"] != want:
-            diff = {k: (cell["fingerprint"].get(k), v) for k, v in want.items() if cell["fingerprint"].get(k) != v}
+            was = cell["fingerprint"]
+            diff = {k: (was.get(k), want.get(k)) for k in sorted(set(was) | set(want)) if was.get(k) != want.get(k)}
             raise UsageError(f"{path} was measured with another setting ({diff}: was, now); "
                              f"use another --out, or --redo to measure every requested cell again")
 
@@ -257,9 +277,9 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def build_plan(args: argparse.Namespace) -> Plan:
+def build_plan(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Plan:
     """Validate the options (UsageError: exit 2) and apply ``--quick``'s defaults to
-    every option left unset."""
+    every option left unset; ``env`` (default ``os.environ``) gives the daemons' overrides."""
     from cpm.config import STRATEGIES
     from cpm.strategies import VARIANTS
     from harness.cli import TINY
@@ -291,7 +311,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     return Plan(out=args.out, nodes=args.nodes or 8, rounds=args.rounds or 12, agent=agent, models=models,
                 budget=args.budget, strategies=strategies, seeds=seeds, tuning_seeds=tuning_seeds,
                 tuning=args.tuning, paired=(pair[0], pair[1]) if pair else None,
-                grace_s=5.0 if args.quick else None, progress=not args.no_progress)
+                grace_s=5.0 if args.quick else None, progress=not args.no_progress,
+                daemon_env=daemon_env_overrides(os.environ if env is None else env))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -342,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold]federation benchmark[/bold] ({plan.config()['purpose']} seeds "
                       f"{','.join(map(str, plan.run_seeds))}): {', '.join(plan.strategies)} · {plan.nodes} "
                       f"{plan.agent} nodes{models} · {plan.rounds} rounds · Dirichlet α {plan.fingerprint()['alpha']} · "
-                      f"out {plan.root}", soft_wrap=True)
+                      f"out {plan.root}"
+                      + "".join(f" · {k}={v}" for k, v in plan.daemon_env), soft_wrap=True)
         code, doc = execute(plan, console, redo=args.redo, report_only=args.report_only)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -124,6 +124,26 @@ def test_resume_refuses_cells_of_another_setting(tmp_path) -> None:
     assert F.main(["--quick", "--out", str(tmp_path), "--rounds", "3"]) == F.EXIT_USAGE
 
 
+def test_daemon_overrides_are_part_of_the_setting(tmp_path) -> None:
+    """A KNEXA_* variable reaches every daemon as a config override, so a cell run with one
+    is another experiment: resuming without it (or with another value) is refused."""
+    argv = F.parser().parse_args(["--quick", "--out", str(tmp_path)])
+    plain = F.build_plan(argv, env={"HOME": "/root", "KNEXA_NETLAB_RUN_DIR": "/run/x"})
+    assert "daemon_env" not in plain.fingerprint()  # cells recorded before the key still resume
+    replay = F.build_plan(F.parser().parse_args(["--quick", "--out", str(tmp_path)]),
+                          env={"KNEXA_AGENT_REPLAY_KNOWLEDGE": "true", "PATH": "/bin"})
+    assert replay.fingerprint()["daemon_env"] == {"KNEXA_AGENT_REPLAY_KNOWLEDGE": "true"}
+    done = F.cell_dir(replay, "linucb", 0)
+    done.mkdir(parents=True)
+    record = FR.cell_record("linucb", 0, replay.fingerprint(), "ok", 0, "", _doc(0.1, 0.2, 0.3))
+    (done / F.CELL_FILE).write_text(json.dumps(record))
+    F.check_resumable(replay)
+    for other in (plain, F.build_plan(F.parser().parse_args(["--quick", "--out", str(tmp_path)]),
+                                      env={"KNEXA_AGENT_REPLAY_KNOWLEDGE": "false"})):
+        with pytest.raises(F.UsageError, match="daemon_env"):
+            F.check_resumable(other)
+
+
 def _feedback_cell(seed: int, rows: list[tuple[int, str, float | None, bool]]) -> dict:
     """A cell whose student B learned in the listed rounds: (round, student, raw reward, ok);
     B's pass@1 per round profile is 0.1, 0.3, 0.2 and 0.6 after the last round."""
