@@ -25,6 +25,13 @@ Both libp2p modes write 1 MiB (plus framing) per ``stream.write`` and use the sa
 host configuration and py-libp2p defaults (yamux window, Noise), so the ratio is our
 protocol's overhead and nothing else.
 
+Besides wall-clock throughput (best repeat) it reports each libp2p mode's process CPU per
+MiB (median repeat; both peers and the crypto threads share this process) and
+``cpu_ratio_knexa_<wire>_vs_bare``: the ratio CPU alone would allow. On a shared machine
+the wall ratio moves with the neighbours' load, the CPU ratio much less. ``zero_window_waits``
+counts the sender's stalls on yamux's flow-control window per transfer (0: the window,
+which py-libp2p auto-tunes per stream up to 16 MiB, never held it back).
+
 Also times connection setup (dial + Noise + yamux + first stream) with our host config.
 ``--interference`` also times ``bare`` while two threads do a knexa transfer's crypto at
 its measured chunk rate (no stream): that is the most pipelining can reach here.
@@ -92,8 +99,14 @@ async def _raw_tcp(payload: bytes) -> float:
     return elapsed
 
 
-async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
-    """Returns (transfer seconds, connect seconds). ``mode``: ``bare`` or ``knexa_<wire>``."""
+async def _libp2p(payload: bytes, mode: str) -> tuple[float, float, float, int | None]:
+    """Returns (transfer seconds, connect seconds, process CPU seconds during the transfer,
+    the sender's zero-window waits). ``mode``: ``bare`` or ``knexa_<wire>``.
+
+    CPU is ``time.process_time`` (both peers and the crypto threads live in this process),
+    so CPU per MiB compares the modes' work without the shared machine's scheduling; the
+    zero-window count says whether yamux's receive window (py-libp2p auto-tunes it per
+    stream up to 16 MiB) ever held the sender back."""
     wire = None if mode == "bare" else WIRES[mode.removeprefix("knexa_")]
     teacher_id, student_id = Identity.generate(), Identity.generate()
     teacher, student = build_host(teacher_id.seed), build_host(student_id.seed)
@@ -129,7 +142,7 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
         await teacher.connect(info)
         stream = await teacher.new_stream(info.peer_id, [PROTO])
         connect_s = time.perf_counter() - t0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if mode == "bare":
             view = memoryview(payload)
             for i in range(0, len(payload), 1 << 20):
@@ -141,11 +154,12 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float]:
                 chunk_bytes=CHUNK_BYTES, step_s=STEP_S, items=0, dropped=0, protocol=wire,
             )
         await done.wait()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        window_waits = getattr(getattr(stream, "muxed_stream", None), "_zero_window_waits", None)
         await stream.close()
     if wire is not None and not result.get("ok"):
         raise RuntimeError(f"{mode} transfer failed integrity check")
-    return elapsed, connect_s
+    return elapsed, connect_s, cpu_s, window_waits
 
 
 @contextlib.contextmanager
@@ -213,20 +227,26 @@ class _CryptoLoad:
 
 def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
         interference: bool = False, wires: tuple[str, ...] = ("1.0", "1.1")) -> dict[str, object]:
+    """Time every mode ``repeats`` times, interleaved; throughput from the best repeat,
+    CPU per MiB from the median one."""
     unknown = [w for w in wires if w not in WIRES]
     if unknown or not wires:
         raise ValueError(f"--wire takes a comma-separated subset of {sorted(WIRES)}, got {list(wires)}")
     payload = os.urandom(mib * 1024 * 1024)
     modes = ["bare", *(f"knexa_{w}" for w in wires)]
     times: dict[str, list[float]] = {"raw_tcp": [], **{m: [] for m in modes}}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    waits: dict[str, list[int | None]] = {m: [] for m in modes}
     connects: list[float] = []
     load_start = os.getloadavg()[0]
     with _yamux_frame(yamux_frame_kib) as frame_bytes:
         for r in range(repeats):  # interleave, rotating the order, so drift hits all alike
             times["raw_tcp"].append(trio.run(_raw_tcp, payload))
             for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
-                elapsed, connect_s = trio.run(_libp2p, payload, mode)
+                elapsed, connect_s, cpu_s, window_waits = trio.run(_libp2p, payload, mode)
                 times[mode].append(elapsed)
+                cpu[mode].append(cpu_s)
+                waits[mode].append(window_waits)
                 connects.append(connect_s)
         if interference:  # bare again, with the crypto of a 1.0.0 transfer beside it
             rate = len(payload) / min(min(times[f"knexa_{w}"]) for w in wires) / CHUNK_BYTES
@@ -236,6 +256,7 @@ def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
                     times["bare_beside_crypto"].append(trio.run(_libp2p, payload, "bare")[0])
     best = {k: min(v) for k, v in times.items()}
     mbps = {k: len(payload) / v / 1e6 for k, v in best.items()}
+    cpu_ms_per_mib = {m: statistics.median(v) * 1000 / mib for m, v in cpu.items()}
     main_wire = DAEMON_WIRE if DAEMON_WIRE in wires else wires[0]
     mbps["knexa"] = mbps[f"knexa_{main_wire}"]
     out: dict[str, object] = {
@@ -246,6 +267,11 @@ def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
         "ratio_knexa_vs_bare": round(mbps["knexa"] / mbps["bare"], 3),
         **{f"ratio_knexa_{w}_vs_bare": round(mbps[f"knexa_{w}"] / mbps["bare"], 3) for w in wires},
         "ratio_bare_vs_raw_tcp": round(mbps["bare"] / mbps["raw_tcp"], 4),
+        # both peers' CPU (one process) per MiB, and what the ratio would be if CPU alone set it
+        "cpu_ms_per_mib": {m: round(v, 2) for m, v in cpu_ms_per_mib.items()},
+        **{f"cpu_ratio_knexa_{w}_vs_bare": round(cpu_ms_per_mib["bare"] / cpu_ms_per_mib[f"knexa_{w}"], 3)
+           for w in wires},
+        "zero_window_waits": waits,
         "connect_ms_median": round(statistics.median(connects) * 1000, 1),
         "yamux_frame_bytes": frame_bytes,
         "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)],

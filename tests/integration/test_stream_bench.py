@@ -30,6 +30,13 @@ def test_small_run_reports_all_modes_and_restores_yamux() -> None:
     assert out["ratio_knexa_vs_bare"] == out["ratio_knexa_1.1_vs_bare"] > 0
     assert out["ratio_knexa_1.0_vs_bare"] > 0 and out["ratio_knexa_1.1_vs_1.0"] > 0
     assert out["connect_ms_median"] > 0 and len(out["load_avg"]) == 2
+    assert set(out["cpu_ms_per_mib"]) == {"bare", "knexa_1.0", "knexa_1.1"}
+    assert all(v > 0 for v in out["cpu_ms_per_mib"].values())
+    cpu = out["cpu_ms_per_mib"]
+    for wire in ("1.0", "1.1"):  # CPU ratio = bare's CPU per MiB / the wire's (rounded figures: 1 %)
+        assert out[f"cpu_ratio_knexa_{wire}_vs_bare"] == pytest.approx(cpu["bare"] / cpu[f"knexa_{wire}"], rel=0.01)
+    # every libp2p transfer reports the sender's zero-window count (py-libp2p's stream attribute)
+    assert all(len(v) == 2 and all(isinstance(w, int) for w in v) for v in out["zero_window_waits"].values())
     assert yamux.MAX_MESSAGE_SIZE == before
     assert threading.active_count() <= threads + 2  # trio's idle thread cache may remain
 
