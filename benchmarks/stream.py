@@ -58,11 +58,12 @@ import trio
 from libp2p.stream_muxer.yamux import yamux
 
 from knexad.exchange import send_knowledge
-from knexad.student import receive_knowledge
+from knexad.student import _Opener, receive_knowledge
 from p2p.host import build_host, full_addrs, parse_peer_addr
 from p2p.streams import FramedStream
 from protocol import E2EBox, FrameDecoder, Identity, ReplayGuard, open_envelope
 from protocol.ids import CHUNK_BYTES, EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1, MAX_FRAME_EXCHANGE
+from protocol.boxes import seal_box_frame
 from protocol.knowledge import seal_chunk_frame
 
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -162,6 +163,36 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float, float, int |
     return elapsed, connect_s, cpu_s, window_waits
 
 
+def box_cpu_ms_per_mib(chunks: int = 16, blocks: int = 3) -> dict[str, float]:
+    """CPU of exchange 1.1.0's per-chunk work off the event loop, one thread, 1 MiB chunks
+    (median of ``blocks`` runs of ``chunks``): the teacher's ``seal_box_frame`` and the
+    student's ``_Opener.open`` (parse the record, open the box, append) — the daemon's own
+    functions. Set beside ``cpu_ms_per_mib`` it splits our CPU over bare into the box work
+    and the rest (framing, thread hand-offs, loop)."""
+    teacher, student = Identity.generate(), Identity.generate()
+    box = E2EBox(teacher, student.peer_id)
+    payload = memoryview(os.urandom(CHUNK_BYTES))
+    seal_s, open_s = [], []
+    for _ in range(blocks):
+        start = time.process_time()
+        frames = [seal_box_frame(box, "bench", i, payload, MAX_FRAME_EXCHANGE)[0] for i in range(chunks)]
+        seal_s.append(time.process_time() - start)
+        bodies = []
+        for frame in frames:  # the student sees the frame's body, as FrameDecoder yields it
+            decoder = FrameDecoder(MAX_FRAME_EXCHANGE)
+            decoder.feed(frame)
+            bodies.append(decoder.next_frame())
+        opener = _Opener(student, teacher.peer_id, "bench", EXCHANGE_PROTOCOL_1_1)
+        start = time.process_time()
+        for i, body in enumerate(bodies):
+            _, _, failure = opener.open(body, i)
+            if failure is not None:
+                raise RuntimeError(f"box {i} did not open: {failure}")
+        open_s.append(time.process_time() - start)
+    per_mib = CHUNK_BYTES / (1 << 20) * chunks / 1000
+    return {"seal": round(statistics.median(seal_s) / per_mib, 2), "open": round(statistics.median(open_s) / per_mib, 2)}
+
+
 @contextlib.contextmanager
 def _yamux_frame(kib: int | None) -> Iterator[int]:
     """Largest yamux DATA frame py-libp2p sends (module constant, 64 KiB by default, as
@@ -257,6 +288,7 @@ def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
     best = {k: min(v) for k, v in times.items()}
     mbps = {k: len(payload) / v / 1e6 for k, v in best.items()}
     cpu_ms_per_mib = {m: statistics.median(v) * 1000 / mib for m, v in cpu.items()}
+    box_cpu = box_cpu_ms_per_mib()
     main_wire = DAEMON_WIRE if DAEMON_WIRE in wires else wires[0]
     mbps["knexa"] = mbps[f"knexa_{main_wire}"]
     out: dict[str, object] = {
@@ -271,6 +303,7 @@ def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
         "cpu_ms_per_mib": {m: round(v, 2) for m, v in cpu_ms_per_mib.items()},
         **{f"cpu_ratio_knexa_{w}_vs_bare": round(cpu_ms_per_mib["bare"] / cpu_ms_per_mib[f"knexa_{w}"], 3)
            for w in wires},
+        "box_cpu_ms_per_mib": box_cpu,  # 1.1.0's seal + open alone, one thread
         "zero_window_waits": waits,
         "connect_ms_median": round(statistics.median(connects) * 1000, 1),
         "yamux_frame_bytes": frame_bytes,

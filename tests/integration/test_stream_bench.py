@@ -35,6 +35,7 @@ def test_small_run_reports_all_modes_and_restores_yamux() -> None:
     cpu = out["cpu_ms_per_mib"]
     for wire in ("1.0", "1.1"):  # CPU ratio = bare's CPU per MiB / the wire's (rounded figures: 1 %)
         assert out[f"cpu_ratio_knexa_{wire}_vs_bare"] == pytest.approx(cpu["bare"] / cpu[f"knexa_{wire}"], rel=0.01)
+    assert set(out["box_cpu_ms_per_mib"]) == {"seal", "open"} and min(out["box_cpu_ms_per_mib"].values()) > 0
     # every libp2p transfer reports the sender's zero-window count (py-libp2p's stream attribute)
     assert all(len(v) == 2 and all(isinstance(w, int) for w in v) for v in out["zero_window_waits"].values())
     assert yamux.MAX_MESSAGE_SIZE == before
