@@ -101,6 +101,12 @@ def cell_record(strategy: str, seed: int, fingerprint: Mapping[str, Any], status
 PAIR_KEYS = ("round", "teacher", "student", "arm", "ok", "raw_reward", "kb")
 
 
+def pass1_curve(agent: Mapping[str, Any]) -> list[float | None]:
+    """An agent's test pass@1 before round 1, 2, …, then after the last round: entry r − 1
+    is before round r, entry r after it (None where a round's figure is missing)."""
+    return [None if x is None else float(x) for x in [*(agent.get("pass1_rounds") or []), agent.get("pass1_final")]]
+
+
 def reward_gain_points(cell: Mapping[str, Any]) -> list[tuple[float, float]]:
     """(raw reward, the student's test pass@1 change over that round) for every
     successful Feedback of one cell (module docstring)."""
@@ -110,13 +116,10 @@ def reward_gain_points(cell: Mapping[str, Any]) -> list[tuple[float, float]]:
         agent = by_peer.get(p.get("student"))
         if agent is None or not p.get("ok") or p.get("raw_reward") is None:
             continue
-        series = list(agent.get("pass1_rounds") or [])
-        rnd = int(p["round"])
-        before = series[rnd - 1] if 0 < rnd <= len(series) else None
-        after = series[rnd] if rnd < len(series) else agent.get("pass1_final")
-        if before is None or after is None:
+        curve, rnd = pass1_curve(agent), int(p["round"])
+        if not 0 < rnd < len(curve) or curve[rnd - 1] is None or curve[rnd] is None:
             continue
-        points.append((float(p["raw_reward"]), float(after) - float(before)))
+        points.append((float(p["raw_reward"]), curve[rnd] - curve[rnd - 1]))
     return points
 
 

@@ -28,17 +28,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _curve(agent: Mapping[str, Any]) -> list[float]:
-    """Test pass@1 before round 1, 2, …, and after the last round."""
-    return [float(x) for x in list(agent.get("pass1_rounds") or []) + [agent.get("pass1_final")]]
+from benchmarks.federation_report import pass1_curve
 
 
 def cell_points(cell: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(pairs, drift): one row per successful pair (round, arm, gain, teacher_ahead) and one
     per agent-round without learning (round, change)."""
     agents = {a["peer"]: a for a in cell.get("agents", []) if a.get("peer")}
-    curves = {peer: _curve(a) for peer, a in agents.items()}
+    curves = {peer: pass1_curve(a) for peer, a in agents.items()}
     rounds = int(cell.get("rounds_completed") or 0)
     pairs, learned = [], set()
     for p in cell.get("pair_rows", []):

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federation_report import _pearson
+from benchmarks.federation_report import _pearson, pass1_curve
 from protocol.profile import PASS1
 
 
@@ -45,7 +45,7 @@ def pair_points(cell: Mapping[str, Any], export: Mapping[str, Any]) -> list[dict
         agent = agents.get(student)
         if agent is None or (student, rnd) not in val or (student, rnd + 1) not in val:
             continue
-        series = list(agent.get("pass1_rounds") or []) + [agent.get("pass1_final")]
+        series = pass1_curve(agent)
         if rnd >= len(series) or series[rnd - 1] is None or series[rnd] is None:
             continue
         rows.append({"round": rnd, "arm": int(p["arm"]), "raw": float(p["raw_reward"]),

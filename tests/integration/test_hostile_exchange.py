@@ -27,7 +27,7 @@ from protocol.codec import encode_body
 from protocol.envelope import Envelope, Identity, now_ms, seal
 from protocol.errors import BadSignature, MalformedFrame
 from protocol.framing import encode_varint
-from protocol.ids import CPM_PROTOCOL, EXCHANGE_PROTOCOL, MAX_FRAME_CPM
+from protocol.ids import CPM_PROTOCOL, EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOLS, MAX_FRAME_CPM
 from protocol.messages import KnowledgeRequest, Profile, Register, Registered
 from p2p.streams import FramedStream
 from tests.integration.test_exchange import make_directive
@@ -51,7 +51,9 @@ def _signed(ident: Identity, message, *, v: int = 1, body: bytes | None = None) 
                     ident.sign(env.signed_bytes())).to_bytes()
 
 
-async def test_hostile_frames_on_exchange_protocol_teach_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", EXCHANGE_PROTOCOLS, ids=["1.1", "1.0"])
+async def test_hostile_frames_on_exchange_protocol_teach_nothing(tmp_path: Path, protocol: str) -> None:
+    """The request step is the same in both versions: each refuses the same frames alike."""
     student = Identity.generate()
     async with running_teacher(tmp_path, exchange_step_s=1.0) as t, client(student) as h:
         raw, _ = make_directive(t.cpm, t.identity.peer_id, student.peer_id)
@@ -70,7 +72,7 @@ async def test_hostile_frames_on_exchange_protocol_teach_nothing(tmp_path: Path)
         }
         for name, (data, code) in cases.items():
             with capture_logs() as logs:
-                reply = await raw_send(h, t.info(), EXCHANGE_PROTOCOL, data)
+                reply = await raw_send(h, t.info(), protocol, data)
             err = reply.error(t.identity.peer_id)
             assert err is not None and err.code == code, f"{name}: {reply} {err}"
             assert _refused(logs, code), name

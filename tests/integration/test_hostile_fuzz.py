@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.ids import EXCHANGE_PROTOCOLS
 from tests.reliability.fuzz_targets import fuzz_cpm, fuzz_teacher
 
 pytestmark = pytest.mark.timeout(300)
@@ -22,6 +23,7 @@ async def test_fuzz_500_frames_cpm(tmp_path: Path) -> None:
     assert report.sent == 500 + 100 and not report.accepted, report.codes  # + admin protocol
 
 
-async def test_fuzz_500_frames_teacher(tmp_path: Path) -> None:
-    report = await fuzz_teacher(tmp_path, n=500, seed=2)
+@pytest.mark.parametrize("protocol", EXCHANGE_PROTOCOLS, ids=["1.1", "1.0"])
+async def test_fuzz_500_frames_teacher(tmp_path: Path, protocol: str) -> None:
+    report = await fuzz_teacher(tmp_path, n=500, seed=2, protocol=protocol)
     assert report.sent == 500 and not report.accepted, report.codes

@@ -53,8 +53,9 @@ async def fuzz_cpm(tmp_path: Path, *, n: int, seed: int) -> FuzzReport:
     return report
 
 
-async def fuzz_teacher(tmp_path: Path, *, n: int, seed: int) -> FuzzReport:
-    """Fuzz a teacher's exchange protocol with mutations of valid KnowledgeRequests."""
+async def fuzz_teacher(tmp_path: Path, *, n: int, seed: int, protocol: str = EXCHANGE_PROTOCOL) -> FuzzReport:
+    """Fuzz a teacher's exchange protocol (either version: the request step is shared)
+    with mutations of valid KnowledgeRequests."""
     student = Identity.generate()
     async with running_teacher(tmp_path, exchange_step_s=2.0) as t, client(student) as h:
         seeds = []
@@ -62,9 +63,9 @@ async def fuzz_teacher(tmp_path: Path, *, n: int, seed: int) -> FuzzReport:
             raw, _ = make_directive(t.cpm, t.identity.peer_id, student.peer_id)
             seeds.append(seal(KnowledgeRequest(directive=raw), student))
         with structlog.testing.capture_logs():
-            report = await fuzz(h, t.info(), EXCHANGE_PROTOCOL, seeds, n=n, seed=seed, signer=t.identity.peer_id)
+            report = await fuzz(h, t.info(), protocol, seeds, n=n, seed=seed, signer=t.identity.peer_id)
         assert t.agent.teach_calls == 0 and t.used_log() == b"", "a fuzz frame made the teacher teach"
         raw, _ = make_directive(t.cpm, t.identity.peer_id, student.peer_id)
-        ok = await raw_send(h, t.info(), EXCHANGE_PROTOCOL, frame(seal(KnowledgeRequest(directive=raw), student)))
+        ok = await raw_send(h, t.info(), protocol, frame(seal(KnowledgeRequest(directive=raw), student)))
         assert ok.frame is not None and ok.error(t.identity.peer_id) is None and t.agent.teach_calls == 1
     return report

@@ -28,14 +28,15 @@ from knexad.exchange import ExchangeServer, UsedDirectives
 from knexad.state import StateFile
 from p2p.host import build_host, parse_peer_addr
 from p2p.streams import FramedStream
+from protocol.boxes import parse_record
 from protocol.envelope import Identity, open_envelope
 from protocol.errors import KnexaError, MalformedFrame, PeerUnavailable
-from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, EXCHANGE_PROTOCOL, MAX_FRAME_ADMIN, MAX_FRAME_CPM
+from protocol.ids import ADMIN_PROTOCOL, CPM_PROTOCOL, EXCHANGE_PROTOCOLS, MAX_FRAME_ADMIN, MAX_FRAME_CPM
 from protocol.messages import Error, Register
 from tests.integration.test_exchange import TRANSFER_HASH, CountingAgent, make_config
 
 LOCAL = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
-MAX_FRAME = {CPM_PROTOCOL: MAX_FRAME_CPM, ADMIN_PROTOCOL: MAX_FRAME_ADMIN, EXCHANGE_PROTOCOL: 4 * 1024 * 1024}
+MAX_FRAME = {CPM_PROTOCOL: MAX_FRAME_CPM, ADMIN_PROTOCOL: MAX_FRAME_ADMIN, **{p: 4 * 1024 * 1024 for p in EXCHANGE_PROTOCOLS}}
 
 
 @asynccontextmanager
@@ -75,8 +76,9 @@ class RawReply:
     reset: bool = False
 
     def error(self, signer: str) -> Error | None:
-        """The ``Error`` message in the reply (verified as signed by ``signer``)."""
-        if self.frame is None:
+        """The ``Error`` message in the reply (verified as signed by ``signer``); None for
+        any other answer, including exchange 1.1.0's first chunk (an unsigned record)."""
+        if self.frame is None or parse_record(self.frame, 0) is not None:
             return None
         _, msg = open_envelope(self.frame, expected_sender=signer)
         return msg if isinstance(msg, Error) else None
@@ -151,7 +153,7 @@ class Teacher:
 @asynccontextmanager
 async def running_teacher(home: Path, *, agent: Any = None, private_texts: tuple[str, ...] = (),
                           **timeouts: float) -> AsyncIterator[Teacher]:
-    """A teacher host serving ``/knexa/exchange/1.0.0``; ``timeouts`` tune its config."""
+    """A teacher host serving both exchange versions, as a daemon does; ``timeouts`` tune its config."""
     t = Teacher(home, Identity.generate())
     if agent is not None:
         t.agent = agent
@@ -164,7 +166,8 @@ async def running_teacher(home: Path, *, agent: Any = None, private_texts: tuple
     host = build_host(t.identity.seed, dial_timeout_s=5)
     async with host.run(LOCAL):
         t.host = host
-        host.set_stream_handler(EXCHANGE_PROTOCOL, t.server.handle)
+        for protocol in EXCHANGE_PROTOCOLS:
+            host.set_stream_handler(protocol, t.server.handle)
         yield t
 
 

@@ -24,10 +24,11 @@ async def test_fuzz_10000_frames_cpm(tmp_path: Path) -> None:
     assert ok, report.codes
 
 
-async def test_fuzz_10000_frames_teacher(tmp_path: Path) -> None:
-    report = await fuzz_teacher(tmp_path, n=10_000, seed=202)
+@pytest.mark.parametrize("protocol", [EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1], ids=["1.0", "1.1"])
+async def test_fuzz_10000_frames_teacher(tmp_path: Path, protocol: str) -> None:
+    report = await fuzz_teacher(tmp_path, n=10_000, seed=202, protocol=protocol)
     ok = report.sent == 10_000 and not report.accepted
-    record("fuzz", "daemon /knexa/exchange, mutated frames", passed=ok, rejected=report.rejected,
+    record("fuzz", f"daemon {protocol}, mutated frames", passed=ok, rejected=report.rejected,
            detail=" ".join(f"{k}={v}" for k, v in report.codes.most_common()))
     assert ok, report.codes
 
