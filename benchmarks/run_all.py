@@ -82,6 +82,7 @@ def ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
         (f"matching cpu t({sizes[-1]})/t({sizes[0]})", get("matching", "ratio_cpu_big_over_small"),
          None if quick else matching_scale.TARGET_SCALE, "lower"),
         ("stream knexa/bare", get("stream", "ratio_knexa_vs_bare"), 0.8, "higher"),
+        ("stream knexa/bare, CPU per MiB", get("stream", f"cpu_ratio_knexa_{stream.DAEMON_WIRE}_vs_bare"), None, "higher"),
         ("connection setup ours/bare", get("dial", "ratio_ours_vs_bare"), dial.TARGET, "lower"),
         ("ingest of target", get("ingest", "ratio_vs_target"), 1.0, "higher"),
         ("ingest group/per-message", get("ingest", "ratio_group_vs_per_message"), None, "higher"),
@@ -110,6 +111,10 @@ def _stream(quick: bool) -> tuple[dict[str, Any], list[tuple[str, str, str, str]
         ("knowledge stream", f"{res['MB_per_s']['knexa']} MB/s", "≥ 0.8× bare libp2p",
          f"knexa/bare {res['ratio_knexa_vs_bare']}"),
         ("bare libp2p stream", f"{res['MB_per_s']['bare']} MB/s", "context", f"bare/raw TCP {res['ratio_bare_vs_raw_tcp']}"),
+        ("stream CPU per MiB (both peers)", f"knexa {res['cpu_ms_per_mib'][f'knexa_{stream.DAEMON_WIRE}']} ms, "
+         f"bare {res['cpu_ms_per_mib']['bare']} ms; box seal+open {res['box_cpu_ms_per_mib']['seal']}+"
+         f"{res['box_cpu_ms_per_mib']['open']} ms", "context",
+         f"bare/knexa CPU {res[f'cpu_ratio_knexa_{stream.DAEMON_WIRE}_vs_bare']}"),
         ("connection setup", f"{res['connect_ms_median']} ms", "≤ 20 ms", "—"),
     ]
     return res, rows
