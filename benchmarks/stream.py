@@ -62,8 +62,8 @@ from knexad.student import _Opener, receive_knowledge
 from p2p.host import build_host, full_addrs, parse_peer_addr
 from p2p.streams import FramedStream
 from protocol import E2EBox, FrameDecoder, Identity, ReplayGuard, open_envelope
-from protocol.ids import CHUNK_BYTES, EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1, MAX_FRAME_EXCHANGE
 from protocol.boxes import seal_box_frame
+from protocol.ids import CHUNK_BYTES, EXCHANGE_PROTOCOL, EXCHANGE_PROTOCOL_1_1, MAX_FRAME_EXCHANGE
 from protocol.knowledge import seal_chunk_frame
 
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -189,8 +189,8 @@ def box_cpu_ms_per_mib(chunks: int = 16, blocks: int = 3) -> dict[str, float]:
             if failure is not None:
                 raise RuntimeError(f"box {i} did not open: {failure}")
         open_s.append(time.process_time() - start)
-    per_mib = CHUNK_BYTES / (1 << 20) * chunks / 1000
-    return {"seal": round(statistics.median(seal_s) / per_mib, 2), "open": round(statistics.median(open_s) / per_mib, 2)}
+    mib = CHUNK_BYTES * chunks / (1 << 20)
+    return {"seal": round(1000 * statistics.median(seal_s) / mib, 2), "open": round(1000 * statistics.median(open_s) / mib, 2)}
 
 
 @contextlib.contextmanager
