@@ -35,8 +35,12 @@ which py-libp2p auto-tunes per stream up to 16 MiB, never held it back).
 Also times connection setup (dial + Noise + yamux + first stream) with our host config.
 ``--interference`` also times ``bare`` while two threads do a knexa transfer's crypto at
 its measured chunk rate (no stream): that is the most pipelining can reach here.
+``--inline`` also times ``knexa_<wire>_inline``: the same transfer with the per-chunk seal
+and open run on the event loop instead of worker threads (``trio.to_thread.run_sync``
+swapped for a direct call during that run only) — an ablation that prices the thread
+hand-offs in CPU per MiB; daemons always use the threads.
 Usage: ``python -m benchmarks.stream [--mib 64] [--repeats 2] [--wire 1.0,1.1]
-[--yamux-frame-kib N] [--interference] [--json]``.
+[--yamux-frame-kib N] [--interference] [--inline] [--json]``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import multiaddr
 import trio
@@ -71,6 +76,7 @@ PROTO = "/knexa/bench/1.0.0"
 STEP_S = 30.0  # per-frame deadline, as a daemon's exchange_step_s
 WIRES = {"1.0": EXCHANGE_PROTOCOL, "1.1": EXCHANGE_PROTOCOL_1_1}  # --wire name → exchange protocol
 DAEMON_WIRE = "1.1"  # what two current daemons negotiate: the ``knexa`` figure
+INLINE = "_inline"  # mode suffix: the ablation without worker threads (--inline)
 
 
 async def _raw_tcp(payload: bytes) -> float:
@@ -108,7 +114,7 @@ async def _libp2p(payload: bytes, mode: str) -> tuple[float, float, float, int |
     so CPU per MiB compares the modes' work without the shared machine's scheduling; the
     zero-window count says whether yamux's receive window (py-libp2p auto-tunes it per
     stream up to 16 MiB) ever held the sender back."""
-    wire = None if mode == "bare" else WIRES[mode.removeprefix("knexa_")]
+    wire = None if mode == "bare" else WIRES[mode.removeprefix("knexa_").removesuffix(INLINE)]
     teacher_id, student_id = Identity.generate(), Identity.generate()
     teacher, student = build_host(teacher_id.seed), build_host(student_id.seed)
     done = trio.Event()
@@ -194,6 +200,25 @@ def box_cpu_ms_per_mib(chunks: int = 16, blocks: int = 3) -> dict[str, float]:
 
 
 @contextlib.contextmanager
+def _inline_threads(on: bool) -> Iterator[None]:
+    """While on, ``trio.to_thread.run_sync(fn, *args)`` runs ``fn`` on the loop (the
+    ``--inline`` ablation); restored on exit, whatever happens."""
+    if not on:
+        yield
+        return
+
+    async def direct(fn: Any, *args: Any, **_: Any) -> Any:
+        return fn(*args)
+
+    real = trio.to_thread.run_sync
+    trio.to_thread.run_sync = direct
+    try:
+        yield
+    finally:
+        trio.to_thread.run_sync = real
+
+
+@contextlib.contextmanager
 def _yamux_frame(kib: int | None) -> Iterator[int]:
     """Largest yamux DATA frame py-libp2p sends (module constant, 64 KiB by default, as
     go-yamux). Raising it is the "lift the ceiling" experiment: it applies to both libp2p
@@ -257,14 +282,14 @@ class _CryptoLoad:
 
 
 def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
-        interference: bool = False, wires: tuple[str, ...] = ("1.0", "1.1")) -> dict[str, object]:
+        interference: bool = False, wires: tuple[str, ...] = ("1.0", "1.1"), inline: bool = False) -> dict[str, object]:
     """Time every mode ``repeats`` times, interleaved; throughput from the best repeat,
     CPU per MiB from the median one."""
     unknown = [w for w in wires if w not in WIRES]
     if unknown or not wires:
         raise ValueError(f"--wire takes a comma-separated subset of {sorted(WIRES)}, got {list(wires)}")
     payload = os.urandom(mib * 1024 * 1024)
-    modes = ["bare", *(f"knexa_{w}" for w in wires)]
+    modes = ["bare", *(f"knexa_{w}" for w in wires), *([f"knexa_{w}{INLINE}" for w in wires] if inline else [])]
     times: dict[str, list[float]] = {"raw_tcp": [], **{m: [] for m in modes}}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     waits: dict[str, list[int | None]] = {m: [] for m in modes}
@@ -274,7 +299,8 @@ def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
         for r in range(repeats):  # interleave, rotating the order, so drift hits all alike
             times["raw_tcp"].append(trio.run(_raw_tcp, payload))
             for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
-                elapsed, connect_s, cpu_s, window_waits = trio.run(_libp2p, payload, mode)
+                with _inline_threads(mode.endswith(INLINE)):
+                    elapsed, connect_s, cpu_s, window_waits = trio.run(_libp2p, payload, mode)
                 times[mode].append(elapsed)
                 cpu[mode].append(cpu_s)
                 waits[mode].append(window_waits)
@@ -327,11 +353,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest yamux frame for all libp2p modes (default: py-libp2p's 64)")
     parser.add_argument("--interference", action="store_true",
                         help="also time bare while the 1.0 exchange's crypto runs beside it in threads")
+    parser.add_argument("--inline", action="store_true",
+                        help="also time each wire with seal/open on the event loop (ablation of the worker threads)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     wires = tuple(w.strip() for w in args.wire.split(",") if w.strip())
     try:
-        out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference, wires)
+        out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference, wires, args.inline)
     except ValueError as exc:
         parser.error(str(exc))
     if args.json:

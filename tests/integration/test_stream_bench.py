@@ -48,3 +48,16 @@ def test_one_wire_and_a_bad_wire_name() -> None:
     assert "ratio_knexa_1.1_vs_1.0" not in out
     with pytest.raises(ValueError, match="--wire"):
         stream.run(mib=1, repeats=1, wires=("2.0",))
+
+
+def test_inline_ablation_runs_the_wire_without_worker_threads_and_restores_trio() -> None:
+    import trio
+
+    real = trio.to_thread.run_sync
+    with stream._inline_threads(True):
+        assert trio.to_thread.run_sync is not real
+        assert trio.run(trio.to_thread.run_sync, threading.get_ident) == threading.get_ident()  # on this thread
+    assert trio.to_thread.run_sync is real
+    out = stream.run(mib=1, repeats=1, wires=("1.1",), inline=True)
+    assert out["MB_per_s"]["knexa_1.1_inline"] > 0 and out["cpu_ms_per_mib"]["knexa_1.1_inline"] > 0
+    assert trio.to_thread.run_sync is real
