@@ -35,12 +35,15 @@ which py-libp2p auto-tunes per stream up to 16 MiB, never held it back).
 Also times connection setup (dial + Noise + yamux + first stream) with our host config.
 ``--interference`` also times ``bare`` while two threads do a knexa transfer's crypto at
 its measured chunk rate (no stream): that is the most pipelining can reach here.
+The process keeps freed megabyte buffers as a daemon does (``p2p.memory``; ``--malloc
+default`` leaves glibc's thresholds alone, to measure what that is worth — in a separate
+run, since a process cannot go back to glibc's adaptive default).
 ``--inline`` also times ``knexa_<wire>_inline``: the same transfer with the per-chunk seal
 and open run on the event loop instead of worker threads (``trio.to_thread.run_sync``
 swapped for a direct call during that run only) — an ablation that prices the thread
 hand-offs in CPU per MiB; daemons always use the threads.
 Usage: ``python -m benchmarks.stream [--mib 64] [--repeats 2] [--wire 1.0,1.1]
-[--yamux-frame-kib N] [--interference] [--inline] [--json]``.
+[--yamux-frame-kib N] [--interference] [--inline] [--malloc tuned|default] [--json]``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from libp2p.stream_muxer.yamux import yamux
 from knexad.exchange import send_knowledge
 from knexad.student import _Opener, receive_knowledge
 from p2p.host import build_host, full_addrs, parse_peer_addr
+from p2p.memory import keep_freed_buffers
 from p2p.streams import FramedStream
 from protocol import E2EBox, FrameDecoder, Identity, ReplayGuard, open_envelope
 from protocol.boxes import seal_box_frame
@@ -282,12 +286,16 @@ class _CryptoLoad:
 
 
 def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
-        interference: bool = False, wires: tuple[str, ...] = ("1.0", "1.1"), inline: bool = False) -> dict[str, object]:
+        interference: bool = False, wires: tuple[str, ...] = ("1.0", "1.1"), inline: bool = False,
+        malloc: str = "tuned") -> dict[str, object]:
     """Time every mode ``repeats`` times, interleaved; throughput from the best repeat,
     CPU per MiB from the median one."""
     unknown = [w for w in wires if w not in WIRES]
     if unknown or not wires:
         raise ValueError(f"--wire takes a comma-separated subset of {sorted(WIRES)}, got {list(wires)}")
+    if malloc not in ("tuned", "default"):
+        raise ValueError(f"--malloc takes tuned or default, got {malloc!r}")
+    malloc_tuned = malloc == "tuned" and keep_freed_buffers()
     payload = os.urandom(mib * 1024 * 1024)
     modes = ["bare", *(f"knexa_{w}" for w in wires), *([f"knexa_{w}{INLINE}" for w in wires] if inline else [])]
     times: dict[str, list[float]] = {"raw_tcp": [], **{m: [] for m in modes}}
@@ -330,6 +338,7 @@ def run(mib: int = 64, repeats: int = 2, yamux_frame_kib: int | None = None,
         **{f"cpu_ratio_knexa_{w}_vs_bare": round(cpu_ms_per_mib["bare"] / cpu_ms_per_mib[f"knexa_{w}"], 3)
            for w in wires},
         "box_cpu_ms_per_mib": box_cpu,  # 1.1.0's seal + open alone, one thread
+        "malloc_tuned": malloc_tuned,
         "zero_window_waits": waits,
         "connect_ms_median": round(statistics.median(connects) * 1000, 1),
         "yamux_frame_bytes": frame_bytes,
@@ -355,11 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time bare while the 1.0 exchange's crypto runs beside it in threads")
     parser.add_argument("--inline", action="store_true",
                         help="also time each wire with seal/open on the event loop (ablation of the worker threads)")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="tuned: keep freed MiB buffers as a daemon does (p2p.memory); default: glibc's thresholds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     wires = tuple(w.strip() for w in args.wire.split(",") if w.strip())
     try:
-        out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference, wires, args.inline)
+        out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference, wires, args.inline, args.malloc)
     except ValueError as exc:
         parser.error(str(exc))
     if args.json:

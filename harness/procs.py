@@ -438,9 +438,11 @@ def run_pack(homes: Sequence[Path], ready_file: Path) -> int:
     from knexad.daemon import Daemon
     from knexad.identity import load_identity
     from p2p.logs import configure_logging
+    from p2p.memory import keep_freed_buffers
     from protocol.errors import ConfigError
 
     configure_logging("json")
+    keep_freed_buffers()  # as `knexad run` does: one process, the same exchange buffers
     daemons: list[Daemon] = []
     try:
         for home in homes:

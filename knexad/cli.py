@@ -128,6 +128,9 @@ def run(home: Path, ready_file: Path | None, log_format: str | None, log_level: 
     if metrics_port is not None:
         cfg = dataclasses.replace(cfg, metrics_port=metrics_port)
     configure_logging(log_format or cfg.log_format, log_level)
+    from p2p.memory import keep_freed_buffers
+
+    keep_freed_buffers()  # knowledge chunks reuse warm pages instead of faulting new ones (p2p/memory.py)
     try:
         with HomeLock(home, "knexad run"):
             code = _run_daemon(home, cfg, identity, ready_file)

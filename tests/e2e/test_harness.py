@@ -91,6 +91,7 @@ def test_up_three_synthetic_nodes_two_rounds(tmp_path, procs) -> None:
     assert "round 2/2" in text and "results:" in text
     roles = [c["role"] for c in _children(out)]
     assert roles.count("daemon") == 3 and roles.count("cpm") == 1
+    assert all("memory.malloc.tuned" in (out / "logs" / f"node-{i:02d}.log").read_text() for i in range(3))
     _assert_no_survivors(out)
 
 
@@ -139,6 +140,7 @@ def test_per_process_packs_run_real_daemons(tmp_path, procs) -> None:
     row = doc["rounds"][0]
     assert row["pairs"] >= 1 and row["feedback"] == row["pairs"] and row["failures"] == 0
     assert (out / "logs" / "pack-00.log").read_text().count("daemon.ready") == 2
+    assert "memory.malloc.tuned" in (out / "logs" / "pack-00.log").read_text()
     # four distinct identities, each with its own listen address
     addrs = [json.loads((out / "homes" / f"node-{i:02d}" / "state.json").read_text())["addrs"][0] for i in range(4)]
     assert len({a.split("/p2p/")[1] for a in addrs}) == 4
