@@ -267,7 +267,8 @@ class _Opener:
         self.teacher, self.directive_id = teacher, directive_id
         self.v11 = protocol == EXCHANGE_PROTOCOL_1_1
         self.allowed = exchange_replies(protocol)  # 1.0.0: chunks, KnowledgeEnd, Error; 1.1.0: trailer, Error
-        self.plain = bytearray()
+        self.parts: list[memoryview] = []  # each chunk's payload, a view of its opened box
+        self.size = 0
         self.whole = hashlib.sha256()  # 1.0.0: the plaintext, as KnowledgeEnd.sha256
         self.tags = TagDigest()  # 1.1.0: the boxes' tags, as KnowledgeTrailer.macs_sha256
         self.last_size = 0
@@ -289,7 +290,8 @@ class _Opener:
             payload = self.box.open_chunk_view(self.directive_id, index, box)
         except DecryptionFailed as exc:
             return exc
-        self.plain.extend(payload)
+        self.parts.append(payload)  # joined once at the end: growing one buffer chunk by chunk
+        self.size += len(payload)  # re-copied it at every resize (docs/performance.md)
         self.last_size = len(payload)
         if self.v11:
             self.tags.add(box_tag(box))
@@ -298,10 +300,10 @@ class _Opener:
         return None
 
     def check_trailer(self, end: KnowledgeEnd | KnowledgeTrailer, chunks: int) -> None:
-        if end.chunks != chunks or end.total_bytes != len(self.plain):
+        if end.chunks != chunks or end.total_bytes != self.size:
             raise ProtocolError(
                 f"trailer mismatch: {end.chunks} chunks / {end.total_bytes} B announced, "
-                f"{chunks} / {len(self.plain)} received"
+                f"{chunks} / {self.size} received"
             )
         if isinstance(end, KnowledgeEnd) and end.sha256 != self.whole.digest():
             raise ProtocolError("package SHA-256 does not match the trailer")
@@ -320,7 +322,7 @@ async def receive_knowledge(
     step_s: float,
     first_wait_s: float,
     protocol: str = EXCHANGE_PROTOCOL,
-) -> tuple[bytearray, KnowledgeEnd | KnowledgeTrailer]:
+) -> tuple[bytes, KnowledgeEnd | KnowledgeTrailer]:
     """Student: read chunks until the trailer; returns the plaintext and trailer after
     checking chunk order, size and the trailer's digest. Checks run in the order
     docs/protocol.md gives: signature (teacher), replay guard, ``Error``, directive,
@@ -384,11 +386,11 @@ async def receive_knowledge(
                     raise MalformedFrame(f"chunk {index} after an empty chunk")
                 if failure is not None:
                     raise failure
-                if len(opener.plain) > max_package_bytes:
+                if opener.size > max_package_bytes:
                     raise MalformedFrame(f"package exceeds limits.max_package_bytes ({max_package_bytes})")
                 empty_before = opener.last_size == 0
                 index += 1
     if end is None:  # pragma: no cover — the loop only ends by raising or at the trailer
         raise PeerUnavailable(f"teacher {teacher} stopped before {trailer}")
     opener.check_trailer(end, index)
-    return opener.plain, end
+    return b"".join(opener.parts), end
