@@ -69,7 +69,7 @@ class AgentSection:
     budget: str = "standard"  # ML agent's local LoRA / KD steps: fast 100/60, standard 200/150, thorough 400/300.
     verify_knowledge: bool = True  # Execution-verified distillation: a teacher sends, and a student trains on, only completions that pass their transfer task's public tests in its own sandbox.
     reward_measure: str = "val_pass"  # What an ML student reports as validation loss before/after KD (Eq. 3): val_pass = error rate 1 − pass@1 on its validation split (sandboxed), val_loss = token cross-entropy.
-    replay_knowledge: bool = False  # Idle rounds (teacher, unpaired) train their local steps with the items accepted in earlier KD rounds as Eq. 2's L_KD term, so what was taught is rehearsed, not overwritten (same steps; off: private data only, as measured in docs/results.md §6).
+    replay_knowledge: bool = True  # Idle rounds (teacher, unpaired) train their local steps with the items accepted in earlier KD rounds as Eq. 2's L_KD term, so what was taught is rehearsed, not overwritten (same steps). Off: private data only, as the v1 table of docs/results.md §6 ran.
     local_when_idle: bool = True  # In a round without distillation (teacher, unpaired, failed exchange) train a KD round's steps on private data: a gain over LocalOnly is then knowledge, not extra steps.
 
 

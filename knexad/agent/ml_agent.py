@@ -110,7 +110,7 @@ class MLAgent:
                  alpha: float = tasks.BUILTIN_ALPHA, seed: int = 0, steps: StepsConfig | None = None,
                  data: DataConfig | None = None, device: torch.device | None = None,
                  verify_knowledge: bool = True, reward_measure: str = "val_pass",
-                 replay_knowledge: bool = False) -> None:
+                 replay_knowledge: bool = True) -> None:
         if not 0 <= agent_index < n_agents:
             raise ValueError(f"agent_index {agent_index} outside 0..{n_agents - 1}")
         if reward_measure not in REWARD_MEASURES:
