@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tuned: keep freed MiB buffers as a daemon does (p2p.memory); default: glibc's thresholds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    from p2p.logs import configure_logging
+
+    configure_logging("json", "warning")  # on stderr: stdout is the figures (--json must parse)
     wires = tuple(w.strip() for w in args.wire.split(",") if w.strip())
     try:
         out = run(args.mib, args.repeats, args.yamux_frame_kib, args.interference, wires, args.inline, args.malloc)

@@ -61,3 +61,19 @@ def test_inline_ablation_runs_the_wire_without_worker_threads_and_restores_trio(
     out = stream.run(mib=1, repeats=1, wires=("1.1",), inline=True)
     assert out["MB_per_s"]["knexa_1.1_inline"] > 0 and out["cpu_ms_per_mib"]["knexa_1.1_inline"] > 0
     assert trio.to_thread.run_sync is real
+
+
+def test_json_output_parses_with_the_daemons_malloc_setting(capsys) -> None:
+    """``--json`` prints one document on stdout, whatever the run logs (logging goes to
+    stderr: the malloc line once printed before the document), and says whether the
+    daemon's buffer setting was in force."""
+    import json
+
+    import structlog
+
+    try:
+        assert stream.main(["--mib", "1", "--repeats", "1", "--wire", "1.1", "--json"]) == 0
+    finally:
+        structlog.reset_defaults()
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["malloc_tuned"] in (True, False) and doc["ratio_knexa_vs_bare"] > 0
