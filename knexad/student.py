@@ -290,8 +290,10 @@ class _Opener:
             payload = self.box.open_chunk_view(self.directive_id, index, box)
         except DecryptionFailed as exc:
             return exc
-        self.parts.append(payload)  # joined once at the end: growing one buffer chunk by chunk
-        self.size += len(payload)  # re-copied it at every resize (docs/performance.md)
+        # kept as views and joined once at the trailer: growing one bytearray chunk by chunk
+        # re-copied the package at almost every resize (docs/performance.md)
+        self.parts.append(payload)
+        self.size += len(payload)
         self.last_size = len(payload)
         if self.v11:
             self.tags.add(box_tag(box))
