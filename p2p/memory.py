@@ -4,8 +4,9 @@ Why: a knowledge transfer allocates several 1 MiB buffers per chunk on each side
 box's plaintext, libsodium's output, the framed record, the opened payload). glibc's
 defaults serve an allocation that large with a fresh ``mmap`` or trim the heap top as
 soon as ~128 KiB are free, so every chunk's buffers come back as new pages and each page
-is faulted in again on first write: ~500 minor faults per sealed MiB and ~1 000 per
-opened MiB, measured (docs/performance.md "What the stream's CPU is spent on"). Raising
+is faulted in again on first write: hundreds of minor faults per sealed MiB
+(tests/unit/test_memory.py counts them; docs/performance.md "What the stream's CPU is
+spent on" has what it costs). Raising
 the mmap threshold and the trim threshold lets the allocator reuse the same warm pages
 chunk after chunk. The cost is memory that stays with the process after a transfer: at
 most the trim threshold of free heap (64 MiB) beyond what it uses.
