@@ -32,6 +32,7 @@ federation. Definitions (docs/results.md §Federation quotes them):
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 from collections.abc import Mapping, Sequence
@@ -105,6 +106,38 @@ def pass1_curve(agent: Mapping[str, Any]) -> list[float | None]:
     """An agent's test pass@1 before round 1, 2, …, then after the last round: entry r − 1
     is before round r, entry r after it (None where a round's figure is missing)."""
     return [None if x is None else float(x) for x in [*(agent.get("pass1_rounds") or []), agent.get("pass1_final")]]
+
+
+def round_blocks(rounds: int, blocks: int) -> list[tuple[int, int]]:
+    """Rounds 1 … R split into ``blocks`` consecutive spans of ⌈R / blocks⌉ rounds (the last
+    may be shorter; none is empty, so 12 rounds in 5 blocks is four spans) — the blocks
+    the pair analyses (``pair_quality``, ``pair_context``) report by."""
+    size = -(-rounds // blocks)
+    return [(b * size + 1, min(rounds, (b + 1) * size)) for b in range(blocks) if b * size < rounds]
+
+
+def cell_tool_parser(prog: str, doc: str | None, blocks: bool = True) -> argparse.ArgumentParser:
+    """The command line every per-cell analysis shares: cell directories, ``--json`` and,
+    where the tool reports by round block, ``--blocks``."""
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=(doc or "").split("\n")[0])
+    ap.add_argument("cells", nargs="+", type=Path, help="finished cell directories (OUT/cells/STRATEGY-sSEED)")
+    if blocks:
+        ap.add_argument("--blocks", type=int, default=3, help="round blocks (default 3)")
+    ap.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    return ap
+
+
+def cell_tool_problem(args: argparse.Namespace, needs_export: bool) -> str | None:
+    """Why the analysis cannot run (a directory is not a finished cell, or ``--blocks`` < 1),
+    or None. A finished cell has ``cell.json``; the tools that read the CPM's pairs and
+    profiles also need its ``cpm-export.json``."""
+    files = ("cell.json", "cpm-export.json") if needs_export else ("cell.json",)
+    missing = [str(c) for c in args.cells if not all((c / f).is_file() for f in files)]
+    if missing:
+        return f"not a finished cell ({' + '.join(files)}): {', '.join(missing)}"
+    if getattr(args, "blocks", 1) < 1:
+        return "--blocks must be ≥ 1"
+    return None
 
 
 def reward_gain_points(cell: Mapping[str, Any]) -> list[tuple[float, float]]:

@@ -21,7 +21,6 @@ tuning-seed cells only (a prior chosen on report seeds could not be reported on 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.federation_report import _pearson, pass1_curve
+from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_problem, pass1_curve, round_blocks
 from cpm.features import OFF_GAP, OFF_JS, OFF_LACK, pair_context
 
 TERMS = {"gap": OFF_GAP, "lack": OFF_LACK, "js": OFF_JS}
@@ -61,8 +60,7 @@ def cell_rows(cell: dict[str, Any], export: dict[str, Any]) -> list[dict[str, fl
 def summarise(rows: Sequence[dict[str, float]], rounds: int, blocks: int) -> list[dict[str, Any]]:
     """Per round block (plus all rounds first): n and each term's Pearson r with the raw
     reward and with the test gain; the mean gain of the block's top and bottom third by gap."""
-    size = -(-rounds // blocks)
-    spans = [(1, rounds)] + [(b * size + 1, min(rounds, (b + 1) * size)) for b in range(blocks) if b * size < rounds]
+    spans = [(1, rounds), *round_blocks(rounds, blocks)]
     out = []
     for lo, hi in spans:
         mine = [r for r in rows if lo <= r["round"] <= hi]
@@ -95,15 +93,10 @@ def _r(x: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.pair_context", description=__doc__.split("\n")[0])
-    ap.add_argument("cells", nargs="+", type=Path, help="finished cell directories (OUT/cells/STRATEGY-sSEED)")
-    ap.add_argument("--blocks", type=int, default=3, help="round blocks besides all rounds (default 3)")
-    ap.add_argument("--json", action="store_true", help="one JSON document instead of the table")
-    args = ap.parse_args(argv)
-    missing = [str(c) for c in args.cells if not (c / "cell.json").is_file() or not (c / "cpm-export.json").is_file()]
-    if missing or args.blocks < 1:
-        print(f"not a finished cell (cell.json + cpm-export.json): {', '.join(missing)}" if missing
-              else "--blocks must be ≥ 1", file=sys.stderr)
+    args = cell_tool_parser("benchmarks.pair_context", __doc__).parse_args(argv)
+    problem = cell_tool_problem(args, needs_export=True)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     result = analyse(args.cells, args.blocks)
     if args.json:

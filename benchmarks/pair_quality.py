@@ -21,14 +21,13 @@ stay flat. Issue 16 §2; docs/results.md §6 quotes the output.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federation_report import pass1_curve
+from benchmarks.federation_report import cell_tool_parser, cell_tool_problem, pass1_curve, round_blocks
 
 
 def cell_points(cell: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -58,12 +57,8 @@ def summarise(pairs: Sequence[Mapping[str, Any]], drift: Sequence[Mapping[str, A
               blocks: int) -> list[dict[str, Any]]:
     """Per round block: pairs, mean student gain, share with the teacher ahead, per-arm
     counts and gains, and the not-learning drift."""
-    size = -(-rounds // blocks)
     out = []
-    for b in range(blocks):
-        lo, hi = b * size + 1, min(rounds, (b + 1) * size)
-        if lo > hi:
-            break
+    for lo, hi in round_blocks(rounds, blocks):
         mine = [p for p in pairs if lo <= p["round"] <= hi]
         arms = {str(k): {"n": len(a), "mean_gain": _mean([p["gain"] for p in a])}
                 for k in sorted({p["arm"] for p in mine}) for a in [[p for p in mine if p["arm"] == k]]}
@@ -100,14 +95,10 @@ def _line(label: str, s: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.pair_quality", description=__doc__.split("\n")[0])
-    ap.add_argument("cells", nargs="+", type=Path, help="finished cell directories (OUT/cells/STRATEGY-sSEED)")
-    ap.add_argument("--blocks", type=int, default=3, help="round blocks (default 3)")
-    ap.add_argument("--json", action="store_true", help="one JSON document instead of the table")
-    args = ap.parse_args(argv)
-    missing = [str(c) for c in args.cells if not (c / "cell.json").is_file()]
-    if missing or args.blocks < 1:
-        print(f"not a finished cell: {', '.join(missing)}" if missing else "--blocks must be ≥ 1", file=sys.stderr)
+    args = cell_tool_parser("benchmarks.pair_quality", __doc__).parse_args(argv)
+    problem = cell_tool_problem(args, needs_export=False)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     result = analyse(args.cells, args.blocks)
     if args.json:

@@ -21,14 +21,13 @@ Feedback is left out of the Δval columns.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federation_report import _pearson, pass1_curve
+from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_problem, pass1_curve
 from protocol.profile import PASS1
 
 
@@ -84,13 +83,10 @@ def _fmt(x: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.reward_alignment", description=__doc__.split("\n")[0])
-    ap.add_argument("cells", nargs="+", type=Path, help="finished cell directories (OUT/cells/STRATEGY-sSEED)")
-    ap.add_argument("--json", action="store_true", help="one JSON document instead of the table")
-    args = ap.parse_args(argv)
-    missing = [str(c) for c in args.cells if not (c / "cell.json").is_file() or not (c / "cpm-export.json").is_file()]
-    if missing:
-        print(f"not a finished cell (cell.json + cpm-export.json): {', '.join(missing)}", file=sys.stderr)
+    args = cell_tool_parser("benchmarks.reward_alignment", __doc__, blocks=False).parse_args(argv)
+    problem = cell_tool_problem(args, needs_export=True)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     results = [analyse(c) for c in args.cells]
     if args.json:

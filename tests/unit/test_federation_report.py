@@ -196,3 +196,33 @@ def test_read_cell_takes_pairs_from_the_runs_results_when_the_record_lacks_them(
     assert got["pair_rows"] == [{"round": 1, "teacher": "A", "student": "B", "arm": None, "ok": True,
                              "raw_reward": 0.5, "kb": 1.0}]
     assert FR.reward_gain_points(got) == [(0.5, pytest.approx(0.2))]
+
+
+@pytest.mark.parametrize(("rounds", "blocks", "spans"), [
+    (12, 3, [(1, 4), (5, 8), (9, 12)]),
+    (12, 5, [(1, 3), (4, 6), (7, 9), (10, 12)]),  # ⌈12/5⌉ = 3: four spans, none empty
+    (5, 2, [(1, 3), (4, 5)]),
+    (3, 1, [(1, 3)]),
+    (2, 4, [(1, 1), (2, 2)]),
+])
+def test_round_blocks_cover_every_round_once(rounds: int, blocks: int, spans: list) -> None:
+    got = FR.round_blocks(rounds, blocks)
+    assert got == spans
+    assert [r for lo, hi in got for r in range(lo, hi + 1)] == list(range(1, rounds + 1))
+
+
+def test_cell_tools_refuse_unfinished_cells_and_empty_blocks(tmp_path) -> None:
+    cell = tmp_path / "linucb-s100"
+    cell.mkdir()
+    (cell / "cell.json").write_text("{}")
+    ap = FR.cell_tool_parser("benchmarks.pair_quality", "A title.\nmore")
+    assert ap.description == "A title."
+    assert FR.cell_tool_problem(ap.parse_args([str(cell)]), needs_export=False) is None
+    missing = FR.cell_tool_problem(ap.parse_args([str(cell)]), needs_export=True)
+    assert missing is not None and "cpm-export.json" in missing and str(cell) in missing
+    assert FR.cell_tool_problem(ap.parse_args([str(cell), "--blocks", "0"]), needs_export=False) == "--blocks must be ≥ 1"
+    (cell / "cpm-export.json").write_text("{}")
+    no_blocks = FR.cell_tool_parser("benchmarks.reward_alignment", None, blocks=False)
+    assert FR.cell_tool_problem(no_blocks.parse_args([str(cell)]), needs_export=True) is None
+    with pytest.raises(SystemExit):
+        no_blocks.parse_args([str(cell), "--blocks", "2"])
