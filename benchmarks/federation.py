@@ -266,6 +266,18 @@ def write_report(plan: Plan, console: Any) -> dict[str, Any]:
     return doc
 
 
+def publish_problem(code: int, doc: Mapping[str, Any]) -> str | None:
+    """Why a summary may not become the published table, or None. Every requested cell
+    must have finished, and all on one clean commit: a table built over several sessions
+    must not mix code versions (or uncommitted edits) without anyone seeing it."""
+    if code != EXIT_OK or doc["missing"] or any(c["status"] != "ok" for c in doc["cells"]):
+        return "not every requested cell finished"
+    versions = list(doc.get("code_versions") or [])
+    if len(versions) != 1 or versions[0] == "unknown" or versions[0] == "unrecorded" or versions[0].endswith("+dirty"):
+        return f"the cells must come from one committed code version, not {versions}"
+    return None
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -373,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.publish:
-        if code != EXIT_OK or doc["missing"] or any(c["status"] != "ok" for c in doc["cells"]):
-            print("not published: not every requested cell finished", file=sys.stderr)
+        problem = publish_problem(code, doc)
+        if problem:
+            print(f"not published: {problem}", file=sys.stderr)
             return code or EXIT_RUNTIME
         shutil.copyfile(plan.root / SUMMARY, PUBLISHED)
         console.print(f"published {PUBLISHED}")

@@ -226,3 +226,31 @@ def test_cell_tools_refuse_unfinished_cells_and_empty_blocks(tmp_path) -> None:
     assert FR.cell_tool_problem(no_blocks.parse_args([str(cell)]), needs_export=True) is None
     with pytest.raises(SystemExit):
         no_blocks.parse_args([str(cell), "--blocks", "2"])
+
+
+def test_publish_takes_one_clean_commit_and_every_cell() -> None:
+    ok = {"status": "ok"}
+    doc = {"missing": [], "cells": [ok, ok], "code_versions": ["0a82472"]}
+    assert F.publish_problem(F.EXIT_OK, doc) is None
+    assert "finished" in F.publish_problem(F.EXIT_RUNTIME, doc)
+    assert "finished" in F.publish_problem(F.EXIT_OK, {**doc, "missing": [{"strategy": "random", "seed": 5}]})
+    assert "finished" in F.publish_problem(F.EXIT_OK, {**doc, "cells": [ok, {"status": "failed"}]})
+    for versions in (["0a82472", "12b83e5"], ["0a82472+dirty"], ["unrecorded"], ["unknown"], []):
+        assert "one committed code version" in F.publish_problem(F.EXIT_OK, {**doc, "code_versions": versions})
+
+
+def test_publish_refused_for_mixed_commits_leaves_the_published_file(tmp_path, monkeypatch, capsys) -> None:
+    published = tmp_path / "published.json"
+    monkeypatch.setattr(F, "PUBLISHED", published)
+    argv = ["--agent", "synthetic", "--nodes", "4", "--rounds", "2", "--seeds", "0", "--strategies",
+            "linucb,local-only", "--out", str(tmp_path / "out"), "--report-only", "--no-progress"]
+    plan = F.build_plan(F.parser().parse_args(argv))
+    for strategy, commit in (("linucb", "aaaa"), ("local-only", "bbbb")):
+        done = F.cell_dir(plan, strategy, 0)
+        done.mkdir(parents=True)
+        record = FR.cell_record(strategy, 0, plan.fingerprint(), "ok", 0, "", _doc(0.1, 0.2, 0.3))
+        (done / F.CELL_FILE).write_text(json.dumps({**record, "code": commit}))
+    assert F.main([*argv, "--publish"]) == F.EXIT_RUNTIME
+    assert "one committed code version" in capsys.readouterr().err and not published.exists()
+    F.main(argv)
+    assert json.loads((tmp_path / "out" / F.SUMMARY).read_text())["code_versions"] == ["aaaa", "bbbb"]
