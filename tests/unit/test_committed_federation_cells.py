@@ -1,7 +1,7 @@
 """The federation table's cell records kept in git (benchmarks/results/federation): the
 table is built over several sessions, so what is committed must stay one experiment —
-every cell finished, the report's setting, one clean commit — and the report must
-build from those files alone, as its README promises."""
+every cell finished, the report's setting, one clean commit, its verification rows
+saved — and the report must build from those files alone, as its README promises."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def test_every_committed_cell_is_a_finished_report_cell_of_the_default_setting()
         assert len(cell["agents"]) == plan.nodes
         export = json.loads((path / "cpm-export.json").read_text(encoding="utf-8"))
         assert {p["round"] for p in export["pairs"]} <= set(range(1, plan.rounds + 1))
+        saved = json.loads((path / "verification.json").read_text(encoding="utf-8"))  # the logs are not kept
+        assert saved["code"] == cell["code"] and (saved["strategy"], saved["seed"]) == (cell["strategy"], cell["seed"])
+        assert len(saved["pairs"]) == sum(1 for p in export["pairs"] if p.get("ok"))
 
 
 def test_committed_cells_come_from_one_clean_commit() -> None:
