@@ -116,6 +116,19 @@ def analyse(cell_dir: Path, write: bool = False) -> dict[str, Any]:
     return doc
 
 
+def pool_by_strategy(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rows of every cell of a strategy summarised together (overall and by arm):
+    the table's per-strategy figures."""
+    rows: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        rows.setdefault(str(r["strategy"]), []).extend(r["pairs"])
+    return {name: {"seeds": sorted(r["seed"] for r in results if str(r["strategy"]) == name),
+                   "all": summarise(mine),
+                   "arms": {str(a): summarise([x for x in mine if x["arm"] == a])
+                            for a in sorted({x["arm"] for x in mine if x["arm"] is not None})}}
+            for name, mine in rows.items()}
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
 
@@ -133,12 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"not a cell with verification data: {exc}", file=sys.stderr)
         return 2
+    pooled = pool_by_strategy(results)
     if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "pairs"} for r in results], indent=1))
+        print(json.dumps({"cells": [{k: v for k, v in r.items() if k != "pairs"} for r in results],
+                          "strategies": pooled}, indent=1))
         return 0
-    for r in results:
+    labelled = [(f"{r['strategy']} seed {r['seed']}", r) for r in results]
+    labelled += [(f"{k}, seeds {', '.join(map(str, v['seeds']))} pooled", v) for k, v in pooled.items()]
+    for label, r in labelled:
         a = r["all"]
-        print(f"{r['strategy']} seed {r['seed']}: {a['pairs']} pairs ({a['joined']} with both log lines); "
+        print(f"{label}: {a['pairs']} pairs ({a['joined']} with both log lines); "
               f"teacher pass {_pct(a['teacher_pass'])} ({a['sent']}/{a['generated']}), student accepts "
               f"{_pct(a['student_accept'])} ({a['used']}/{a['received']}), end to end {_pct(a['end_to_end'])}; "
               f"{a['used_per_pair'] or 0:.1f} items used per pair, {a['pairs_none_used']} pairs used none")

@@ -78,3 +78,15 @@ def test_saved_rows_outlive_the_logs(tmp_path, capsys) -> None:
     assert V.main([str(cell)]) == 2
     assert "neither logs" in capsys.readouterr().err
     assert V.main([str(tmp_path / "nope")]) == 2
+
+
+def test_pooling_sums_a_strategys_cells_by_arm(tmp_path, capsys) -> None:
+    one = V.analyse(_cell(tmp_path / "a"))
+    two = {**V.analyse(_cell(tmp_path / "b")), "seed": 6}
+    other = {**one, "strategy": "random", "seed": 7}
+    pooled = V.pool_by_strategy([one, two, other])
+    assert set(pooled) == {"linucb", "random"} and pooled["linucb"]["seeds"] == [5, 6]
+    assert pooled["linucb"]["all"]["used"] == 16 and pooled["linucb"]["all"]["joined"] == 4
+    assert pooled["linucb"]["arms"]["0"]["generated"] == 80 and pooled["random"]["all"] == one["all"]
+    assert V.main([str(tmp_path / "a" / "linucb-s5"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategies"]["linucb"]["all"]["used"] == 8
