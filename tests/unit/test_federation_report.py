@@ -65,7 +65,7 @@ def test_table_gain_over_local_ratio_to_random_and_bytes_per_point() -> None:
     assert lin["gain_vs_local_ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))
     assert lin["vs_random"] == pytest.approx(lin["gain_vs_local"] / rnd["gain_vs_local"])
     assert lin["bytes_per_001"] == pytest.approx(4096 / (lin["gain_vs_local"] / 0.01))
-    assert loc["gain_vs_local"] == 0.0 and loc["bytes_per_001"] is None
+    assert loc["gain_vs_local"] == 0.0 and loc["bytes_per_001"] is None and loc["vs_random"] is None
     assert lin["curve"]["mean"][-1] == pytest.approx(lin["final_pass1"])  # plot and table agree
     assert lin["gain_curve"]["mean"][-1] == pytest.approx(lin["gain_vs_local"])
     cells = FR.format_cells(lin)
