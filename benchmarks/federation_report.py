@@ -247,7 +247,8 @@ def table_rows(cells: Sequence[Mapping[str, Any]], strategies: Sequence[str]) ->
     rand = next((r["gain_vs_local"] for r in rows if r["strategy"] == RANDOM), None)
     for row in rows:
         g = row["gain_vs_local"]
-        known = g is not None and rand is not None and rand > 0 and row["strategy"] != REFERENCE  # the reference gains 0 by definition
+        # local-only is the reference: its gain is 0 by definition, not a ratio
+        known = g is not None and rand is not None and rand > 0 and row["strategy"] != REFERENCE
         row["vs_random"] = g / rand if known else None
     return rows
 
