@@ -86,8 +86,15 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "pairs_none_used": sum(1 for r in full if r["used"] == 0)}
 
 
-def read_rows(cell_dir: Path) -> list[dict[str, Any]]:
-    """A cell's rows: joined from its logs when they are here, else its saved file."""
+def by_arm(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``summarise`` per distillation arm, keyed by the arm as a string (JSON keys)."""
+    arms = sorted({r["arm"] for r in rows if r["arm"] is not None})
+    return {str(a): summarise([r for r in rows if r["arm"] == a]) for a in arms}
+
+
+def read_rows(cell_dir: Path, cell: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A cell's rows (``cell``: its parsed ``cell.json``): joined from its logs when they
+    are here, else its saved file."""
     logs = sorted((cell_dir / "logs").glob("node-[0-9][0-9].log"))
     if not logs:
         saved = cell_dir / SAVED
@@ -99,18 +106,15 @@ def read_rows(cell_dir: Path) -> list[dict[str, Any]]:
     for path in logs:
         with path.open(encoding="utf-8", errors="replace") as fh:
             node_logs[path.stem] = log_events(fh, wanted)
-    cell = json.loads((cell_dir / "cell.json").read_text(encoding="utf-8"))
     export = json.loads((cell_dir / "cpm-export.json").read_text(encoding="utf-8"))
     return pair_rows(cell, export, node_logs)
 
 
 def analyse(cell_dir: Path, write: bool = False) -> dict[str, Any]:
     cell = json.loads((cell_dir / "cell.json").read_text(encoding="utf-8"))
-    rows = read_rows(cell_dir)
-    arms = sorted({r["arm"] for r in rows if r["arm"] is not None})
+    rows = read_rows(cell_dir, cell)
     doc = {"schema": SCHEMA, "strategy": cell.get("strategy"), "seed": cell.get("seed"),
-           "code": cell.get("code", "unrecorded"), "all": summarise(rows),
-           "arms": {str(a): summarise([r for r in rows if r["arm"] == a]) for a in arms}, "pairs": rows}
+           "code": cell.get("code", "unrecorded"), "all": summarise(rows), "arms": by_arm(rows), "pairs": rows}
     if write:
         (cell_dir / SAVED).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return doc
@@ -123,9 +127,7 @@ def pool_by_strategy(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str
     for r in results:
         rows.setdefault(str(r["strategy"]), []).extend(r["pairs"])
     return {name: {"seeds": sorted(r["seed"] for r in results if str(r["strategy"]) == name),
-                   "all": summarise(mine),
-                   "arms": {str(a): summarise([x for x in mine if x["arm"] == a])
-                            for a in sorted({x["arm"] for x in mine if x["arm"] is not None})}}
+                   "all": summarise(mine), "arms": by_arm(mine)}
             for name, mine in rows.items()}
 
 

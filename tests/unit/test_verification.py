@@ -44,7 +44,8 @@ def _cell(root):
 
 
 def test_rows_join_teacher_and_student_lines_per_pair(tmp_path) -> None:
-    rows = V.read_rows(_cell(tmp_path))
+    cell = _cell(tmp_path)
+    rows = V.read_rows(cell, json.loads((cell / "cell.json").read_text()))
     assert rows == [
         {"round": 1, "arm": 0, "teacher": "node-00", "student": "node-01", "generated": 40, "sent": 10,
          "received": 10, "parsed": 9, "used": 8},
