@@ -273,7 +273,7 @@ def publish_problem(code: int, doc: Mapping[str, Any]) -> str | None:
     if code != EXIT_OK or doc["missing"] or any(c["status"] != "ok" for c in doc["cells"]):
         return "not every requested cell finished"
     versions = list(doc.get("code_versions") or [])
-    if len(versions) != 1 or versions[0] == "unknown" or versions[0] == "unrecorded" or versions[0].endswith("+dirty"):
+    if len(versions) != 1 or versions[0] in ("unknown", "unrecorded") or versions[0].endswith("+dirty"):
         return f"the cells must come from one committed code version, not {versions}"
     return None
 
