@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,14 @@ def cell_tool_problem(args: argparse.Namespace, needs_export: bool) -> str | Non
     if getattr(args, "blocks", 1) < 1:
         return "--blocks must be ≥ 1"
     return None
+
+
+def read_cell_file(cell_dir: Path, name: str = "cell.json") -> dict[str, Any]:
+    """One of a finished cell's JSON records: ``cell.json`` (the default) or the CPM's
+    ``cpm-export.json``. The analysis tools read these directly rather than through
+    ``benchmarks.federation.read_cell``, which imports the benchmark's runtime; the
+    report's own schema check stays there."""
+    return json.loads((cell_dir / name).read_text(encoding="utf-8"))
 
 
 def reward_gain_points(cell: Mapping[str, Any]) -> list[tuple[float, float]]:

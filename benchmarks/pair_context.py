@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_problem, pass1_curve, round_blocks
+from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_problem, pass1_curve, read_cell_file, round_blocks
 from cpm.features import OFF_GAP, OFF_JS, OFF_LACK, pair_context
 
 TERMS = {"gap": OFF_GAP, "lack": OFF_LACK, "js": OFF_JS}
@@ -80,8 +80,7 @@ def summarise(rows: Sequence[dict[str, float]], rounds: int, blocks: int) -> lis
 def analyse(cell_dirs: Sequence[Path], blocks: int) -> dict[str, Any]:
     rows, rounds, cells = [], 0, []
     for d in cell_dirs:
-        cell = json.loads((d / "cell.json").read_text(encoding="utf-8"))
-        export = json.loads((d / "cpm-export.json").read_text(encoding="utf-8"))
+        cell, export = read_cell_file(d), read_cell_file(d, "cpm-export.json")
         rows += cell_rows(cell, export)
         rounds = max(rounds, int(cell.get("rounds_completed") or 0))
         cells.append(f"{cell.get('strategy')}-s{cell.get('seed')}")

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federation_report import cell_tool_parser, cell_tool_problem, pass1_curve, round_blocks
+from benchmarks.federation_report import cell_tool_parser, cell_tool_problem, pass1_curve, read_cell_file, round_blocks
 
 
 def cell_points(cell: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -72,7 +72,7 @@ def analyse(cell_dirs: Sequence[Path], blocks: int) -> dict[str, Any]:
     """Pool the cells by strategy → {strategy: {seeds, all: block summary of every round, blocks}}."""
     pooled: dict[str, dict[str, Any]] = {}
     for d in cell_dirs:
-        cell = json.loads((d / "cell.json").read_text())
+        cell = read_cell_file(d)
         pairs, drift = cell_points(cell)
         entry = pooled.setdefault(cell["strategy"], {"seeds": [], "pairs": [], "drift": [], "rounds": 0})
         entry["seeds"].append(cell.get("seed"))

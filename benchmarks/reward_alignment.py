@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_problem, pass1_curve
+from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_problem, pass1_curve, read_cell_file
 from protocol.profile import PASS1
 
 
@@ -72,8 +72,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def analyse(cell_dir: Path) -> dict[str, Any]:
-    cell = json.loads((cell_dir / "cell.json").read_text())
-    export = json.loads((cell_dir / "cpm-export.json").read_text())
+    cell, export = read_cell_file(cell_dir), read_cell_file(cell_dir, "cpm-export.json")
     return {"cell": str(cell_dir), "strategy": cell.get("strategy"), "seed": cell.get("seed"),
             "code": cell.get("code", "unrecorded"), **summarise(pair_points(cell, export))}
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federation_report import cell_tool_parser, cell_tool_problem
+from benchmarks.federation_report import cell_tool_parser, cell_tool_problem, read_cell_file
 
 SAVED = "verification.json"
 SCHEMA = "knexa-bench/verification/1"
@@ -106,12 +106,11 @@ def read_rows(cell_dir: Path, cell: Mapping[str, Any]) -> list[dict[str, Any]]:
     for path in logs:
         with path.open(encoding="utf-8", errors="replace") as fh:
             node_logs[path.stem] = log_events(fh, wanted)
-    export = json.loads((cell_dir / "cpm-export.json").read_text(encoding="utf-8"))
-    return pair_rows(cell, export, node_logs)
+    return pair_rows(cell, read_cell_file(cell_dir, "cpm-export.json"), node_logs)
 
 
 def analyse(cell_dir: Path, write: bool = False) -> dict[str, Any]:
-    cell = json.loads((cell_dir / "cell.json").read_text(encoding="utf-8"))
+    cell = read_cell_file(cell_dir)
     rows = read_rows(cell_dir, cell)
     doc = {"schema": SCHEMA, "strategy": cell.get("strategy"), "seed": cell.get("seed"),
            "code": cell.get("code", "unrecorded"), "all": summarise(rows), "arms": by_arm(rows), "pairs": rows}
