@@ -28,6 +28,10 @@ federation. Definitions (docs/results.md §Federation quotes them):
   pooled over a strategy's seeds. A student trains only on the package in a round it
   learns, so the change is that package's effect (issue 16 §2, "a reward that tracks
   learning").
+* **drop from peak** — per seed, the curve's highest point after round 0 minus the
+  final pass@1, with the round of that peak; mean and 95 % interval over seeds. The
+  paper reports Central-KD collapsing after an early peak; a drop near 0 with the peak
+  in the last round means no collapse (issue 16 §3, "Central-KD's trajectory").
 """
 
 from __future__ import annotations
@@ -165,6 +169,18 @@ def reward_gain_points(cell: Mapping[str, Any]) -> list[tuple[float, float]]:
     return points
 
 
+def peak_and_drop(curve: Sequence[float | None]) -> tuple[int, float] | None:
+    """(round of the curve's highest point after round 0, that peak − the final point),
+    or None for a curve without a round (module docstring, "drop from peak"). The first
+    of equal peaks wins, so a plateau reached early and held reads as an early peak
+    with no drop."""
+    points = [(r, v) for r, v in enumerate(curve) if r > 0 and v is not None]
+    if not points or curve[-1] is None:
+        return None
+    peak_round, peak = max(points, key=lambda rv: (rv[1], -rv[0]))
+    return peak_round, peak - float(curve[-1])
+
+
 def _ranks(values: Sequence[float]) -> list[float]:
     """Average ranks (ties share the mean of their positions), 1-based."""
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -231,6 +247,8 @@ def table_rows(cells: Sequence[Mapping[str, Any]], strategies: Sequence[str]) ->
         ok = [mine[s] for s in sorted(mine)]
         final, final_ci, n = R.ci95(c["final_pass1"] for c in ok)
         auc, auc_ci, _ = R.ci95(c["auc_pass1"] for c in ok)
+        peaks = {c["seed"]: pd for c in ok if (pd := peak_and_drop(c["curve"])) is not None}
+        drop, drop_ci, _ = R.ci95(d for _, d in peaks.values())
         gain = paired(cells, strategy, REFERENCE) if strategy != REFERENCE else None
         row: dict[str, Any] = {
             "strategy": strategy,
@@ -241,6 +259,8 @@ def table_rows(cells: Sequence[Mapping[str, Any]], strategies: Sequence[str]) ->
             "final_pass1_values": [c["final_pass1"] for c in ok],
             "initial_pass1": R.mean_or_none(c["initial_pass1"] for c in ok),
             "auc_pass1": auc, "auc_pass1_ci95": auc_ci,
+            "peak_round": {str(seed): r for seed, (r, _) in sorted(peaks.items())},
+            "drop_from_peak": drop, "drop_from_peak_ci95": drop_ci,
             "gain_vs_local": 0.0 if strategy == REFERENCE and n else (gain["mean"] if gain else None),
             "gain_vs_local_ci95": gain["ci95"] if gain else None,
             "bytes": R.mean_or_none(c["bytes"] for c in ok),
@@ -404,6 +424,12 @@ def print_table(console: Any, doc: Mapping[str, Any]) -> None:
     if corr:
         parts = "; ".join(f"{name} r={_num(c['pearson'])} ρ={_num(c['spearman'])} (n={c['n']})" for name, c in corr)
         console.print(f"reward ↔ the student's pass@1 change over the round: {parts}", soft_wrap=True)
+    peaks = [r for r in doc["table"] if r.get("peak_round")]
+    if peaks:
+        parts = "; ".join(f"{r['strategy']} {_pm(r['drop_from_peak'], r['drop_from_peak_ci95'])} "
+                          f"(peak round {', '.join(f's{s} {n}' for s, n in r['peak_round'].items())})"
+                          for r in peaks)
+        console.print(f"drop from peak to final pass@1: {parts}", soft_wrap=True)
     if doc.get("missing"):
         todo = ", ".join(f"{m['strategy']}-s{m['seed']}" for m in doc["missing"])
         console.print(f"[yellow]not finished yet: {todo} (re-run the same command to resume)[/yellow]", soft_wrap=True)

@@ -254,3 +254,32 @@ def test_publish_refused_for_mixed_commits_leaves_the_published_file(tmp_path, m
     assert "one committed code version" in capsys.readouterr().err and not published.exists()
     F.main(argv)
     assert json.loads((tmp_path / "out" / F.SUMMARY).read_text())["code_versions"] == ["aaaa", "bbbb"]
+
+
+@pytest.mark.parametrize("curve, expected", [
+    ([0.1, 0.2, 0.3, 0.4], (3, 0.0)),          # still rising: peak is the last round, no drop
+    ([0.1, 0.3, 0.2, 0.15], (1, 0.15)),        # early peak, then collapse
+    ([0.5, 0.3, 0.4, 0.4], (2, 0.0)),          # round 0 is not a peak; first of equal peaks
+    ([0.1, None, 0.2, 0.1], (2, 0.1)),         # a missing round is skipped
+    ([0.1], None), ([0.1, 0.2, None], None),   # no round after 0 / no final point
+])
+def test_peak_and_drop(curve, expected) -> None:
+    got = FR.peak_and_drop(curve)
+    assert got == (None if expected is None else (expected[0], pytest.approx(expected[1])))
+
+
+def test_table_reports_drop_from_peak_per_seed_and_prints_it() -> None:
+    cells = _cells()
+    collapsed = {**cells[0], "curve": [0.2, 0.45, 0.30]}  # linucb seed 0 peaks in round 1
+    rows = {r["strategy"]: r for r in FR.table_rows([collapsed, *cells[1:]], ["linucb", "random"])}
+    lin = rows["linucb"]
+    assert lin["peak_round"] == {"0": 1, "1": 2, "2": 2}
+    assert lin["drop_from_peak"] == pytest.approx(0.15 / 3)
+    assert rows["random"]["drop_from_peak"] == pytest.approx(0.0)
+    from rich.console import Console
+    console = Console(record=True, width=400)
+    FR.print_table(console, {"config": {"nodes": 2, "agent": "ml", "rounds": 2, "budget": "fast", "purpose": "report",
+                                        "seeds": [0, 1, 2]},
+                             "table": list(rows.values()), "paired": None, "missing": []})
+    text = console.export_text()
+    assert "drop from peak to final pass@1: linucb 0.050 ± " in text and "(peak round s0 1, s1 2, s2 2)" in text
