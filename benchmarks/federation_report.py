@@ -15,8 +15,9 @@ federation. Definitions (docs/results.md §Federation quotes them):
 * **gain over local-only** — per seed, final pass@1 − local-only's final pass@1 at the
   same seed (the same population, the same training steps: equal compute), then mean
   and 95 % t-interval over seeds.
-* **÷ random's gain** — a strategy's mean gain over local-only divided by random's
-  (issue 16's goal: LinUCB's ≥ 1.5× Random-P2P's); undefined when random gained ≤ 0.
+* **÷ random's gain** — a strategy's mean gain over local-only divided by random's, both
+  over the seeds where both have a gain (all of them in a finished table; issue 16's
+  goal: LinUCB's ≥ 1.5× Random-P2P's); undefined when random gained ≤ 0 there.
 * **bytes per +0.01** — mean bytes ÷ (mean gain over local-only / 0.01); undefined
   when the gain is ≤ 0.
 * **paired difference** a − b — per seed final(a) − final(b); mean, 95 % interval and
@@ -272,13 +273,17 @@ def table_rows(cells: Sequence[Mapping[str, Any]], strategies: Sequence[str]) ->
         }
         g, b = row["gain_vs_local"], row["bytes"]
         row["bytes_per_001"] = b / (g / 0.01) if g is not None and g > 0 and b is not None else None
+        row["_gain_per_seed"] = gain["per_seed"] if gain else {}
         rows.append(row)
-    rand = next((r["gain_vs_local"] for r in rows if r["strategy"] == RANDOM), None)
+    rand = next((r["_gain_per_seed"] for r in rows if r["strategy"] == RANDOM), {})
     for row in rows:
-        g = row["gain_vs_local"]
+        mine = row.pop("_gain_per_seed")
+        # over the seeds both have, so a table still being built compares like with like;
         # local-only is the reference: its gain is 0 by definition, not a ratio
-        known = g is not None and rand is not None and rand > 0 and row["strategy"] != REFERENCE
-        row["vs_random"] = g / rand if known else None
+        common = sorted(set(mine) & set(rand)) if row["strategy"] != REFERENCE else []
+        g, r = (sum(d[s] for s in common) / len(common) if common else None for d in (mine, rand))
+        row["vs_random"] = g / r if g is not None and r is not None and r > 0 else None
+        row["vs_random_seeds"] = len(common)
     return rows
 
 

@@ -283,3 +283,12 @@ def test_table_reports_drop_from_peak_per_seed_and_prints_it() -> None:
                              "table": list(rows.values()), "paired": None, "missing": []})
     text = console.export_text()
     assert "drop from peak to final pass@1: linucb 0.050 ± " in text and "(peak round s0 1, s1 2, s2 2)" in text
+
+
+def test_ratio_to_random_uses_the_seeds_both_have() -> None:
+    """A table still being built: heuristic has seed 0 only, random all three."""
+    heur = FR.cell_record("heuristic", 0, FP, "ok", 0, "", _doc(0.2, 0.22, 0.29, kb=2.0))
+    rows = {r["strategy"]: r for r in FR.table_rows([*_cells(), heur], ["linucb", "random", "heuristic", "local-only"])}
+    assert rows["heuristic"]["vs_random"] == pytest.approx((0.29 - 0.25) / (0.28 - 0.25))
+    assert rows["heuristic"]["vs_random_seeds"] == 1 and rows["linucb"]["vs_random_seeds"] == 3
+    assert rows["random"]["vs_random"] == pytest.approx(1.0) and rows["local-only"]["vs_random_seeds"] == 0
