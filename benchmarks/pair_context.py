@@ -11,7 +11,10 @@ and to the student's held-out test pass@1 change over the round:
 
 * **gap** — the teacher's validation pass@1 minus the student's;
 * **lack** — the teacher's data mass where the student has little;
-* **js** — Jensen–Shannon divergence of their data histograms (the heuristic's signal).
+* **js** — Jensen–Shannon divergence of their data histograms (the heuristic's signal);
+* **items** — how many verified items the student trained on in that pair, from the
+  cell's ``verification.json`` (``benchmarks.verification``; "–" for a cell without
+  one): not a term of φ, but the question whether a pair is worth its package's size.
 
 Why: LinUCB starts from θ = 0 and spends its first rounds exploring (docs/results.md §6).
 A prior mean on θ only pays if a term already predicts the gain in those first rounds;
@@ -33,14 +36,20 @@ from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_p
 from cpm.features import OFF_GAP, OFF_JS, OFF_LACK, pair_context
 
 TERMS = {"gap": OFF_GAP, "lack": OFF_LACK, "js": OFF_JS}
+COLUMNS = (*TERMS, "items")
 
 
-def cell_rows(cell: dict[str, Any], export: dict[str, Any]) -> list[dict[str, float]]:
+def cell_rows(cell: dict[str, Any], export: dict[str, Any],
+              verification: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per successful pair whose two round-r profiles are in the export: round,
-    each term, raw reward and the student's test gain over the round."""
+    each term, raw reward, the student's test gain over the round and, with the cell's
+    ``verification.json``, the items the student used (None where it has no row)."""
     profiles = {(p["peer_id"], int(p["round"])): np.asarray(p["vector"], dtype=float)
                 for p in export.get("profiles", [])}
     agents = {a["peer"]: a for a in cell.get("agents", []) if a.get("peer")}
+    peer_of = {a.get("name"): a["peer"] for a in agents.values()}
+    used = {(int(v["round"]), peer_of.get(v["teacher"]), peer_of.get(v["student"])): int(v["used"])
+            for v in (verification or {}).get("pairs", []) if v.get("used") is not None}
     rows = []
     for p in export.get("pairs", []):
         rnd, teacher, student = int(p["round"]), p["teacher"], p["student"]
@@ -53,11 +62,12 @@ def cell_rows(cell: dict[str, Any], export: dict[str, Any]) -> list[dict[str, fl
             continue
         phi = pair_context(profiles[(teacher, rnd)], profiles[(student, rnd)], 0)
         rows.append({"round": rnd, **{name: float(phi[i]) for name, i in TERMS.items()},
-                     "raw": float(p["raw_reward"]), "gain": curve[rnd] - curve[rnd - 1]})
+                     "raw": float(p["raw_reward"]), "gain": curve[rnd] - curve[rnd - 1],
+                     "items": used.get((rnd, teacher, student))})
     return rows
 
 
-def summarise(rows: Sequence[dict[str, float]], rounds: int, blocks: int) -> list[dict[str, Any]]:
+def summarise(rows: Sequence[dict[str, Any]], rounds: int, blocks: int) -> list[dict[str, Any]]:
     """Per round block (plus all rounds first): n and each term's Pearson r with the raw
     reward and with the test gain; the mean gain of the block's top and bottom third by gap."""
     spans = [(1, rounds), *round_blocks(rounds, blocks)]
@@ -65,9 +75,10 @@ def summarise(rows: Sequence[dict[str, float]], rounds: int, blocks: int) -> lis
     for lo, hi in spans:
         mine = [r for r in rows if lo <= r["round"] <= hi]
         entry: dict[str, Any] = {"rounds": [lo, hi], "n": len(mine)}
-        for name in TERMS:
-            entry[name] = {"raw": _pearson([r[name] for r in mine], [r["raw"] for r in mine]),
-                           "gain": _pearson([r[name] for r in mine], [r["gain"] for r in mine])}
+        for name in COLUMNS:
+            known = [r for r in mine if r.get(name) is not None]
+            entry[name] = {"raw": _pearson([r[name] for r in known], [r["raw"] for r in known]),
+                           "gain": _pearson([r[name] for r in known], [r["gain"] for r in known])}
         ranked = sorted(mine, key=lambda r: r["gap"])
         third = len(ranked) // 3
         if third:
@@ -81,7 +92,8 @@ def analyse(cell_dirs: Sequence[Path], blocks: int) -> dict[str, Any]:
     rows, rounds, cells = [], 0, []
     for d in cell_dirs:
         cell, export = read_cell_file(d), read_cell_file(d, "cpm-export.json")
-        rows += cell_rows(cell, export)
+        saved = read_cell_file(d, "verification.json") if (d / "verification.json").is_file() else None
+        rows += cell_rows(cell, export, saved)
         rounds = max(rounds, int(cell.get("rounds_completed") or 0))
         cells.append(f"{cell.get('strategy')}-s{cell.get('seed')}")
     return {"cells": cells, "pairs": len(rows), "blocks": summarise(rows, rounds, blocks) if rounds else []}
@@ -102,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
         return 0
     print(f"{result['pairs']} pairs from {', '.join(result['cells'])}")
-    print("rounds    n   " + "  ".join(f"{t}↔raw {t}↔gain" for t in TERMS) + "   gain: bottom / top third by gap")
+    print("rounds    n   " + "  ".join(f"{t}↔raw {t}↔gain" for t in COLUMNS) + "   gain: bottom / top third by gap")
     for b in result["blocks"]:
-        terms = "  ".join(f"{_r(b[t]['raw']):>{len(t) + 4}} {_r(b[t]['gain']):>{len(t) + 5}}" for t in TERMS)
+        terms = "  ".join(f"{_r(b[t]['raw']):>{len(t) + 4}} {_r(b[t]['gain']):>{len(t) + 5}}" for t in COLUMNS)
         third = b.get("gain_by_gap")
         split = f"{third['bottom_third']:+.4f} / {third['top_third']:+.4f}" if third else "–"
         print(f"{b['rounds'][0]:>2}–{b['rounds'][1]:<3} {b['n']:>4}   {terms}   {split}")

@@ -66,3 +66,27 @@ def test_cli(tmp_path, capsys) -> None:
     assert "not a finished cell" in capsys.readouterr().err
     assert PC.main([str(_cell(tmp_path))]) == 0
     assert "3 pairs from linucb-s100" in capsys.readouterr().out
+
+
+def test_items_come_from_the_cells_verification_rows(tmp_path) -> None:
+    """Items used per pair are joined by round and the two node names; a cell without
+    verification.json has no items column values, and a pair without a row gets None."""
+    d = _cell(tmp_path)
+    assert {r["items"] for r in PC.cell_rows(json.loads((d / "cell.json").read_text()),
+                                             json.loads((d / "cpm-export.json").read_text()))} == {None}
+    cell = json.loads((d / "cell.json").read_text())
+    cell["agents"][0]["name"], cell["agents"][1]["name"] = "node-01", "node-00"
+    (d / "cell.json").write_text(json.dumps(cell))
+    rows = [{"round": r, "teacher": "node-00", "student": "node-01", "used": u} for r, u in ((1, 60), (2, 20))]
+    rows.append({"round": 3, "teacher": "node-01", "student": "node-00", "used": 99})  # other direction
+    (d / "verification.json").write_text(json.dumps({"pairs": rows}))
+    out = PC.analyse([d], blocks=1)
+    assert [r["items"] for r in PC.cell_rows(cell, json.loads((d / "cpm-export.json").read_text()),
+                                             {"pairs": rows})] == [60, 20, None]
+    whole = out["blocks"][0]
+    assert whole["items"]["gain"] is None  # two pairs with items: too few for an r
+    rows.append({"round": 3, "teacher": "node-00", "student": "node-01", "used": 10})
+    (d / "verification.json").write_text(json.dumps({"pairs": rows}))
+    whole = PC.analyse([d], blocks=1)["blocks"][0]
+    assert whole["items"]["gain"] == pytest.approx(statistics.correlation([60, 20, 10], [0.3, 0.0, -0.1]))
+    assert whole["gap"]["gain"] == pytest.approx(statistics.correlation([0.5, 0.3, 0.1], [0.3, 0.0, -0.1]))
