@@ -147,8 +147,8 @@ def cell_tool_problem(args: argparse.Namespace, needs_export: bool) -> str | Non
 
 
 def read_cell_file(cell_dir: Path, name: str = "cell.json") -> dict[str, Any]:
-    """One of a finished cell's JSON records: ``cell.json`` (the default) or the CPM's
-    ``cpm-export.json``. The analysis tools read these directly rather than through
+    """One of a finished cell's JSON records: ``cell.json`` (the default), the CPM's
+    ``cpm-export.json`` or the saved ``verification.json``. The analysis tools read these directly rather than through
     ``benchmarks.federation.read_cell``, which imports the benchmark's runtime; the
     report's own schema check stays there."""
     return json.loads((cell_dir / name).read_text(encoding="utf-8"))
