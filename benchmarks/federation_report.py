@@ -243,6 +243,7 @@ def paired_curves(cells: Sequence[Mapping[str, Any]], a: str, b: str) -> list[li
 def table_rows(cells: Sequence[Mapping[str, Any]], strategies: Sequence[str]) -> list[dict[str, Any]]:
     """One row per strategy over its finished (status ok) seeds (module docstring)."""
     rows: list[dict[str, Any]] = []
+    gain_per_seed: dict[str, dict[str, float]] = {}  # strategy → its per-seed gain over local-only
     for strategy in strategies:
         mine = _by_seed(cells, strategy)
         ok = [mine[s] for s in sorted(mine)]
@@ -273,11 +274,11 @@ def table_rows(cells: Sequence[Mapping[str, Any]], strategies: Sequence[str]) ->
         }
         g, b = row["gain_vs_local"], row["bytes"]
         row["bytes_per_001"] = b / (g / 0.01) if g is not None and g > 0 and b is not None else None
-        row["_gain_per_seed"] = gain["per_seed"] if gain else {}
+        gain_per_seed[strategy] = gain["per_seed"] if gain else {}
         rows.append(row)
-    rand = next((r["_gain_per_seed"] for r in rows if r["strategy"] == RANDOM), {})
+    rand = gain_per_seed.get(RANDOM, {})
     for row in rows:
-        mine = row.pop("_gain_per_seed")
+        mine = gain_per_seed[row["strategy"]]
         # over the seeds both have, so a table still being built compares like with like;
         # local-only is the reference: its gain is 0 by definition, not a ratio
         common = sorted(set(mine) & set(rand)) if row["strategy"] != REFERENCE else []

@@ -13,8 +13,9 @@ and to the student's held-out test pass@1 change over the round:
 * **lack** — the teacher's data mass where the student has little;
 * **js** — Jensen–Shannon divergence of their data histograms (the heuristic's signal);
 * **items** — how many verified items the student trained on in that pair, from the
-  cell's ``verification.json`` (``benchmarks.verification``; "–" for a cell without
-  one): not a term of φ, but the question whether a pair is worth its package's size.
+  cell's logs or saved ``verification.json`` (``benchmarks.verification.read_rows``;
+  "–" for a cell with neither): not a term of φ, but the question whether a pair is
+  worth its package's size.
 
 Why: LinUCB starts from θ = 0 and spends its first rounds exploring (docs/results.md §6).
 A prior mean on θ only pays if a term already predicts the gain in those first rounds;
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.federation_report import _pearson, cell_tool_parser, cell_tool_problem, pass1_curve, read_cell_file, round_blocks
+from benchmarks.verification import read_rows
 from cpm.features import OFF_GAP, OFF_JS, OFF_LACK, pair_context
 
 TERMS = {"gap": OFF_GAP, "lack": OFF_LACK, "js": OFF_JS}
@@ -40,16 +42,16 @@ COLUMNS = (*TERMS, "items")
 
 
 def cell_rows(cell: dict[str, Any], export: dict[str, Any],
-              verification: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              checked: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per successful pair whose two round-r profiles are in the export: round,
     each term, raw reward, the student's test gain over the round and, with the cell's
-    ``verification.json``, the items the student used (None where it has no row)."""
+    verification rows (``checked``), the items the student used (None where it has no row)."""
     profiles = {(p["peer_id"], int(p["round"])): np.asarray(p["vector"], dtype=float)
                 for p in export.get("profiles", [])}
     agents = {a["peer"]: a for a in cell.get("agents", []) if a.get("peer")}
     peer_of = {a.get("name"): a["peer"] for a in agents.values()}
     used = {(int(v["round"]), peer_of.get(v["teacher"]), peer_of.get(v["student"])): int(v["used"])
-            for v in (verification or {}).get("pairs", []) if v.get("used") is not None}
+            for v in checked or () if v.get("used") is not None}
     rows = []
     for p in export.get("pairs", []):
         rnd, teacher, student = int(p["round"]), p["teacher"], p["student"]
@@ -92,8 +94,11 @@ def analyse(cell_dirs: Sequence[Path], blocks: int) -> dict[str, Any]:
     rows, rounds, cells = [], 0, []
     for d in cell_dirs:
         cell, export = read_cell_file(d), read_cell_file(d, "cpm-export.json")
-        saved = read_cell_file(d, "verification.json") if (d / "verification.json").is_file() else None
-        rows += cell_rows(cell, export, saved)
+        try:
+            checked = read_rows(d, cell)
+        except FileNotFoundError:  # neither logs nor a saved verification.json: no items column
+            checked = None
+        rows += cell_rows(cell, export, checked)
         rounds = max(rounds, int(cell.get("rounds_completed") or 0))
         cells.append(f"{cell.get('strategy')}-s{cell.get('seed')}")
     return {"cells": cells, "pairs": len(rows), "blocks": summarise(rows, rounds, blocks) if rounds else []}

@@ -100,7 +100,7 @@ def read_rows(cell_dir: Path, cell: Mapping[str, Any]) -> list[dict[str, Any]]:
         saved = cell_dir / SAVED
         if not saved.is_file():
             raise FileNotFoundError(f"{cell_dir}: neither logs/node-NN.log nor {SAVED}")
-        return list(json.loads(saved.read_text(encoding="utf-8"))["pairs"])
+        return list(read_cell_file(cell_dir, SAVED)["pairs"])
     wanted = frozenset({"agent.teach.done", "agent.learn.done"})
     node_logs = {}
     for path in logs:

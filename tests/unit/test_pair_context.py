@@ -82,7 +82,7 @@ def test_items_come_from_the_cells_verification_rows(tmp_path) -> None:
     (d / "verification.json").write_text(json.dumps({"pairs": rows}))
     out = PC.analyse([d], blocks=1)
     assert [r["items"] for r in PC.cell_rows(cell, json.loads((d / "cpm-export.json").read_text()),
-                                             {"pairs": rows})] == [60, 20, None]
+                                             rows)] == [60, 20, None]
     whole = out["blocks"][0]
     assert whole["items"]["gain"] is None  # two pairs with items: too few for an r
     rows.append({"round": 3, "teacher": "node-00", "student": "node-01", "used": 10})
